@@ -99,6 +99,29 @@ def skewed_dispatch() -> dict[str, float]:
   }
 
 
+def ragged_exchange_sums_over_expert() -> int:
+  """How many gradient sums over the `expert` axis the ragged_all_to_all exchange adds
+  (traced only: XLA:CPU cannot run it). Each device's received rows are its own, so
+  there must be none; the weights' gradients are summed over data and fsdp only."""
+  from manifold.parallel.expert_parallel import routed_expert_parallel
+
+  mesh = make_mesh(dict(SINGLE, data=2, expert=4, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
+  keys = jax.random.split(jax.random.key(3), 4)
+  n, d, f, e, k = 64, 16, 8, 8, 2
+  x, weights = jax.random.normal(keys[0], (n, d)), jax.random.uniform(keys[1], (n, k))
+  experts = jax.random.randint(keys[2], (n, k), 0, e)
+  w_gate = w_up = jax.random.normal(keys[3], (e, d, f))
+  w_down = jnp.swapaxes(w_gate, 1, 2)
+
+  def loss(x, w_gate, w_up, w_down):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      y = routed_expert_parallel(x, weights, experts, w_gate, w_up, w_down, exchange="ragged_all_to_all")
+    return jnp.sum(jnp.sin(y))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w_gate, w_up, w_down)
+  return sum("psum" in line and "'expert'" in line for line in str(jaxpr).splitlines())
+
+
 def main() -> None:
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   cfg = config()
@@ -125,6 +148,7 @@ def main() -> None:
       ),
     }
   report["skewed_expert_parallel_vs_dense"] = skewed_dispatch()
+  report["ragged_exchange"] = {"gradient_sums_over_expert": ragged_exchange_sums_over_expert()}
   print(json.dumps(report))
 
 

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from manifold.model import ModelConfig, Transformer
-from manifold.model.moe import MoE, route, routed_dense, routed_ragged, sequence_balance_loss
+from manifold.model.grouped_ffn import routed_ragged
+from manifold.model.moe import MoE, route, routed_dense, sequence_balance_loss
 
 CFG = ModelConfig(
   vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, d_ff=64, max_seq_len=16,

@@ -7,9 +7,9 @@ sum highest; the chosen experts are *weighted* by their unbiased s, normalised t
 and scaled by `routed_scaling_factor`. Every token reaches its K experts (no capacity,
 no dropping): tokens are sorted by expert and run through grouped matmuls
 (`jax.lax.ragged_dot`); `moe_impl = dense` runs every expert on every token instead (the
-reference the tests compare against). Under a mesh whose `expert` axis is longer than 1
-the ragged path dispatches tokens to the devices holding their experts
-(`manifold.parallel.expert_parallel`).
+reference the tests compare against). Under a mesh the ragged path runs once per device
+on its own tokens, dispatching them to the devices holding their experts when the
+`expert` axis is longer than 1 (`manifold.parallel.expert_parallel`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from flax import nnx
 
 from manifold.model.config import ModelConfig
 from manifold.model.ffn import SwiGLU
+from manifold.model.grouped_ffn import routed_ragged
 from manifold.model.layers import normal, param
-from manifold.parallel.expert_parallel import routed_expert_parallel
+from manifold.parallel import expert_parallel  # a module: expert_parallel imports grouped_ffn from here
 
 
 class RouterBias(nnx.Variable):
@@ -51,20 +52,6 @@ def route(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Arr
   if cfg.norm_topk_prob:
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
   return weights * cfg.routed_scaling_factor, experts
-
-
-def routed_ragged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down):
-  """Sorted-by-expert grouped matmuls: x [N, D] -> sum_k w[n, k] * expert_{e[n, k]}(x[n]) [N, D]."""
-  n, k = experts_nk.shape
-  num_experts = w_gate.shape[0]
-  flat = experts_nk.reshape(-1)  # [N K]
-  order = jnp.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-  token = order // k
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
-  xs = x_nd[token]  # [N K, D]
-  hidden = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
-  ys = jax.lax.ragged_dot(hidden, w_down, group_sizes) * weights_nk.reshape(-1)[order][:, None].astype(xs.dtype)
-  return jnp.zeros_like(x_nd).at[token].add(ys)  # [N, D]
 
 
 def routed_dense(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down):
@@ -111,8 +98,8 @@ class MoE(nnx.Module):
     weights, experts = route(scores, jax.lax.stop_gradient(self.bias[...]), cfg)
     routed = routed_ragged if cfg.moe_impl == "ragged" else routed_dense
     mesh = jax.sharding.get_abstract_mesh()
-    if cfg.moe_impl == "ragged" and not mesh.empty and mesh.shape["expert"] > 1:
-      routed = routed_expert_parallel
+    if cfg.moe_impl == "ragged" and not mesh.empty:  # per device, not one global sort
+      routed = expert_parallel.routed_expert_parallel
     y = routed(x_nd, weights, experts, *(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)))
     y = y.reshape(b, t, d)
     if self.shared is not None:

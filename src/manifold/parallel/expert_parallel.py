@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from manifold.model.grouped_ffn import grouped_swiglu, routed_ragged
 from manifold.parallel.sharding import BATCH_AXES
 
 
@@ -36,12 +37,18 @@ def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.cumsum(x, axis=axis) - x
 
 
+def _per_device_zeros(shape, dtype) -> jax.Array:
+  """The output buffer of a `ragged_all_to_all`, typed as differing per device: its rows
+  are each device's own, so their gradients must not be summed over the mesh."""
+  return jax.lax.pcast(jnp.zeros(shape, dtype), BATCH_AXES, to="varying")
+
+
 def _dispatch(xs, send, offsets, recv, cap, exchange):
   """Rows sorted by destination [N K, D] -> [ep cap, D], source s's rows at s * cap."""
   ep = send.shape[0]
   if exchange == "ragged_all_to_all":
     me = jax.lax.axis_index("expert")
-    out = jnp.zeros((ep * cap, xs.shape[1]), xs.dtype)
+    out = _per_device_zeros((ep * cap, xs.shape[1]), xs.dtype)
     return jax.lax.ragged_all_to_all(xs, out, offsets, send, jnp.full((ep,), me * cap), recv, axis_name="expert")
   dest = jnp.repeat(jnp.arange(ep), send, total_repeat_length=xs.shape[0])  # [N K]
   slot = jnp.arange(xs.shape[0]) - offsets[dest]
@@ -54,7 +61,7 @@ def _combine(ys, send, offsets, recv, cap, exchange):
   ep = send.shape[0]
   if exchange == "ragged_all_to_all":
     back_offsets = jax.lax.all_to_all(offsets, "expert", 0, 0, tiled=True)  # where each source wants its rows
-    out = jnp.zeros((cap, ys.shape[1]), ys.dtype)
+    out = _per_device_zeros((cap, ys.shape[1]), ys.dtype)
     return jax.lax.ragged_all_to_all(ys, out, jnp.arange(ep) * cap, recv, back_offsets, send, axis_name="expert")
   returned = jax.lax.all_to_all(ys.reshape(ep, cap, -1), "expert", 0, 0, tiled=True)  # [ep, cap, D]
   dest = jnp.repeat(jnp.arange(ep), send, total_repeat_length=cap)  # cap = N K: every row comes back
@@ -65,6 +72,9 @@ def _local_routed(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchang
   """One device's share: x [N, D] with its routing [N, K]; local experts [E_l, D, F_l]."""
   n, k = experts_nk.shape
   ep = jax.lax.axis_size("expert")
+  if ep == 1:  # every expert is here: route this device's tokens locally, no exchange
+    y = routed_ragged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down)
+    return jax.lax.psum(y, "tensor") if tensor_split else y
   local = w_gate.shape[0]
   cap = n * k
   flat = experts_nk.reshape(-1)
@@ -84,8 +94,7 @@ def _local_routed(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchang
   regroup = jnp.argsort(local_expert, stable=True)
   group_sizes = recv_counts.sum(axis=0)  # [E_l]
   xs = received[regroup]
-  hidden = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
-  ys = jnp.zeros_like(received).at[regroup].set(jax.lax.ragged_dot(hidden, w_down, group_sizes))
+  ys = jnp.zeros_like(received).at[regroup].set(grouped_swiglu(xs, w_gate, w_up, w_down, group_sizes))
 
   out = _combine(ys, send, offsets, recv, cap, exchange)  # [N K, D], sorted order
   out = out * weights_nk.reshape(-1)[order][:, None].astype(out.dtype)
@@ -94,7 +103,8 @@ def _local_routed(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchang
 
 
 def routed_expert_parallel(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchange: str | None = None):
-  """`routed_ragged` with the experts split over the ambient mesh's `expert` axis.
+  """`routed_ragged` once per device on its own tokens, the experts split over the
+  ambient mesh's `expert` axis (which may be 1: then nothing is exchanged).
 
   x [N, D], weights / experts [N, K], w_gate / w_up [E, D, F], w_down [E, F, D] -> [N, D].
   Requires E and N divisible by the expert axis and N by data x fsdp x expert.
