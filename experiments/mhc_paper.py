@@ -53,8 +53,8 @@ SIZES = {  # layers, width, heads, routed experts, expert width, batch, steps, l
 }
 
 # Per size: mesh axes (fsdp takes the rest), microbatches (one or two sequences per chip
-# each) and remat. 3B fits a v5p-8 and 9B a v5p-16 with these; the 27B setting does not
-# fit a v5p-32 yet (experiments/results/compile/README.md says what was tried).
+# each) and remat. 3B fits a v5p-8, 9B a v5p-16 and 27B a v5p-32 with these
+# (experiments/results/compile/README.md says what was tried).
 PARALLELISM = {
   "3b": dict(expert=4, microbatches=40, remat="dots"),
   "9b": dict(expert=4, microbatches=64, remat="full"),
