@@ -33,8 +33,8 @@ test: $(INSTALLED) $(LIBTPU)
 	$(BIN)/python -m pytest -q -n 2 --durations=8 $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
-	$(BIN)/python -m ruff check src tests experiments
-	$(BIN)/python -m ruff format --check src tests experiments
+	$(BIN)/python -m ruff check src tests experiments kernels benchmarks
+	$(BIN)/python -m ruff format --check src tests experiments kernels benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     norm_eps=1e-6,
     init_std=0.02,
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
-    attention_impl="xla",  # xla | cudnn
+    attention_impl="auto",  # auto (cuDNN flash attention on GPU in bf16 / fp16) | cudnn | xla
     attention="gqa",  # gqa | mla (Multi-head Latent Attention)
     q_lora_rank=0,  # mla: query compression rank, 0 for none
     kv_lora_rank=64,  # mla: rank of the cached key/value latent
@@ -220,7 +220,7 @@ _FIELD_CHECKS: dict[str, Check] = {
   "model.norm_eps": _POS_FLOAT,
   "model.init_std": _POS_FLOAT,
   "model.dtype": _one_of("float32", "bfloat16"),
-  "model.attention_impl": _one_of("xla", "cudnn"),
+  "model.attention_impl": _one_of("auto", "cudnn", "xla"),
   "model.attention": _one_of("gqa", "mla"),
   "model.q_lora_rank": _NONNEG_INT,
   "model.kv_lora_rank": _POS_INT,

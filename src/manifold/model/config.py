@@ -27,7 +27,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   init_std: float = 0.02
   dtype: str = "float32"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"  # auto (cudnn on GPU in 16-bit compute) | cudnn | xla
   attention: str = "gqa"  # gqa | mla
   q_lora_rank: int = 0  # mla: query compression rank (0: none)
   kv_lora_rank: int = 64  # mla: latent rank

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from manifold.model.attention import attention_implementation, dot_product_attention
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
 from manifold.model.rope import apply_rope
@@ -29,7 +30,7 @@ def attention_any_head_dims(q, k, v, *, scale: float, mask=None, is_causal: bool
   """
   width = max(q.shape[-1], v.shape[-1])
   pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731
-  out = jax.nn.dot_product_attention(
+  out = dot_product_attention(
     pad(q), pad(k), pad(v), scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
   )
   return out[..., : v.shape[-1]]
@@ -93,7 +94,7 @@ class MultiHeadLatentAttention(nnx.Module):
     k = jnp.concatenate(
       [k_nope, jnp.broadcast_to(k_rope.astype(dt)[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))], axis=-1
     )  # [B, S, N, nope + rope]
-    impl = None if cfg.attention_impl == "xla" or cache is not None else cfg.attention_impl
+    impl = None if cache is not None else attention_implementation(cfg)
     out = attention_any_head_dims(
       q, k, v, scale=(nope + cfg.qk_rope_head_dim) ** -0.5, mask=mask, is_causal=is_causal, implementation=impl
     )  # [B, T, N, v]

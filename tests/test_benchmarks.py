@@ -1,0 +1,45 @@
+"""The speed-benchmark proxies have the sizes they claim; the table reports mHC overhead."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from manifold.config import load_config
+from manifold.model import ModelConfig
+from manifold.model.accounting import count_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _benchmark_module():
+  spec = importlib.util.spec_from_file_location("train_step_benchmark", ROOT / "benchmarks" / "train_step.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("model, total, active", [("dense-1b", 1.036e9, 1.036e9), ("moe-1b-active", 2.871e9, 0.944e9)])
+def test_speed_proxies_have_their_stated_sizes(model, total, active):
+  for residual in ("plain", "mhc"):
+    cfg = load_config(f"{ROOT}/experiments/speed_proxies.py:model={model},residual={residual}")
+    counts = count_params(ModelConfig.from_config(cfg.model))
+    assert counts["total"] == pytest.approx(total, rel=0.01)
+    assert counts["active"] == pytest.approx(active, rel=0.01)
+    assert (cfg.train.seq_len, cfg.model.dtype, cfg.model.residual) == (4096, "bfloat16", residual)
+
+
+def test_table_rows_and_mhc_ratio():
+  bench = _benchmark_module()
+  row = dict(
+    params_b=1.0, active_b=1.0, tokens_per_step=32768, tokens_per_s=70000.0, gflop_per_token=6.8,
+    model_tflops=476.0, mfu_datasheet=0.481, mfu_measured=0.6, matmul_tflops=790.0, peak_gib=40.0,
+  )  # fmt: skip
+  rows = [dict(row, model="dense-1b", step_ms=400.0), dict(row, model="dense-1b+mhc", step_ms=420.0)]
+  rows.append({"model": "moe-1b-active", "error": "out of memory"})
+  text = bench.table(rows)
+  assert "| dense-1b | 1.00 (1.00) | 32,768 | 400.0 | 70,000 | 6.80 | 476 | 48.1% | 60.0% of 790 | 40.0 |" in text
+  assert "failed: out of memory" in text
+  assert "mHC n=4 over plain, dense-1b: step time x1.050 (+5.0%)" in text
