@@ -15,12 +15,18 @@ one row per model and the mHC / plain step-time ratios; `--json` writes the rows
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+
+from manifold.cli import GPU_MEMORY_FRACTION
 
 PROXIES = "experiments/speed_proxies.py"
 MODELS = ("dense-1b", "moe-1b-active", "dense-1b+mhc", "moe-1b-active+mhc")
@@ -42,7 +48,55 @@ def matmul_tflops(n: int = 8192, repeats: int = 20) -> float:
   return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def measure(model: str, overrides: list[str], steps: int, warmup: int) -> dict:
+KERNEL_KINDS = (  # (kind, pattern of GPU kernel names), first match wins
+  ("attention (cuDNN)", r"cudnn|fmha|sdpa|flash"),
+  ("matmul (cuBLAS / XLA)", r"gemm|nvjet|xmma|cutlass|matmul|sm90|dot"),
+  ("grouped matmul (Pallas)", r"^t?gmm|ragged"),
+  ("mhc (Pallas)", r"mhc|pre_|res_post"),
+  ("sort", r"sort|cub::|radix"),
+  ("scatter / gather", r"scatter|gather|dynamic.update|dynamic.slice"),
+  ("reductions", r"reduce|reduction"),
+  ("copies / transposes", r"copy|transpose|memcpy|memset|concatenate"),
+  ("other fusions", r"fusion|loop_|input_|wrapped"),
+)
+
+
+def profile(run, logdir: str, steps: int = 3) -> dict:
+  """GPU kernel time per step by kind and the top kernels, from a profiler trace of `run()`
+  called `steps` times (each call one waited-for training step)."""
+  import jax
+
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for _ in range(steps):
+      run()
+  [path] = glob.glob(f"{logdir}/**/perfetto_trace.json.gz", recursive=True)[-1:]
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {
+    (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+  }
+  gpu = {pid for pid, name in processes.items() if "GPU" in name or "/device:" in name and "host" not in name.lower()}
+  kernels = [
+    e
+    for e in events
+    if e.get("ph") == "X" and e.get("pid") in gpu and threads.get((e["pid"], e.get("tid")), "").startswith("Stream")
+  ]
+  by_name, by_kind = collections.Counter(), collections.Counter()
+  for e in kernels:
+    ms = e.get("dur", 0) / 1e3 / steps
+    by_name[e["name"][:90]] += ms
+    by_kind[next((k for k, pat in KERNEL_KINDS if re.search(pat, e["name"], re.I)), "other")] += ms
+  if not kernels:
+    raise RuntimeError(f"no GPU kernels in the trace; processes {sorted(set(processes.values()))[:8]}")
+  return {
+    "gpu_ms_per_step": sum(by_kind.values()),
+    "by_kind": by_kind.most_common(),
+    "top_kernels": by_name.most_common(15),
+  }
+
+
+def measure(model: str, overrides: list[str], steps: int, warmup: int, profile_dir: str | None = None) -> dict:
   """Times one proxy's training step in this process."""
   import jax
   import jax.numpy as jnp
@@ -85,7 +139,7 @@ def measure(model: str, overrides: list[str], steps: int, warmup: int) -> dict:
   matmul = matmul_tflops()
   peak = hardware.peak_tflops(device)
   stats = device.memory_stats() or {}
-  return {
+  row = {
     "model": model,
     "overrides": overrides,
     "device": device.device_kind,
@@ -105,6 +159,18 @@ def measure(model: str, overrides: list[str], steps: int, warmup: int) -> dict:
     "compile_s": compile_s,
     "final_loss": float(metrics["loss"]),
   }
+  if profile_dir:
+    carried = [state]
+
+    def one_step():
+      carried[0], metrics = compiled(carried[0], batches[0])  # the state is donated: carry it on
+      jax.block_until_ready(metrics)
+
+    try:
+      row["profile"] = profile(one_step, profile_dir)
+    except Exception as e:  # noqa: BLE001 - a trace that cannot be read must not lose the timings
+      row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+  return row
 
 
 def _percent(x) -> str:
@@ -132,6 +198,12 @@ def table(rows: list[dict]) -> str:
     if name in by_model and f"{name}+mhc" in by_model:
       ratio = by_model[f"{name}+mhc"]["step_ms"] / by_model[name]["step_ms"]
       out.append(f"\nmHC n=4 over plain, {name}: step time x{ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+  for r in rows:
+    if "profile" in r:
+      p = r["profile"]
+      out.append(f"\n{r['model']}: GPU kernel time {p['gpu_ms_per_step']:.1f} ms per step")
+      out += [f"  {ms:8.1f} ms {100 * ms / p['gpu_ms_per_step']:5.1f}%  {kind}" for kind, ms in p["by_kind"]]
+      out += [f"  {ms:8.2f} ms  {name}" for name, ms in p["top_kernels"]]
   return "\n".join(out)
 
 
@@ -143,10 +215,12 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--xla-flags", default="", help="added to XLA_FLAGS of each model's process")
   parser.add_argument("--json", help="write the rows here")
+  parser.add_argument("--profile", help="trace 3 more steps into this folder; print GPU time by kernel kind")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model, print its row
   args = parser.parse_args()
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)  # as `manifold train` does
   if args.one:
-    print("ROW " + json.dumps(measure(args.one, args.set, args.steps, args.warmup)), flush=True)
+    print("ROW " + json.dumps(measure(args.one, args.set, args.steps, args.warmup, args.profile)), flush=True)
     return
   env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()}
   rows = []
@@ -155,6 +229,7 @@ def main() -> None:
       parser.error(f"--models: unknown {model!r}; use {', '.join(MODELS)}")
     command = [sys.executable, __file__, "--one", model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += [f"--set={o}" for o in args.set]
+    command += [f"--profile={args.profile}/{model}"] if args.profile else []
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode or not found:

@@ -14,7 +14,10 @@ per device on its own tokens.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -68,13 +71,15 @@ def one_step(cfg, devices):
   return jax.device_get(state), jax.device_get(metrics), "all_to_all" in lowered.as_text()
 
 
-def skewed_dispatch() -> dict[str, float]:
+def skewed_dispatch(axes: dict, matmul: str) -> dict[str, float]:
   """Expert-parallel routed experts vs the dense reference when every token picks experts
-  held by one device (the worst case for the exchange buffers), values and gradients."""
+  held by one device (the worst case for the exchange buffers), values and gradients;
+  `matmul` names the grouped-matmul implementation."""
   from manifold.model.moe import routed_dense
   from manifold.parallel.expert_parallel import routed_expert_parallel
 
-  mesh = make_mesh(dict(SINGLE, data=2, expert=4, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
+  mesh = make_mesh(dict(SINGLE, **axes, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
+  routed = functools.partial(routed_expert_parallel, matmul=matmul)
   keys = jax.random.split(jax.random.key(2), 5)
   n, d, f, e, k = 64, 16, 8, 8, 2
   x = jax.random.normal(keys[0], (n, d))
@@ -88,7 +93,7 @@ def skewed_dispatch() -> dict[str, float]:
     return jnp.sum(jnp.sin(routed(x, weights, experts, w_gate, w_up, w_down)))
 
   with jax.set_mesh(mesh):
-    ep = jax.jit(jax.value_and_grad(lambda *a: loss(routed_expert_parallel, *a), argnums=(0, 1, 2, 3)))
+    ep = jax.jit(jax.value_and_grad(lambda *a: loss(routed, *a), argnums=(0, 1, 2, 3)))
     value, grads = ep(x, w_gate, w_up, w_down)
   ref_value, ref_grads = jax.value_and_grad(lambda *a: loss(routed_dense, *a), argnums=(0, 1, 2, 3))(
     x, w_gate, w_up, w_down
@@ -97,6 +102,23 @@ def skewed_dispatch() -> dict[str, float]:
     "value": float(abs(value - ref_value)),
     "grads": float(max(np.max(np.abs(a - b)) for a, b in zip(grads, ref_grads))),
   }
+
+
+@contextlib.contextmanager
+def kernel_math_from_reference():
+  """The grouped-matmul kernel path (padding, custom_vjp, mesh-axis typing) with the Triton
+  calls answered by reference.py: Pallas interpret mode cannot run under shard_map's
+  check_vma, and XLA:CPU cannot run the kernels."""
+  from kernels.grouped_matmul import api, reference
+
+  def gmm(x, w, group_sizes, *, transpose_w=False, **tiles):
+    return reference.gmm(x, jnp.swapaxes(w, 1, 2) if transpose_w else w, group_sizes)
+
+  def tgmm(x, dy, group_sizes, **tiles):
+    return reference.tgmm(x, dy, group_sizes)
+
+  with mock.patch.object(api.triton, "gmm", gmm), mock.patch.object(api.triton, "tgmm", tgmm):
+    yield
 
 
 def ragged_exchange_sums_over_expert() -> int:
@@ -147,7 +169,11 @@ def main() -> None:
         max(np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(state.extra), jax.tree.leaves(reference_state.extra)))
       ),
     }
-  report["skewed_expert_parallel_vs_dense"] = skewed_dispatch()
+  report["skewed_expert_parallel_vs_dense"] = skewed_dispatch(dict(data=2, expert=4), "auto")
+  with kernel_math_from_reference():
+    report["skewed_expert_tensor_split_kernel_path_vs_dense"] = skewed_dispatch(
+      dict(fsdp=2, expert=2, tensor=2), "triton"
+    )
   report["ragged_exchange"] = {"gradient_sums_over_expert": ragged_exchange_sums_over_expert()}
   print(json.dumps(report))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,9 @@ def test_bias_update_moves_a_skewed_load_toward_uniform():
   assert float(moe.bias[...][0]) < 0  # the overloaded expert was pushed down
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32])
-def test_grouped_matmul_equals_dense_reference_forward_and_gradients(dtype):
+@pytest.mark.parametrize("matmul", ["xla", "interpret"])  # interpret: the Triton kernels' blocks on the CPU
+def test_grouped_matmul_equals_dense_reference_forward_and_gradients(matmul):
+  dtype = jnp.float32
   n, d, f, e, k = 48, 16, 8, 6, 2
   keys = jax.random.split(jax.random.key(2), 5)
   x = jax.random.normal(keys[0], (n, d), dtype)
@@ -77,14 +79,15 @@ def test_grouped_matmul_equals_dense_reference_forward_and_gradients(dtype):
   gate_scores = jax.nn.sigmoid(jax.random.normal(keys[4], (n, e)))
   weights, experts = jax.lax.top_k(gate_scores, k)
   experts = experts.at[:5].set(jnp.array([0, 1]))  # make expert 0's group large, some experts empty
+  ragged = functools.partial(routed_ragged, matmul=matmul)
   np.testing.assert_allclose(
-    routed_ragged(x, weights, experts, *w), routed_dense(x, weights, experts, *w), rtol=1e-5, atol=1e-5
+    ragged(x, weights, experts, *w), routed_dense(x, weights, experts, *w), rtol=1e-5, atol=1e-5
   )
 
   def loss(impl, x, weights, *w):
     return jnp.sum(jnp.sin(impl(x, weights, experts, *w)))
 
-  grads_ragged = jax.grad(lambda *a: loss(routed_ragged, *a), argnums=(0, 1, 2, 3, 4))(x, weights, *w)
+  grads_ragged = jax.grad(lambda *a: loss(ragged, *a), argnums=(0, 1, 2, 3, 4))(x, weights, *w)
   grads_dense = jax.grad(lambda *a: loss(routed_dense, *a), argnums=(0, 1, 2, 3, 4))(x, weights, *w)
   for a, b in zip(grads_ragged, grads_dense):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,8 @@ import sys
 def test_one_step_on_several_meshes_equals_one_device():
   """MLA + MoE + mHC + MTP; data, FSDP, tensor and expert axes (tokens dispatched with
   all_to_all), microbatches and remat, the mHC kernels per shard; float32, 1e-5. The
+  grouped-matmul kernel path (its Triton calls answered by the reference) runs under a
+  tensor-split expert mesh. The
   ragged_all_to_all exchange (TPU / GPU) is traced: its gradient sums nothing over `expert`."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   script = pathlib.Path(__file__).with_name("sharded_step.py")
@@ -26,6 +28,7 @@ def test_one_step_on_several_meshes_equals_one_device():
     "fsdp2_expert2_tensor2_microbatches2_remat",
     "data4_tensor2_mhc_kernels",
     "skewed_expert_parallel_vs_dense",
+    "skewed_expert_tensor_split_kernel_path_vs_dense",
     "ragged_exchange",
   }
   for run, diffs in report.items():

@@ -10,6 +10,8 @@ import time
 from manifold.config import ConfigError, load_config
 from manifold.data import DataError
 
+GPU_MEMORY_FRACTION = "0.9"  # of each GPU's memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION)
+
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="experiments/<name>.py[:variant]")
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
   from manifold.train.loop import TrainingDiverged
 
   argv = sys.argv[1:] if argv is None else argv
+  # JAX reserves 75% of a GPU's memory unless told otherwise; a training process owns its GPU.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
   if overrides and args.command not in ("train", "params", "tokenizer", "sweep", "convert", "compile", "launch"):

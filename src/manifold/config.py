@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     norm_topk_prob=True,  # moe: normalise the K gate weights to sum 1
     first_k_dense_replace=0,  # moe: the first k blocks keep a dense FFN
     moe_impl="ragged",  # ragged (tokens sorted by expert, grouped matmul) | dense (reference)
+    grouped_matmul="auto",  # ragged's kernel: auto (fastest measured: Pallas on GPU, XLA elsewhere) | xla | triton | mosaic_gpu
     mtp_depth=0,  # D multi-token-prediction modules (DeepSeek-V3), 0 for none
     residual="plain",  # plain | hc | mhc | mhc_lite (see manifold/model/residual.py)
     streams=4,  # n residual streams for hc / mhc / mhc_lite
@@ -241,6 +242,7 @@ _FIELD_CHECKS: dict[str, Check] = {
   "model.norm_topk_prob": (lambda v: isinstance(v, bool), "true or false"),
   "model.first_k_dense_replace": _NONNEG_INT,
   "model.moe_impl": _one_of("ragged", "dense"),
+  "model.grouped_matmul": _one_of("auto", "xla", "triton", "mosaic_gpu"),
   "model.mtp_depth": _NONNEG_INT,
   "model.residual": _one_of("plain", "hc", "mhc", "mhc_lite"),
   "model.streams": _POS_INT,

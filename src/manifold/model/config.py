@@ -45,6 +45,7 @@ class ModelConfig:
   norm_topk_prob: bool = True  # moe: normalise the K gate weights to sum 1 before scaling
   first_k_dense_replace: int = 0  # moe: the first k blocks keep a dense FFN
   moe_impl: str = "ragged"  # ragged (sorted grouped matmul) | dense (every expert on every token)
+  grouped_matmul: str = "auto"  # ragged's kernel: auto (fastest measured on the backend) | xla | triton | mosaic_gpu
   mtp_depth: int = 0  # D multi-token-prediction modules (0: none)
   residual: str = "plain"  # plain | hc | mhc | mhc_lite
   streams: int = 4  # n, the residual streams of hc / mhc / mhc_lite

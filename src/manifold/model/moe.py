@@ -6,7 +6,7 @@ balancing), optionally only within the `topk_group` groups whose two best biased
 sum highest; the chosen experts are *weighted* by their unbiased s, normalised to sum 1
 and scaled by `routed_scaling_factor`. Every token reaches its K experts (no capacity,
 no dropping): tokens are sorted by expert and run through grouped matmuls
-(`jax.lax.ragged_dot`); `moe_impl = dense` runs every expert on every token instead (the
+(kernels/grouped_matmul, `model.grouped_matmul`); `moe_impl = dense` runs every expert on every token instead (the
 reference the tests compare against). Under a mesh the ragged path runs once per device
 on its own tokens, dispatching them to the devices holding their experts when the
 `expert` axis is longer than 1 (`manifold.parallel.expert_parallel`).
@@ -14,6 +14,7 @@ on its own tokens, dispatching them to the devices holding their experts when th
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -96,10 +97,12 @@ class MoE(nnx.Module):
     x_nd = x_btd.reshape(b * t, d)
     scores = jax.nn.sigmoid(x_nd.astype(jnp.float32) @ self.router[...])  # [N, E], float32
     weights, experts = route(scores, jax.lax.stop_gradient(self.bias[...]), cfg)
-    routed = routed_ragged if cfg.moe_impl == "ragged" else routed_dense
-    mesh = jax.sharding.get_abstract_mesh()
-    if cfg.moe_impl == "ragged" and not mesh.empty:  # per device, not one global sort
-      routed = expert_parallel.routed_expert_parallel
+    routed = routed_dense
+    if cfg.moe_impl == "ragged":  # under a mesh: per device, not one global sort
+      per_device = not jax.sharding.get_abstract_mesh().empty
+      routed = functools.partial(
+        expert_parallel.routed_expert_parallel if per_device else routed_ragged, matmul=cfg.grouped_matmul
+      )
     y = routed(x_nd, weights, experts, *(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)))
     y = y.reshape(b, t, d)
     if self.shared is not None:

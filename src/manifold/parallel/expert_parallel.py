@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from manifold.model.grouped_ffn import grouped_swiglu, routed_ragged
+from manifold.model.grouped_ffn import (
+  dispatch_rows,
+  grouped_swiglu,
+  permute_rows,
+  routed_ragged,
+  sort_by_expert,
+  weighted_sum,
+)
 from manifold.parallel.sharding import BATCH_AXES
 
 
@@ -68,25 +75,25 @@ def _combine(ys, send, offsets, recv, cap, exchange):
   return returned[dest, jnp.arange(cap) - offsets[dest]]
 
 
-def _local_routed(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchange: str, tensor_split: bool):
+def _local_routed(
+  x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchange: str, tensor_split: bool, matmul: str
+):
   """One device's share: x [N, D] with its routing [N, K]; local experts [E_l, D, F_l]."""
   n, k = experts_nk.shape
   ep = jax.lax.axis_size("expert")
   if ep == 1:  # every expert is here: route this device's tokens locally, no exchange
-    y = routed_ragged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down)
+    y = routed_ragged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, matmul=matmul)
     return jax.lax.psum(y, "tensor") if tensor_split else y
   local = w_gate.shape[0]
   cap = n * k
-  flat = experts_nk.reshape(-1)
-  order = jnp.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, hence by device
-  token = order // k
-  counts = jnp.bincount(flat, length=ep * local).reshape(ep, local).astype(jnp.int32)  # [dest, local expert]
+  order, rank, counts = sort_by_expert(experts_nk, ep * local)  # (token, slot) pairs grouped by expert, hence device
+  counts = counts.reshape(ep, local)  # [dest, local expert]
   send = counts.sum(axis=1)  # [ep]
   offsets = _exclusive_cumsum(send)
   recv_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)  # [source, local expert]
   recv = recv_counts.sum(axis=1)  # [ep]
 
-  received = _dispatch(x_nd[token], send, offsets, recv, cap, exchange)  # [ep cap, D]
+  received = _dispatch(dispatch_rows(x_nd, order, rank, k), send, offsets, recv, cap, exchange)  # [ep cap, D]
   row = jnp.arange(ep * cap)
   source, slot = row // cap, row % cap
   ends = jnp.cumsum(recv_counts, axis=1)  # [ep, E_l]
@@ -94,15 +101,16 @@ def _local_routed(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchang
   regroup = jnp.argsort(local_expert, stable=True)
   group_sizes = recv_counts.sum(axis=0)  # [E_l]
   xs = received[regroup]
-  ys = jnp.zeros_like(received).at[regroup].set(grouped_swiglu(xs, w_gate, w_up, w_down, group_sizes))
+  ys = jnp.zeros_like(received).at[regroup].set(grouped_swiglu(xs, w_gate, w_up, w_down, group_sizes, matmul))
 
   out = _combine(ys, send, offsets, recv, cap, exchange)  # [N K, D], sorted order
-  out = out * weights_nk.reshape(-1)[order][:, None].astype(out.dtype)
-  y = jnp.zeros_like(x_nd).at[token].add(out)
+  y = weighted_sum(permute_rows(out, rank, order).reshape(n, k, -1), weights_nk)
   return jax.lax.psum(y, "tensor") if tensor_split else y
 
 
-def routed_expert_parallel(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchange: str | None = None):
+def routed_expert_parallel(
+  x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchange: str | None = None, matmul: str = "auto"
+):
   """`routed_ragged` once per device on its own tokens, the experts split over the
   ambient mesh's `expert` axis (which may be 1: then nothing is exchanged).
 
@@ -112,7 +120,9 @@ def routed_expert_parallel(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *
   mesh = jax.sharding.get_abstract_mesh()
   tensor_split = mesh.shape["tensor"] > 1 and w_gate.shape[2] % mesh.shape["tensor"] == 0
   ffn = "tensor" if tensor_split else None
-  body = functools.partial(_local_routed, exchange=exchange or default_exchange(mesh), tensor_split=tensor_split)
+  body = functools.partial(
+    _local_routed, exchange=exchange or default_exchange(mesh), tensor_split=tensor_split, matmul=matmul
+  )
   tokens = P(BATCH_AXES, None)
   return jax.shard_map(
     body,
