@@ -43,3 +43,47 @@ def test_table_rows_and_mhc_ratio():
   assert "| dense-1b | 1.00 (1.00) | 32,768 | 400.0 | 70,000 | 6.80 | 476 | 48.1% | 60.0% of 790 | 40.0 |" in text
   assert "failed: out of memory" in text
   assert "mHC n=4 over plain, dense-1b: step time x1.050 (+5.0%)" in text
+
+
+def test_profile_sums_gpu_stream_kernels_by_kind(tmp_path, monkeypatch):
+  """A trace with kernels on a GPU stream, an XLA-op line on the same device (not summed:
+  it repeats the kernels) and host events: per-step ms by kind and by kernel."""
+  import contextlib
+  import gzip
+  import json
+
+  import jax
+
+  bench = _benchmark_module()
+  events = [
+    {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+    {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+    {"ph": "X", "name": "gmm", "pid": 1, "tid": 7, "dur": 3000},
+    {"ph": "X", "name": "nvjet_sm90_tst_128x256", "pid": 1, "tid": 7, "dur": 6000},
+    {"ph": "X", "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "pid": 1, "tid": 7, "dur": 1500},
+    {"ph": "X", "name": "loop_add_fusion_3", "pid": 1, "tid": 7, "dur": 1500},
+    {"ph": "X", "name": "fusion.12", "pid": 1, "tid": 8, "dur": 9000},
+    {"ph": "X", "name": "PjitFunction(step)", "pid": 2, "tid": 1, "dur": 99000},
+  ]
+
+  @contextlib.contextmanager
+  def fake_trace(logdir, create_perfetto_trace):
+    yield
+    run = tmp_path / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+      json.dump({"traceEvents": events}, f)
+
+  monkeypatch.setattr(jax.profiler, "trace", fake_trace)
+  calls = []
+  result = bench.profile(lambda: calls.append(1), str(tmp_path), steps=3)
+  assert len(calls) == 3
+  assert result["gpu_ms_per_step"] == pytest.approx(4.0)  # 12 ms of stream kernels over 3 steps
+  assert dict(result["by_kind"]) == pytest.approx(
+    {"matmul (cuBLAS / XLA)": 2.0, "grouped matmul (Pallas)": 1.0, "attention (cuDNN)": 0.5, "other fusions": 0.5}
+  )
+  assert result["top_kernels"][0] == ("nvjet_sm90_tst_128x256", pytest.approx(2.0))
+  text = bench.table([{"model": "moe-1b-active", "profile": result, "error": "x"}])
+  assert "GPU kernel time 4.0 ms per step" in text and "50.0%  matmul (cuBLAS / XLA)" in text

@@ -66,7 +66,7 @@ def _pad(a: jax.Array, multiples: dict[int, int]) -> jax.Array:
 def varying(x: jax.Array) -> frozenset[str]:
   """The shard_map mesh axes along which `x` differs between devices (none outside shard_map)."""
   aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; later versions: aval.vma
+  manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10 and 0.11; else `vma`
   return manual.varying if manual is not None else aval.vma
 
 

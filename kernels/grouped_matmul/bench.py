@@ -15,28 +15,15 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from kernels.grouped_matmul import api, triton
+from kernels.timing import timed
 
 GROUPS, TOP_K, D, F = 32, 6, 2048, 896
 SHAPES = {"gate/up  [R, D] x [G, D, 2F]": (D, 2 * F), "down     [R, F] x [G, F, D]": (F, D)}
-
-
-def timed(fn, *args, repeats: int = 20) -> float:
-  """Median seconds of `fn(*args)` after two warm-up calls, synchronised on the result."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def operands(rows: int, k: int, n: int):

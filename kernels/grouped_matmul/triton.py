@@ -85,7 +85,7 @@ def out_type(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeSt
   needs under shard_map's check_vma)."""
   aval = jax.typeof(like)
   manual = getattr(aval, "manual_axis_type", None)
-  if manual is None:  # JAX versions that type it as `vma`
+  if manual is None:  # JAX versions that call it `vma`
     return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
 

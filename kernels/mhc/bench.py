@@ -13,27 +13,14 @@ output once. Bandwidth is kernel bytes over time, against a measured copy's band
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from kernels.mhc import api, reference
+from kernels.timing import timed
 
 N_STREAMS = 4
-
-
-def timed(fn, *args, repeats: int = 20) -> float:
-  """Median seconds of `fn(*args)` after two warm-up calls, synchronised on the result."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def copy_bandwidth() -> float:

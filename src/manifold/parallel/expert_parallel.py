@@ -10,7 +10,7 @@ expert, which groups them by destination device, and exchanges them:
 
 Both land the rows from source s at rows [s N K, s N K + count) of a [ep N K, D]
 buffer, so nothing is dropped whatever the routing. The received rows are regrouped by
-local expert, run through the grouped matmul (`ragged_dot`; padding rows fall outside
+local expert, run through the grouped matmul (kernels/grouped_matmul; padding rows fall outside
 every group and come out zero), sent back the same way and combined with the gate
 weights. The FFN width may also be split over `tensor` (partial sums, one `psum`).
 """
