@@ -67,8 +67,12 @@ def sort_by_expert(experts_nk: jax.Array, num_experts: int) -> tuple[jax.Array, 
   rank [N K]: the sorted row of each pair (order's inverse); group_sizes [E] int32)."""
   flat = experts_nk.reshape(-1)
   order = jnp.argsort(flat, stable=True)
-  rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
-  return order, rank, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return order, inverse_permutation(order), jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+  """perm [R], a permutation of 0..R-1 -> its inverse [R]."""
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype), unique_indices=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from manifold.model.grouped_ffn import (
   dispatch_rows,
   grouped_swiglu,
+  inverse_permutation,
   permute_rows,
   routed_ragged,
   sort_by_expert,
@@ -99,9 +100,10 @@ def _local_routed(
   ends = jnp.cumsum(recv_counts, axis=1)  # [ep, E_l]
   local_expert = jnp.sum(slot[:, None] >= ends[source], axis=1)  # [ep cap]; == E_l for padding rows
   regroup = jnp.argsort(local_expert, stable=True)
+  back = inverse_permutation(regroup)
   group_sizes = recv_counts.sum(axis=0)  # [E_l]
-  xs = received[regroup]
-  ys = jnp.zeros_like(received).at[regroup].set(grouped_swiglu(xs, w_gate, w_up, w_down, group_sizes, matmul))
+  xs = permute_rows(received, regroup, back)
+  ys = permute_rows(grouped_swiglu(xs, w_gate, w_up, w_down, group_sizes, matmul), back, regroup)
 
   out = _combine(ys, send, offsets, recv, cap, exchange)  # [N K, D], sorted order
   y = weighted_sum(permute_rows(out, rank, order).reshape(n, k, -1), weights_nk)
