@@ -80,11 +80,18 @@ def _local_routed(
   x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchange: str, tensor_split: bool, matmul: str
 ):
   """One device's share: x [N, D] with its routing [N, K]; local experts [E_l, D, F_l]."""
+  if jax.lax.axis_size("expert") == 1:  # every expert is here: route this device's tokens locally
+    y = routed_ragged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, matmul=matmul)
+  else:
+    y = _exchanged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, exchange=exchange, matmul=matmul)
+  return jax.lax.psum(y, "tensor") if tensor_split else y
+
+
+def _exchanged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, *, exchange: str, matmul: str):
+  """The routed experts when they are spread over the `expert` axis: each (token, slot)
+  row travels to its expert's device and back."""
   n, k = experts_nk.shape
   ep = jax.lax.axis_size("expert")
-  if ep == 1:  # every expert is here: route this device's tokens locally, no exchange
-    y = routed_ragged(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down, matmul=matmul)
-    return jax.lax.psum(y, "tensor") if tensor_split else y
   local = w_gate.shape[0]
   cap = n * k
   order, rank, counts = sort_by_expert(experts_nk, ep * local)  # (token, slot) pairs grouped by expert, hence device
@@ -106,8 +113,7 @@ def _local_routed(
   ys = permute_rows(grouped_swiglu(xs, w_gate, w_up, w_down, group_sizes, matmul), back, regroup)
 
   out = _combine(ys, send, offsets, recv, cap, exchange)  # [N K, D], sorted order
-  y = weighted_sum(permute_rows(out, rank, order).reshape(n, k, -1), weights_nk)
-  return jax.lax.psum(y, "tensor") if tensor_split else y
+  return weighted_sum(permute_rows(out, rank, order).reshape(n, k, -1), weights_nk)
 
 
 def routed_expert_parallel(
