@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +40,43 @@ class Spec:
   kind: str  # exp | softmax_eps
   eps: float  # RMS epsilon
   implementation: str = "auto"  # auto | triton | tpu | interpret (the Triton blocks, run on the CPU)
-  tiles: tuple[tuple[str, int], ...] = ()  # backend tuning overrides, e.g. (("block_tokens", 32),)
+  tiles: tuple[tuple[str, int], ...] = ()  # backend tile overrides (parse_tiles), e.g. (("block_tokens", 32),)
+
+
+TILE_NAMES = ("block_tokens", "chunk", "num_warps", "num_stages")  # see triton.py, tpu.py
+
+
+def parse_tiles(text: str) -> tuple[tuple[str, int], ...]:
+  """'block_tokens=8,num_stages=1' -> (("block_tokens", 8), ("num_stages", 1)); '' -> ().
+
+  Names: block_tokens and chunk (powers of two; both backends), num_warps (a power of
+  two) and num_stages (Triton only). Raises ValueError naming the bad item.
+  """
+  tiles = []
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, _, value = item.partition("=")
+    if name not in TILE_NAMES:
+      raise ValueError(f"{item!r}: unknown tile; use {', '.join(TILE_NAMES)} as name=value")
+    if not value.isdigit() or int(value) < 1:
+      raise ValueError(f"{item!r}: the value must be a positive integer")
+    if name != "num_stages" and int(value) & (int(value) - 1):
+      raise ValueError(f"{item!r}: {name} must be a power of two")
+    tiles.append((name, int(value)))
+  return tuple(tiles)
 
 
 def _backend(spec: Spec) -> calls.Backend:
   name = spec.implementation
   if name == "auto":
     name = {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend(), "interpret")
-  if name == "interpret":
-    return triton.backend(interpret=True)
-  return (triton.backend if name == "triton" else tpu.backend)(**dict(spec.tiles))
+  make = tpu.backend if name == "tpu" else triton.backend
+  tiles = dict(spec.tiles)
+  unknown = set(tiles) - set(inspect.signature(make).parameters)
+  if unknown:
+    raise ValueError(f"mHC kernel tiles {sorted(unknown)}: the {name} backend does not take them")
+  if name == "interpret":  # the Triton blocks on the CPU: token and chunk tiles apply, compiler settings not
+    return make(interpret=True, **{k: v for k, v in tiles.items() if k in ("block_tokens", "chunk")})
+  return make(**tiles)
 
 
 def unpack(coeff: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -73,23 +73,28 @@ def inputs(tokens: int, d: int, n: int):
 
 
 def sweep_tiles(tokens: int, d: int) -> None:
-  """Forward+backward milliseconds for each (block_tokens, chunk, num_warps, num_stages)."""
+  """Forward+backward milliseconds for each (block_tokens, chunk, num_warps, num_stages),
+  and each setting's largest relative error against the reference's outputs and gradients."""
   primal, cotangents = inputs(tokens, d, N_STREAMS)
+  want = forward_backward(layer_fns(N_STREAMS)[1])(*primal, *cotangents)
   results = []
   for bt in (8, 16, 32):
     for chunk in (256, 512):
       for warps in (4, 8):
         for stages in (1, 2, 3):
           tiles = (("block_tokens", bt), ("chunk", chunk), ("num_warps", warps), ("num_stages", stages))
+          run = forward_backward(layer_fns(N_STREAMS, tiles)[0])
           try:
-            ms = 1e3 * timed(forward_backward(layer_fns(N_STREAMS, tiles)[0]), *primal, *cotangents, repeats=10)
+            ms = 1e3 * timed(run, *primal, *cotangents, repeats=10)
           except Exception as e:  # noqa: BLE001 -- a tile the compiler rejects is reported and skipped
             print(tiles, "failed:", str(e).splitlines()[0][:100])
             continue
-          results.append((ms, tiles))
-          print(f"{ms:.3f} ms", tiles, flush=True)
-  for ms, tiles in sorted(results)[:5]:
-    print(f"best: {ms:.3f} ms {dict(tiles)}")
+          err = max_relative_error(run(*primal, *cotangents), want)
+          results.append((ms, err, tiles))
+          print(f"{ms:.3f} ms, max rel. err {err:.1e}", tiles, flush=True)
+  for ms, err, tiles in sorted(results)[:5]:
+    setting = ",".join(f"{k}={v}" for k, v in tiles)
+    print(f"best: {ms:.3f} ms, max rel. err {err:.1e}: --set model.mhc_tiles={setting}")
 
 
 def main() -> None:

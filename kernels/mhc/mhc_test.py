@@ -93,3 +93,49 @@ def test_gradients_match_reference(tokens, n, d, dtype, kind):
   tol = 1e-5 if dtype == jnp.float32 else 5e-2
   for name, got, want in zip(("x", "phi", "alpha", "bias"), grads, ref_grads):
     close(got, want, tol, name)
+
+
+def test_tiles_change_the_blocks_not_the_results():
+  """8-token blocks (37 tokens: padded) and 16-wide chunks (4 per stream) match the reference."""
+  x, phi, alpha, bias, _, (k1, k2) = inputs(37, 4, 64, jnp.float32, seed=2)
+  y_weight, out_weight = jax.random.normal(k1, (37, 64)), jax.random.normal(k2, (37, 4 * 64))
+  tiles = api.parse_tiles("block_tokens=8,chunk=16,num_warps=8,num_stages=1")
+  spec = api.Spec(n=4, iters=20, kind="exp", eps=1e-6, implementation="interpret", tiles=tiles)
+
+  def reference_pre(x, phi, alpha, bias):
+    h, p, q, r = reference.pre(x, phi, alpha, bias, n=4, iters=20, kind="exp", eps=1e-6)
+    return h, (q, r), x
+
+  loss = jax.value_and_grad(layer_loss, argnums=(2, 3, 4, 5))
+  value, grads = loss(
+    lambda *a: api.pre(*a, spec), lambda x, y, c: api.res_post(x, y, c, spec), x, phi, alpha, bias, y_weight, out_weight
+  )
+  ref_value, ref_grads = loss(
+    reference_pre, lambda x, y, s: reference.res_post(x, y, *s), x, phi, alpha, bias, y_weight, out_weight
+  )
+  close(value, ref_value, 1e-5, "loss")
+  for name, got, want in zip(("x", "phi", "alpha", "bias"), grads, ref_grads):
+    close(got, want, 1e-5, name)
+  traced = str(jax.make_jaxpr(lambda x: api.pre(x, phi, alpha, bias, spec))(x))
+  assert "GridMapping(grid=(5,)" in traced  # ceil(37 / 8) blocks, not the default 16-token blocks' 3
+
+
+@pytest.mark.parametrize(
+  "text, message",
+  [
+    ("block_size=8", "unknown tile"),
+    ("block_tokens=12", "power of two"),
+    ("num_stages=0", "positive integer"),
+    ("chunk=abc", "positive integer"),
+  ],
+)
+def test_bad_tiles_are_named(text, message):
+  with pytest.raises(ValueError, match=message):
+    api.parse_tiles(text)
+
+
+def test_tiles_a_backend_does_not_take_are_refused():
+  x, phi, alpha, bias, _, _ = inputs(8, 2, 32, jnp.float32)
+  spec = api.Spec(n=2, iters=4, kind="exp", eps=1e-6, implementation="tpu", tiles=api.parse_tiles("num_warps=4"))
+  with pytest.raises(ValueError, match=r"\['num_warps'\]: the tpu backend"):
+    api.pre(x, phi, alpha, bias, spec)

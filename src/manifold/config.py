@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 from absl import flags
+from kernels.mhc import api as mhc_kernels
 from ml_collections import config_flags
 
 
@@ -66,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     mhc_alpha_init=0.01,  # initial gates alpha of mhc / mhc_lite
     hc_scale_init=0.01,  # initial scales of HC's dynamic parts
     kernels="auto",  # mhc mixing: auto (Pallas kernels on GPU / TPU, jnp on CPU) | pallas | reference
+    mhc_tiles="",  # the mHC kernels' tiles as name=value,...: block_tokens, chunk, num_warps, num_stages
     remat="none",  # what each block keeps for the backward pass: none (all) | dots (matmul outputs) | full
   )
   c.data = dict(
@@ -252,6 +254,7 @@ _FIELD_CHECKS: dict[str, Check] = {
   "model.hc_scale_init": _NONNEG_FLOAT,
   "model.remat": _one_of("none", "dots", "full"),
   "model.kernels": _one_of("auto", "pallas", "reference"),
+  "model.mhc_tiles": (lambda v: isinstance(v, str), "a string of name=value,... ('' for the defaults)"),
   "data.sources": _STR,
   "data.tokenizer": _STR,
   "data.jsonl_field": _STR,
@@ -327,6 +330,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     is_flag = field == "model.norm_topk_prob"
     _require((is_flag or not isinstance(value, bool)) and is_valid(value), f"{field}={value!r}: must be {allowed}")
   m, t = cfg.model, cfg.train
+  try:
+    mhc_kernels.parse_tiles(m.mhc_tiles)
+  except ValueError as e:
+    raise ConfigError(f"model.mhc_tiles={m.mhc_tiles!r}: {e}") from None
   _require(m.n_heads % m.n_kv_heads == 0, f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads}")
   _require(
     m.residual != "mhc_lite" or m.streams <= 6,

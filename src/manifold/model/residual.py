@@ -154,6 +154,7 @@ class ManifoldHyperConnection(Connection):
     self.streams, self.norm_eps = n, cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
     self.kernels = cfg.kernels if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "reference"
+    self.tiles = mhc_kernels.parse_tiles(cfg.mhc_tiles)
 
   def _kernel_implementation(self) -> str | None:
     """triton / tpu / interpret for the platform of the ambient mesh (or default backend), or None."""
@@ -169,7 +170,7 @@ class ManifoldHyperConnection(Connection):
     if implementation is None:
       return super().read(x_btnd)
     b, t, n, d = x_btnd.shape
-    spec = mhc_kernels.Spec(n, self.sinkhorn_iters, self.sinkhorn, self.norm_eps, implementation)
+    spec = mhc_kernels.Spec(n, self.sinkhorn_iters, self.sinkhorn, self.norm_eps, implementation, self.tiles)
     fused = _per_shard(functools.partial(mhc_kernels.pre, spec=spec), token_args=1, token_outs=3)
     h, packed, streams = fused(x_btnd.reshape(b * t, n * d), self.phi[...], self.alpha[...], self.bias[...])
     pre, post, res = (a.reshape(b, t, *a.shape[1:]) for a in mhc_kernels.unpack(packed, n))
