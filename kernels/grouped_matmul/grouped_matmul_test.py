@@ -1,6 +1,6 @@
-"""The grouped-matmul kernels against reference.py: in interpret mode on the CPU (the
-Triton blocks, at small tiles so that several tiles, straddling groups and padding all
-occur), and on a GPU the compiled Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative to each output's largest magnitude: float32 1e-5, bfloat16
+"""The grouped matmuls against reference.py: XLA's `ragged_dot`, the Triton blocks in
+interpret mode on the CPU (at small tiles so that several tiles, straddling groups and
+padding all occur), and on a GPU the compiled Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative to each output's largest magnitude: float32 1e-5, bfloat16
 1e-2 (both accumulate in float32; the rounding of the output differs)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from kernels.grouped_matmul import api, reference, triton
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 ON_GPU = jax.default_backend() == "gpu"
 HOPPER = ON_GPU and any(name in jax.devices()[0].device_kind for name in ("H100", "H200"))
-IMPLS = [(i, d) for i in ("interpret", "triton") for d in (jnp.float32, jnp.bfloat16) if i == "interpret" or ON_GPU]
+IMPLS = [(i, d) for i in ("xla", "interpret", "triton") for d in (jnp.float32, jnp.bfloat16) if i != "triton" or ON_GPU]
 IMPLS += [("mosaic_gpu", jnp.bfloat16)] if HOPPER else []  # Mosaic GPU's kernels take 16-bit operands
 CASES = [  # (M, K, N, group sizes): the sizes may leave rows past their sum
   (96, 32, 64, (10, 0, 50, 36)),  # sizes sum to M; an empty group; tiles straddle groups
@@ -45,15 +45,15 @@ def close(got, want, tol, name=""):
 def test_gmm_forward_and_gradients_match_reference(m, k, n, sizes, dtype, impl):
   x, w, dy, group_sizes = inputs(m, k, n, sizes, dtype)
 
-  def loss(impl):
-    return lambda x, w: jnp.sum(api.gmm(x, w, group_sizes, impl).astype(jnp.float32) * dy.astype(jnp.float32))
+  def loss(gmm):
+    return lambda x, w: jnp.sum(gmm(x, w, group_sizes).astype(jnp.float32) * dy.astype(jnp.float32))
 
   y = api.gmm(x, w, group_sizes, impl)
   assert y.dtype == dtype
   close(y, reference.gmm(x, w, group_sizes), TOL[dtype], "y")
   assert not np.any(np.asarray(y[int(sum(sizes)) :], np.float32)), "rows past the groups must be 0"
-  got = jax.grad(loss(impl), argnums=(0, 1))(x, w)
-  want = jax.grad(loss("xla"), argnums=(0, 1))(x, w)
+  got = jax.grad(loss(lambda *a: api.gmm(*a, impl)), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(reference.gmm), argnums=(0, 1))(x, w)
   for name, g, r in zip(("dx", "dw"), got, want):
     close(g, r, TOL[dtype], name)
 
