@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kernels.mhc import api, reference
+from kernels.mhc.tiles import parse_tiles
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SHAPES = [(32, 4, 128), (37, 4, 64), (21, 2, 96)]  # (tokens, n, D): a full block, ragged counts, n = 2
@@ -67,6 +68,22 @@ def layer_loss(pre_fn, res_post_fn, x, phi, alpha, bias, y_weight, out_weight):
   return jnp.sum(jnp.sin(out.astype(jnp.float32)) * out_weight)
 
 
+def layer_values_and_grads(spec, x, phi, alpha, bias, y_weight, out_weight):
+  """layer_loss and its gradients in (x, phi, alpha, bias): (kernels, reference)."""
+  settings = dict(n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps)
+
+  def reference_pre(x, phi, alpha, bias):
+    h, p, q, r = reference.pre(x, phi, alpha, bias, **settings)
+    return h, (q, r), x
+
+  loss = jax.value_and_grad(layer_loss, argnums=(2, 3, 4, 5))
+  kernel = loss(
+    lambda *a: api.pre(*a, spec), lambda x, y, c: api.res_post(x, y, c, spec), x, phi, alpha, bias, y_weight, out_weight
+  )
+  ref = loss(reference_pre, lambda x, y, s: reference.res_post(x, y, *s), x, phi, alpha, bias, y_weight, out_weight)
+  return kernel, ref
+
+
 @pytest.mark.parametrize("kind", ["exp", "softmax_eps"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("tokens, n, d", SHAPES[1:])
@@ -75,21 +92,7 @@ def test_gradients_match_reference(tokens, n, d, dtype, kind):
   y_weight = jax.random.normal(k1, (tokens, d))
   out_weight = jax.random.normal(k2, (tokens, n * d))
   spec = api.Spec(n=n, iters=20, kind=kind, eps=1e-6, implementation="interpret")
-  settings = dict(n=n, iters=20, kind=kind, eps=1e-6)
-
-  def kernel_pre(x, phi, alpha, bias):
-    return api.pre(x, phi, alpha, bias, spec)
-
-  def reference_pre(x, phi, alpha, bias):
-    h, p, q, r = reference.pre(x, phi, alpha, bias, **settings)
-    return h, (q, r), x
-
-  grads = jax.grad(layer_loss, argnums=(2, 3, 4, 5))(
-    kernel_pre, lambda x, y, c: api.res_post(x, y, c, spec), x, phi, alpha, bias, y_weight, out_weight
-  )
-  ref_grads = jax.grad(layer_loss, argnums=(2, 3, 4, 5))(
-    reference_pre, lambda x, y, s: reference.res_post(x, y, *s), x, phi, alpha, bias, y_weight, out_weight
-  )
+  (_, grads), (_, ref_grads) = layer_values_and_grads(spec, x, phi, alpha, bias, y_weight, out_weight)
   tol = 1e-5 if dtype == jnp.float32 else 5e-2
   for name, got, want in zip(("x", "phi", "alpha", "bias"), grads, ref_grads):
     close(got, want, tol, name)
@@ -99,20 +102,9 @@ def test_tiles_change_the_blocks_not_the_results():
   """8-token blocks (37 tokens: padded) and 16-wide chunks (4 per stream) match the reference."""
   x, phi, alpha, bias, _, (k1, k2) = inputs(37, 4, 64, jnp.float32, seed=2)
   y_weight, out_weight = jax.random.normal(k1, (37, 64)), jax.random.normal(k2, (37, 4 * 64))
-  tiles = api.parse_tiles("block_tokens=8,chunk=16,num_warps=8,num_stages=1")
+  tiles = parse_tiles("block_tokens=8,chunk=16,num_warps=8,num_stages=1")
   spec = api.Spec(n=4, iters=20, kind="exp", eps=1e-6, implementation="interpret", tiles=tiles)
-
-  def reference_pre(x, phi, alpha, bias):
-    h, p, q, r = reference.pre(x, phi, alpha, bias, n=4, iters=20, kind="exp", eps=1e-6)
-    return h, (q, r), x
-
-  loss = jax.value_and_grad(layer_loss, argnums=(2, 3, 4, 5))
-  value, grads = loss(
-    lambda *a: api.pre(*a, spec), lambda x, y, c: api.res_post(x, y, c, spec), x, phi, alpha, bias, y_weight, out_weight
-  )
-  ref_value, ref_grads = loss(
-    reference_pre, lambda x, y, s: reference.res_post(x, y, *s), x, phi, alpha, bias, y_weight, out_weight
-  )
+  (value, grads), (ref_value, ref_grads) = layer_values_and_grads(spec, x, phi, alpha, bias, y_weight, out_weight)
   close(value, ref_value, 1e-5, "loss")
   for name, got, want in zip(("x", "phi", "alpha", "bias"), grads, ref_grads):
     close(got, want, 1e-5, name)
@@ -131,11 +123,11 @@ def test_tiles_change_the_blocks_not_the_results():
 )
 def test_bad_tiles_are_named(text, message):
   with pytest.raises(ValueError, match=message):
-    api.parse_tiles(text)
+    parse_tiles(text)
 
 
 def test_tiles_a_backend_does_not_take_are_refused():
   x, phi, alpha, bias, _, _ = inputs(8, 2, 32, jnp.float32)
-  spec = api.Spec(n=2, iters=4, kind="exp", eps=1e-6, implementation="tpu", tiles=api.parse_tiles("num_warps=4"))
+  spec = api.Spec(n=2, iters=4, kind="exp", eps=1e-6, implementation="tpu", tiles=parse_tiles("num_warps=4"))
   with pytest.raises(ValueError, match=r"\['num_warps'\]: the tpu backend"):
     api.pre(x, phi, alpha, bias, spec)

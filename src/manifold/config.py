@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 from absl import flags
-from kernels.mhc import api as mhc_kernels
+from kernels.mhc.tiles import parse_tiles
 from ml_collections import config_flags
 
 
@@ -331,7 +331,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require((is_flag or not isinstance(value, bool)) and is_valid(value), f"{field}={value!r}: must be {allowed}")
   m, t = cfg.model, cfg.train
   try:
-    mhc_kernels.parse_tiles(m.mhc_tiles)
+    parse_tiles(m.mhc_tiles)
   except ValueError as e:
     raise ConfigError(f"model.mhc_tiles={m.mhc_tiles!r}: {e}") from None
   _require(m.n_heads % m.n_kv_heads == 0, f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads}")

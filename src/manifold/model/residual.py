@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from kernels.mhc import api as mhc_kernels
+from kernels.mhc.tiles import parse_tiles
 
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
@@ -154,7 +155,7 @@ class ManifoldHyperConnection(Connection):
     self.streams, self.norm_eps = n, cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
     self.kernels = cfg.kernels if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "reference"
-    self.tiles = mhc_kernels.parse_tiles(cfg.mhc_tiles)
+    self.tiles = parse_tiles(cfg.mhc_tiles)
 
   def _kernel_implementation(self) -> str | None:
     """triton / tpu / interpret for the platform of the ambient mesh (or default backend), or None."""
