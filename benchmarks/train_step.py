@@ -1,15 +1,19 @@
-"""Full training-step speed (forward, backward, AdamW) on this machine's first accelerator.
+"""Full training-step speed (forward, backward, AdamW) on this machine's first accelerator(s).
 
   python benchmarks/train_step.py                                   # the four proxies
   python benchmarks/train_step.py --models moe-1b-active --set model.remat=dots
   python benchmarks/train_step.py --xla-flags "--xla_gpu_enable_latency_hiding_scheduler=true"
+  python benchmarks/train_step.py --models moe-1b-active --devices 2 --set mesh.expert=2 --set train.batch_size=8
 
 Each model (experiments/speed_proxies.py) runs in its own process, so that its peak
 memory is its own: compile, `--warmup` steps, then `--steps` timed steps, each waited
 for; the step time is their median. Model FLOPs per token are counted analytically
 (manifold.model.accounting: matmuls and attention, forward x 3); MFU is against the
-datasheet bf16 rate and against a bf16 8192^3 matmul timed in the same process. Prints
-one row per model and the mHC / plain step-time ratios; `--json` writes the rows.
+datasheet bf16 rate and against a bf16 8192^3 matmul timed in the same process, per
+device. `--devices N` runs over the first N devices with the config's `mesh` (by default
+all data-parallel; `--set mesh.expert=N` for expert parallelism). Prints one row per model
+and the mHC / plain step-time ratios; `--profile` adds GPU time by kernel kind and the model
+source lines behind the top kernels; `--json` writes the rows.
 """
 
 from __future__ import annotations
@@ -61,9 +65,49 @@ KERNEL_KINDS = (  # (kind, pattern of GPU kernel names), first match wins
 )
 
 
-def profile(run, logdir: str, steps: int = 3) -> dict:
-  """GPU kernel time per step by kind and the top kernels, from a profiler trace of `run()`
-  called `steps` times (each call one waited-for training step)."""
+HLO_METADATA = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}", re.M)
+
+
+def kernel_key(name: str) -> str:
+  """An HLO instruction or GPU kernel name as the other spells it ('.' and '-' as '_')."""
+  return re.sub(r"\W", "_", name)
+
+
+def _fields(text: str) -> dict[str, str]:
+  """`key=value` pairs of HLO metadata or a stack-frame table row (quotes dropped)."""
+  return {key: quoted or bare for key, quoted, bare in re.findall(r'(\w+)=(?:"([^"]*)"|([\w.-]+))', text)}
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """`kernel_key(instruction) -> "file.py:line op"` from a compiled module's HLO metadata:
+  `source_file`/`source_line`, or (newer XLA) the `stack_frame_id` into the module's tables."""
+  tables = {}
+  for section in ("FileNames", "FileLocations", "StackFrames"):
+    found = re.search(rf"^{section}\n((?:\d+ .*\n)+)", hlo_text, re.M)
+    tables[section] = dict(re.findall(r"^(\d+) (.*)$", found.group(1), re.M)) if found else {}
+
+  def frame_source(frame_id: str) -> str:
+    location = _fields(
+      tables["FileLocations"].get(_fields(tables["StackFrames"].get(frame_id, "")).get("file_location_id", ""), "")
+    )
+    file = tables["FileNames"].get(location.get("file_name_id", ""), "?").strip('"')
+    return f"{os.path.basename(file)}:{location.get('line', '?')}"
+
+  sources = {}
+  for name, metadata in HLO_METADATA.findall(hlo_text):
+    fields = _fields(metadata)
+    op = fields.get("op_name", "").rsplit("/", 1)[-1]
+    if "source_file" in fields:
+      sources[kernel_key(name)] = f"{os.path.basename(fields['source_file'])}:{fields.get('source_line', '?')} {op}"
+    elif "stack_frame_id" in fields:
+      sources[kernel_key(name)] = f"{frame_source(fields['stack_frame_id'])} {op}"
+  return sources
+
+
+def profile(run, logdir: str, hlo_text: str, devices: int = 1, steps: int = 3) -> dict:
+  """GPU kernel time per step and device by kind, the top kernels, and the model source
+  lines (from the HLO metadata of `hlo_text`) that the time goes to, from a profiler trace
+  of `run()` called `steps` times (each call one waited-for training step)."""
   import jax
 
   with jax.profiler.trace(logdir, create_perfetto_trace=True):
@@ -82,29 +126,37 @@ def profile(run, logdir: str, steps: int = 3) -> dict:
     for e in events
     if e.get("ph") == "X" and e.get("pid") in gpu and threads.get((e["pid"], e.get("tid")), "").startswith("Stream")
   ]
-  by_name, by_kind = collections.Counter(), collections.Counter()
-  for e in kernels:
-    ms = e.get("dur", 0) / 1e3 / steps
-    by_name[e["name"][:90]] += ms
-    by_kind[next((k for k, pat in KERNEL_KINDS if re.search(pat, e["name"], re.I)), "other")] += ms
   if not kernels:
     raise RuntimeError(f"no GPU kernels in the trace; processes {sorted(set(processes.values()))[:8]}")
+  sources = hlo_sources(hlo_text)
+  by_name, by_kind, by_source = collections.Counter(), collections.Counter(), collections.Counter()
+  for e in kernels:
+    ms = e.get("dur", 0) / 1e3 / steps / devices
+    kind = next((k for k, pat in KERNEL_KINDS if re.search(pat, e["name"], re.I)), "other")
+    hlo_op = (e.get("args") or {}).get("hlo_op", e["name"])
+    by_name[e["name"][:90]] += ms
+    by_kind[kind] += ms
+    by_source[(kind, sources.get(kernel_key(hlo_op), sources.get(kernel_key(e["name"]), "?")))] += ms
   return {
     "gpu_ms_per_step": sum(by_kind.values()),
     "by_kind": by_kind.most_common(),
     "top_kernels": by_name.most_common(15),
+    "top_sources": [[kind, source, ms] for (kind, source), ms in by_source.most_common(25)],
   }
 
 
-def measure(model: str, overrides: list[str], steps: int, warmup: int, profile_dir: str | None = None) -> dict:
-  """Times one proxy's training step in this process."""
+def measure(
+  model: str, overrides: list[str], steps: int, warmup: int, devices: int = 1, profile_dir: str | None = None
+) -> dict:
+  """Times one proxy's training step in this process over its first `devices` devices."""
   import jax
   import jax.numpy as jnp
 
   from manifold.config import load_config
   from manifold.model import ModelConfig
   from manifold.model.accounting import count_params, training_flops_per_token
-  from manifold.parallel.mesh import make_mesh
+  from manifold.parallel.mesh import check_fits, make_mesh
+  from manifold.parallel.sharding import batch_sharding
   from manifold.train import hardware
   from manifold.train.optimizer import make_optimizer
   from manifold.train.state import make_state_spec
@@ -112,37 +164,48 @@ def measure(model: str, overrides: list[str], steps: int, warmup: int, profile_d
 
   name, _, residual = model.partition("+")
   cfg = load_config(f"{PROXIES}:model={name},residual={residual or 'plain'}", [f"--config.{o}" for o in overrides])
-  device = jax.devices()[0]
-  cfg.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
-  mesh = make_mesh(cfg.mesh, [device])
+  if len(jax.devices()) < devices:
+    raise SystemExit(f"--devices {devices}: this machine has {len(jax.devices())}")
+  used = jax.devices()[:devices]
+  device = used[0]
+  mesh = make_mesh(cfg.mesh, used)
+  check_fits(cfg, mesh)
   model_cfg, tx = ModelConfig.from_config(cfg.model), make_optimizer(cfg.train)
   spec = make_state_spec(model_cfg, tx, mesh)
   state = spec.init(jax.random.key(0))
   step = make_train_step(spec, tx, mesh, jnp.ones(model_cfg.vocab_size, jnp.float32), cfg.train)
   batch_shape = (cfg.train.batch_size, cfg.train.seq_len + 1)
-  batches = [jax.random.randint(jax.random.key(i), batch_shape, 0, model_cfg.vocab_size) for i in range(2)]
+  batches = [
+    jax.device_put(jax.random.randint(jax.random.key(i), batch_shape, 0, model_cfg.vocab_size), batch_sharding(mesh))
+    for i in range(2)
+  ]
 
   start = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - start
+  print(f"{model}: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batches[i % 2])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+    if i % 5 == 0 or i == warmup + steps - 1:
+      print(f"{model}: step {i + 1}/{warmup + steps} {1e3 * times[-1]:.1f} ms", file=sys.stderr, flush=True)
   step_s = statistics.median(times[warmup:])
   tokens = cfg.train.batch_size * cfg.train.seq_len
   flops_per_token = training_flops_per_token(model_cfg, cfg.train.seq_len)
-  achieved = flops_per_token * tokens / step_s / 1e12
+  achieved = flops_per_token * tokens / step_s / 1e12 / devices  # per device
   params = count_params(model_cfg)
   matmul = matmul_tflops()
   peak = hardware.peak_tflops(device)
-  stats = device.memory_stats() or {}
+  peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in used)
   row = {
     "model": model,
     "overrides": overrides,
     "device": device.device_kind,
+    "devices": devices,
+    "mesh": dict(mesh.shape),
     "jax": jax.__version__,
     "params_b": params["total"] / 1e9,
     "active_b": params["active"] / 1e9,
@@ -155,7 +218,7 @@ def measure(model: str, overrides: list[str], steps: int, warmup: int, profile_d
     "mfu_datasheet": achieved / peak if peak else None,
     "matmul_tflops": matmul,
     "mfu_measured": achieved / matmul,
-    "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+    "peak_gib": peak_bytes / 2**30,  # the largest over the devices
     "compile_s": compile_s,
     "final_loss": float(metrics["loss"]),
   }
@@ -167,7 +230,7 @@ def measure(model: str, overrides: list[str], steps: int, warmup: int, profile_d
       jax.block_until_ready(metrics)
 
     try:
-      row["profile"] = profile(one_step, profile_dir)
+      row["profile"] = profile(one_step, profile_dir, compiled.as_text(), devices)
     except Exception as e:  # noqa: BLE001 - a trace that cannot be read must not lose the timings
       row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
   return row
@@ -177,9 +240,14 @@ def _percent(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _label(row: dict) -> str:
+  mesh = ", ".join(f"{axis} {size}" for axis, size in row.get("mesh", {}).items() if size > 1)
+  return f"{row['model']} ({row['devices']} devices: {mesh})" if row.get("devices", 1) > 1 else row["model"]
+
+
 def table(rows: list[dict]) -> str:
   out = [
-    "| model | params (active) B | tokens/step | step ms | tokens/s | GFLOP/token | TFLOP/s | MFU (datasheet) "
+    "| model | params (active) B | tokens/step | step ms | tokens/s | GFLOP/token | TFLOP/s per device | MFU (datasheet) "
     "| MFU (measured matmul) | peak GiB |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
@@ -188,7 +256,7 @@ def table(rows: list[dict]) -> str:
       out.append(f"| {r['model']} | failed: {r['error']} |")
       continue
     out.append(
-      f"| {r['model']} | {r['params_b']:.2f} ({r['active_b']:.2f}) | {r['tokens_per_step']:,} | {r['step_ms']:.1f} "
+      f"| {_label(r)} | {r['params_b']:.2f} ({r['active_b']:.2f}) | {r['tokens_per_step']:,} | {r['step_ms']:.1f} "
       f"| {r['tokens_per_s']:,.0f} | {r['gflop_per_token']:.2f} | {r['model_tflops']:.0f} "
       f"| {_percent(r['mfu_datasheet'])} | {_percent(r['mfu_measured'])} of {r['matmul_tflops']:.0f} "
       f"| {r['peak_gib']:.1f} |"
@@ -204,6 +272,8 @@ def table(rows: list[dict]) -> str:
       out.append(f"\n{r['model']}: GPU kernel time {p['gpu_ms_per_step']:.1f} ms per step")
       out += [f"  {ms:8.1f} ms {100 * ms / p['gpu_ms_per_step']:5.1f}%  {kind}" for kind, ms in p["by_kind"]]
       out += [f"  {ms:8.2f} ms  {name}" for name, ms in p["top_kernels"]]
+      out.append("  by model source (HLO metadata):")
+      out += [f"  {ms:8.2f} ms  {kind:24} {source}" for kind, source, ms in p["top_sources"]]
   return "\n".join(out)
 
 
@@ -211,6 +281,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
   parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.remat=dots")
+  parser.add_argument("--devices", type=int, default=1, help="run over the first N devices (mesh from --set mesh.*)")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--xla-flags", default="", help="added to XLA_FLAGS of each model's process")
@@ -220,7 +291,9 @@ def main() -> None:
   args = parser.parse_args()
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)  # as `manifold train` does
   if args.one:
-    print("ROW " + json.dumps(measure(args.one, args.set, args.steps, args.warmup, args.profile)), flush=True)
+    print(
+      "ROW " + json.dumps(measure(args.one, args.set, args.steps, args.warmup, args.devices, args.profile)), flush=True
+    )
     return
   env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()}
   rows = []
@@ -228,13 +301,19 @@ def main() -> None:
     if model not in MODELS:
       parser.error(f"--models: unknown {model!r}; use {', '.join(MODELS)}")
     command = [sys.executable, __file__, "--one", model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--devices", str(args.devices)]
     command += [f"--set={o}" for o in args.set]
     command += [f"--profile={args.profile}/{model}"] if args.profile else []
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    found, tail = [], collections.deque(maxlen=60)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+      for line in proc.stdout:  # the child's log streams through, so a slow compile or a hang shows
+        if line.startswith("ROW "):
+          found.append(line[4:])
+        else:
+          sys.stderr.write(line)
+          tail.append(line.strip())
     if proc.returncode or not found:
-      print(proc.stderr[-4000:], file=sys.stderr)
-      last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      last = next((line for line in reversed(tail) if line), "no output")
       rows.append({"model": model, "error": last[:200]})
     else:
       rows.append(json.loads(found[0]))

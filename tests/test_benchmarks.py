@@ -39,7 +39,9 @@ def test_table_rows_and_mhc_ratio():
   )  # fmt: skip
   rows = [dict(row, model="dense-1b", step_ms=400.0), dict(row, model="dense-1b+mhc", step_ms=420.0)]
   rows.append({"model": "moe-1b-active", "error": "out of memory"})
+  rows.append(dict(row, model="moe-1b-active", step_ms=350.0, devices=2, mesh=dict(data=1, fsdp=1, expert=2, tensor=1)))
   text = bench.table(rows)
+  assert "| moe-1b-active (2 devices: expert 2) | 1.00 (1.00) | 32,768 | 350.0 |" in text
   assert "| dense-1b | 1.00 (1.00) | 32,768 | 400.0 | 70,000 | 6.80 | 476 | 48.1% | 60.0% of 790 | 40.0 |" in text
   assert "failed: out of memory" in text
   assert "mHC n=4 over plain, dense-1b: step time x1.050 (+5.0%)" in text
@@ -78,12 +80,44 @@ def test_profile_sums_gpu_stream_kernels_by_kind(tmp_path, monkeypatch):
 
   monkeypatch.setattr(jax.profiler, "trace", fake_trace)
   calls = []
-  result = bench.profile(lambda: calls.append(1), str(tmp_path), steps=3)
+  hlo = """FileNames
+1 "/src/manifold/model/ffn.py"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=27 end_line=27 column=4 end_column=9}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+
+ENTRY %main {
+  ROOT %loop_add_fusion.3 = f32[8]{0} fusion(%x), kind=kLoop, calls=%c, metadata={op_name="jit(step)/add" stack_frame_id=1}
+}
+"""
+  result = bench.profile(lambda: calls.append(1), str(tmp_path), hlo, steps=3)
   assert len(calls) == 3
   assert result["gpu_ms_per_step"] == pytest.approx(4.0)  # 12 ms of stream kernels over 3 steps
   assert dict(result["by_kind"]) == pytest.approx(
     {"matmul (cuBLAS / XLA)": 2.0, "grouped matmul (Pallas)": 1.0, "attention (cuDNN)": 0.5, "other fusions": 0.5}
   )
   assert result["top_kernels"][0] == ("nvjet_sm90_tst_128x256", pytest.approx(2.0))
+  assert ["other fusions", "ffn.py:27 add", pytest.approx(0.5)] in result["top_sources"]
+  assert ["matmul (cuBLAS / XLA)", "?", pytest.approx(2.0)] in result["top_sources"]  # no HLO name: a library kernel
   text = bench.table([{"model": "moe-1b-active", "profile": result, "error": "x"}])
   assert "GPU kernel time 4.0 ms per step" in text and "50.0%  matmul (cuBLAS / XLA)" in text
+
+
+def test_hlo_sources_name_the_model_line_of_each_compiled_instruction():
+  """On a module compiled here: every instruction of `f` maps to this file and the line of
+  its jnp call, whichever way this XLA writes source locations."""
+  import jax
+  import jax.numpy as jnp
+
+  bench = _benchmark_module()
+
+  def f(x):
+    return jnp.sum(jnp.exp(x) * 2.0, axis=0)
+
+  line = f.__code__.co_firstlineno + 1
+  sources = bench.hlo_sources(jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text())
+  assert sources and set(sources.values()) <= {f"test_benchmarks.py:{line} {op}" for op in ("exp", "mul", "reduce_sum")}
+  assert any(v.endswith("reduce_sum") for v in sources.values())

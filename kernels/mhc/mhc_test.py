@@ -109,7 +109,7 @@ def test_tiles_change_the_blocks_not_the_results():
   for name, got, want in zip(("x", "phi", "alpha", "bias"), grads, ref_grads):
     close(got, want, 1e-5, name)
   traced = str(jax.make_jaxpr(lambda x: api.pre(x, phi, alpha, bias, spec))(x))
-  assert "GridMapping(grid=(5,)" in traced  # ceil(37 / 8) blocks, not the default 16-token blocks' 3
+  assert "GridMapping(grid=(5,)" in traced  # ceil(37 / 8) blocks, not interpret mode's default 16-token blocks' 3
 
 
 @pytest.mark.parametrize(

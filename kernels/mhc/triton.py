@@ -1,6 +1,7 @@
 """The GPU implementation: Pallas on Triton. A program owns `block_tokens` tokens and walks
-their streams in `chunk`-wide tiles (Triton tiles are powers of two); 4 warps each.
-The same blocks run in interpret mode on the CPU (the tests)."""
+their streams in `chunk`-wide tiles (Triton tiles are powers of two). The defaults are the
+fastest in the model on an H100 (benchmarks/README.md). The same blocks run in interpret
+mode on the CPU (the tests)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from kernels.mhc.calls import Backend
 
 
 def backend(
-  *, interpret: bool = False, block_tokens: int = 16, chunk: int = 256, num_warps: int = 4, num_stages: int = 2
+  *, interpret: bool = False, block_tokens: int = 8, chunk: int = 256, num_warps: int = 4, num_stages: int = 1
 ) -> Backend:
   return Backend(
     name="triton",
