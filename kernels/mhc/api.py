@@ -52,11 +52,8 @@ def _backend(spec: Spec) -> calls.Backend:
   unknown = set(tiles) - set(inspect.signature(make).parameters)
   if unknown:
     raise ValueError(f"mHC kernel tiles {sorted(unknown)}: the {name} backend does not take them")
-  if name == "interpret":  # the Triton blocks on the CPU: token and chunk tiles apply, compiler settings not;
-    # 16-token blocks unless asked, as the interpreter's time grows with the number of blocks
-    return make(
-      interpret=True, **{"block_tokens": 16, **{k: v for k, v in tiles.items() if k in ("block_tokens", "chunk")}}
-    )
+  if name == "interpret":  # the Triton blocks on the CPU: token and chunk tiles apply, compiler settings not
+    return make(interpret=True, **{k: v for k, v in tiles.items() if k in ("block_tokens", "chunk")})
   return make(**tiles)
 
 

@@ -11,11 +11,12 @@ from kernels.mhc.calls import Backend
 
 
 def backend(
-  *, interpret: bool = False, block_tokens: int = 8, chunk: int = 256, num_warps: int = 4, num_stages: int = 1
+  *, interpret: bool = False, block_tokens: int | None = None, chunk: int = 256, num_warps: int = 4, num_stages: int = 1
 ) -> Backend:
+  """`block_tokens` unset: 8 compiled, 16 in interpret mode (whose time grows with the blocks)."""
   return Backend(
     name="triton",
-    block_tokens=block_tokens,
+    block_tokens=block_tokens or (16 if interpret else 8),
     chunk=chunk,
     compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     interpret=interpret,
