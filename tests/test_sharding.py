@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 
 def test_one_step_on_several_meshes_equals_one_device():
@@ -14,7 +15,7 @@ def test_one_step_on_several_meshes_equals_one_device():
   all_to_all), microbatches and remat, the mHC kernels per shard; float32, 1e-5. The
   grouped-matmul kernel path (its Triton calls answered by the reference) runs under a
   tensor-split expert mesh. The
-  ragged_all_to_all exchange (TPU / GPU) is traced: its gradient sums nothing over `expert`."""
+  ragged_all_to_all exchange (TPU) is traced: its gradient sums nothing over `expert`."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   script = pathlib.Path(__file__).with_name("sharded_step.py")
   proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
@@ -36,3 +37,12 @@ def test_one_step_on_several_meshes_equals_one_device():
       assert diffs.pop("dispatches_with_all_to_all") == ("expert" in run), run
     for quantity, diff in diffs.items():
       assert diff < 1e-5, (run, quantity, diff)
+
+
+def test_expert_exchange_is_ragged_only_on_tpu():
+  """XLA:CPU lacks `ragged_all_to_all` and XLA:GPU's hung in a training step: both pad."""
+  from manifold.parallel.expert_parallel import default_exchange
+
+  for platform, want in [("tpu", "ragged_all_to_all"), ("gpu", "all_to_all"), ("cpu", "all_to_all")]:
+    mesh = types.SimpleNamespace(abstract_device=types.SimpleNamespace(platform=platform))
+    assert default_exchange(mesh) == want, platform

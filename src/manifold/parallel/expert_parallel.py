@@ -5,8 +5,9 @@ Inside `shard_map` every device holds N local tokens (the batch is split over da
 fsdp and expert) and E / ep experts. It sorts its N K (token, slot) assignments by
 expert, which groups them by destination device, and exchanges them:
 
-- `ragged_all_to_all` (TPU, GPU) sends only the real rows;
-- `all_to_all` (every backend, CPU included) sends fixed chunks padded to N K rows.
+- `ragged_all_to_all` (the TPU default) sends only the real rows;
+- `all_to_all` (the GPU and CPU default; every backend) sends fixed chunks padded to
+  N K rows.
 
 Both land the rows from source s at rows [s N K, s N K + count) of a [ep N K, D]
 buffer, so nothing is dropped whatever the routing. The received rows are regrouped by
@@ -36,9 +37,10 @@ from manifold.parallel.sharding import BATCH_AXES
 
 
 def default_exchange(mesh) -> str:
-  """`ragged_all_to_all` on TPU and GPU meshes; padded `all_to_all` on CPUs, where XLA
-  does not implement the ragged one."""
-  return "all_to_all" if mesh.abstract_device.platform == "cpu" else "ragged_all_to_all"
+  """`ragged_all_to_all` on TPU meshes; padded `all_to_all` elsewhere. XLA:CPU does not
+  implement the ragged one, and XLA:GPU's (JAX 0.11.2, 2 H100s) compiled but never
+  finished a training step (benchmarks/README.md)."""
+  return "ragged_all_to_all" if mesh.abstract_device.platform == "tpu" else "all_to_all"
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
