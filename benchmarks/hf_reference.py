@@ -77,7 +77,7 @@ def measure_torch(batch: int, steps: int, warmup: int, compile_model: bool) -> d
   from manifold.model.accounting import training_flops_per_token
 
   cfg = load_config(PROXY)
-  model_cfg = ModelConfig.from_config(cfg.model)
+  model_cfg = ModelConfig.from_mapping(cfg.model)
   seq = cfg.train.seq_len
   torch.manual_seed(0)
   config = deepseek_config(model_cfg)
@@ -109,7 +109,7 @@ def measure_torch(batch: int, steps: int, warmup: int, compile_model: bool) -> d
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times[warmup:])
   # the same count as manifold's, without the MTP module transformers lacks
-  no_mtp = ModelConfig.from_config({**dict(cfg.model), "mtp_depth": 0})
+  no_mtp = ModelConfig.from_mapping({**dict(cfg.model), "mtp_depth": 0})
   return {
     "implementation": "PyTorch transformers DeepseekV3ForCausalLM",
     "settings": f"bf16 params, fused AdamW, SDPA, grouped_mm experts, {'torch.compile' if compile_model else 'eager'}",

@@ -170,7 +170,7 @@ def measure(
   device = used[0]
   mesh = make_mesh(cfg.mesh, used)
   check_fits(cfg, mesh)
-  model_cfg, tx = ModelConfig.from_config(cfg.model), make_optimizer(cfg.train)
+  model_cfg, tx = ModelConfig.from_mapping(cfg.model), make_optimizer(cfg.train)
   spec = make_state_spec(model_cfg, tx, mesh)
   state = spec.init(jax.random.key(0))
   step = make_train_step(spec, tx, mesh, jnp.ones(model_cfg.vocab_size, jnp.float32), cfg.train)

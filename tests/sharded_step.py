@@ -61,7 +61,7 @@ def config():
 def one_step(cfg, devices):
   mesh_cfg = cfg.mesh
   mesh = make_mesh(mesh_cfg, devices)
-  model_cfg, tx = ModelConfig.from_config(cfg.model), make_optimizer(cfg.train)
+  model_cfg, tx = ModelConfig.from_mapping(cfg.model), make_optimizer(cfg.train)
   spec = make_state_spec(model_cfg, tx, mesh)
   state = spec.init(jax.random.key(0))
   step = make_train_step(spec, tx, mesh, jnp.ones(model_cfg.vocab_size), cfg.train)

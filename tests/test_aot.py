@@ -55,7 +55,7 @@ def test_compile_quickstart_for_v5p_with_expert_parallelism(tmp_path):
   assert "-> fits" in proc.stdout
   (row,) = json.loads((tmp_path / "results.json").read_text())
   assert row["slice"] == "v5p-8" and row["mesh"] == "fsdp 2 x expert 2"
-  state_bytes = 3 * 4 * count_params(ModelConfig.from_config(load_config("experiments/quickstart.py").model))["total"]
+  state_bytes = 3 * 4 * count_params(ModelConfig.from_mapping(load_config("experiments/quickstart.py").model))["total"]
   assert state_bytes / 4 < row["argument_bytes"] < state_bytes
   assert 0 < row["total_bytes"] < row["hbm_bytes"] and row["xla_flops_per_chip"] > 0 and row["model_flops_per_chip"] > 0
   assert "| experiments/quickstart.py | v5p-8 | fsdp 2 x expert 2 |" in (tmp_path / "results.md").read_text()

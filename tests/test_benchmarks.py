@@ -25,7 +25,7 @@ def _benchmark_module():
 def test_speed_proxies_have_their_stated_sizes(model, total, active):
   for residual in ("plain", "mhc"):
     cfg = load_config(f"{ROOT}/experiments/speed_proxies.py:model={model},residual={residual}")
-    counts = count_params(ModelConfig.from_config(cfg.model))
+    counts = count_params(ModelConfig.from_mapping(cfg.model))
     assert counts["total"] == pytest.approx(total, rel=0.01)
     assert counts["active"] == pytest.approx(active, rel=0.01)
     assert (cfg.train.seq_len, cfg.model.dtype, cfg.model.residual) == (4096, "bfloat16", residual)

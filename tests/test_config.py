@@ -118,3 +118,28 @@ def test_mesh_from_slice_and_cross_slice_factors():
   moe.train.batch_size = 12
   with pytest.raises(ConfigError, match="model.n_routed_experts=6: must be divisible by the expert axis"):
     check_fits(moe, FourWayExpertMesh())
+
+
+def test_a_field_declared_only_in_its_dataclass_is_overridable_validated_saved_and_reaches_the_model(
+  tiny_config, tmp_path, monkeypatch
+):
+  import dataclasses
+  import json
+
+  from manifold import config
+  from manifold.model.config import ModelConfig
+  from manifold.schema import POSITIVE, field
+  from manifold.train.loop import train
+
+  @dataclasses.dataclass(frozen=True)
+  class WithProbe(ModelConfig):
+    probe_width: int = field(7, "a field declared nowhere else", POSITIVE)
+
+  monkeypatch.setitem(config.SECTIONS, "model", WithProbe)
+  assert config.base_config().model.probe_width == 7
+  with pytest.raises(ConfigError, match="model.probe_width=0: must be a positive integer"):
+    tiny_config("--config.model.probe_width=0")
+  cfg = tiny_config("--config.model.probe_width=3", "--config.train.steps=2", "--config.train.warmup_steps=1")
+  result = train(cfg, str(tmp_path / "run"), progress=False)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["probe_width"] == 3
+  assert result.spec.merge(result.state.params, result.state.extra).cfg.probe_width == 3

@@ -23,7 +23,7 @@ CHECKPOINT = FIXTURES / "deepseek_v3_tiny"
 
 def imported_model():
   hf, tensors = deepseek_v3.read_hf_checkpoint(str(CHECKPOINT))
-  model_cfg = ModelConfig.from_config({**base_config().model.to_dict(), **deepseek_v3.model_overrides_from_hf(hf)})
+  model_cfg = ModelConfig.from_mapping({**base_config().model.to_dict(), **deepseek_v3.model_overrides_from_hf(hf)})
   params, extra = deepseek_v3.params_from_hf(tensors, model_cfg, rope_interleave=hf["rope_interleave"])
   from manifold.model import Transformer
 
@@ -62,7 +62,7 @@ def test_convert_cli_imports_a_restorable_run_and_exports_it_back_exactly(tmp_pa
   workdir = tmp_path / "run"
   assert main(["convert", "--from-hf", str(CHECKPOINT), "--workdir", str(workdir)]) == 0
   cfg = config_from_json((workdir / "config.json").read_text())
-  spec = make_state_spec(ModelConfig.from_config(cfg.model), make_optimizer(cfg.train), make_mesh(cfg.mesh))
+  spec = make_state_spec(ModelConfig.from_mapping(cfg.model), make_optimizer(cfg.train), make_mesh(cfg.mesh))
   state, _ = Checkpointer(str(workdir), keep=1).restore(0, spec.abstract)
   _, _, params, extra = imported_model()
   for a, b in zip(

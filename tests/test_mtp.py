@@ -48,7 +48,7 @@ def test_logged_mtp_loss_uses_targets_shifted_by_k_plus_1(tiny_config):
   from manifold.train.step import make_train_step
 
   cfg = tiny_config("--config.model.mtp_depth=2", "--config.model.vocab_size=300")
-  model_cfg = ModelConfig.from_config(cfg.model)
+  model_cfg = ModelConfig.from_mapping(cfg.model)
   mesh, tx = make_mesh(cfg.mesh), make_optimizer(cfg.train)
   spec = make_state_spec(model_cfg, tx, mesh)
   state = spec.init(jax.random.key(0))

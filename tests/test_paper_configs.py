@@ -16,7 +16,7 @@ PAPER = {"3b": (2.97e9, 612e6), "9b": (9.18e9, 1.66e9), "27b": (27.0e9, 4.14e9)}
 @pytest.mark.parametrize("residual", ["plain", "hc", "mhc"])
 def test_parameter_counts_within_two_percent_of_the_paper(size, residual):
   cfg = load_config(f"experiments/mhc_paper.py:{size},residual={residual}")
-  counts = count_params(ModelConfig.from_config(cfg.model))
+  counts = count_params(ModelConfig.from_mapping(cfg.model))
   total, active = PAPER[size]
   assert abs(counts["main"] / total - 1) < 0.02, (counts["main"], total)
   assert abs(counts["active_matmul"] / active - 1) < 0.02, (counts["active_matmul"], active)

@@ -19,7 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from manifold.config import ConfigError
+from manifold.config import ConfigError, model_config
 
 # generation -> (libtpu name, TensorCores per chip in slice names, HBM GiB per chip, chip grids by chip count)
 _GRIDS_3D = {
@@ -120,7 +120,6 @@ class CompileReport:
 
 def compile_train_step(cfg, tpu_slice: Slice) -> CompileReport:
   """AOT-compiles `cfg`'s training step (forward, backward, AdamW update) for the slice."""
-  from manifold.model import ModelConfig
   from manifold.parallel import sharding
   from manifold.parallel.mesh import check_fits, make_mesh
   from manifold.train.optimizer import make_optimizer
@@ -129,7 +128,7 @@ def compile_train_step(cfg, tpu_slice: Slice) -> CompileReport:
 
   mesh = make_mesh(cfg.mesh, slice_devices(tpu_slice))
   check_fits(cfg, mesh)
-  model_cfg, tx = ModelConfig.from_config(cfg.model), make_optimizer(cfg.train)
+  model_cfg, tx = model_config(cfg), make_optimizer(cfg.train)
   spec = make_state_spec(model_cfg, tx, mesh)
   step = make_train_step(spec, tx, mesh, jnp.ones(model_cfg.vocab_size, jnp.float32), cfg.train)
   batch = jax.ShapeDtypeStruct(
@@ -158,10 +157,9 @@ def _gib(n: int) -> str:
 def model_flops_per_chip(cfg, chips: int) -> float:
   """Analytic training FLOPs of one step per chip (manifold.model.accounting), for
   comparison with XLA's estimate, which counts a loop body (each microbatch) once."""
-  from manifold.model import ModelConfig
   from manifold.model.accounting import training_flops_per_token
 
-  per_token = training_flops_per_token(ModelConfig.from_config(cfg.model), cfg.train.seq_len)
+  per_token = training_flops_per_token(model_config(cfg), cfg.train.seq_len)
   return per_token * cfg.train.batch_size * cfg.train.seq_len / chips
 
 

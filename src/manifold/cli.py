@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from manifold.config import ConfigError, load_config
+from manifold.config import ConfigError, load_config, model_config
 from manifold.data import DataError
 
 GPU_MEMORY_FRACTION = "0.9"  # of each GPU's memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION)
@@ -147,11 +147,10 @@ def _speculative_text(run, *, prompt: str, max_new_tokens: int) -> tuple[str, in
 
 
 def cmd_params(args, overrides) -> int:
-  from manifold.model import ModelConfig
   from manifold.model.accounting import count_params, training_flops_per_token
 
   cfg = load_config(args.config, overrides)
-  model_cfg = ModelConfig.from_config(cfg.model)
+  model_cfg = model_config(cfg)
   counts = count_params(model_cfg)
   flops = training_flops_per_token(model_cfg, cfg.train.seq_len)
   print(f"total parameters      {counts['total']:>16,}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from manifold.config import ConfigError, validate
+from manifold.config import ConfigError, model_config, validate
 from manifold.model import ModelConfig
 
 
@@ -262,7 +262,7 @@ def import_checkpoint(hf_dir: str, workdir: str, base_cfg) -> int:
   cfg.model.update(model_overrides_from_hf(hf))
   cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
   validate(cfg)
-  model_cfg = ModelConfig.from_config(cfg.model)
+  model_cfg = model_config(cfg)
   params, extra = params_from_hf(tensors, model_cfg, rope_interleave=bool(hf.get("rope_interleave", True)))
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
@@ -296,7 +296,7 @@ def export_checkpoint(workdir: str, out_dir: str) -> int:
   from manifold.train.restore import load_trained
 
   run = load_trained(workdir, data=False)
-  model_cfg = ModelConfig.from_config(run.cfg.model)
+  model_cfg = model_config(run.cfg)
   tensors = params_to_hf(jax.device_get(run.state.params), jax.device_get(run.state.extra), model_cfg)
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, "model.safetensors"))

@@ -1,66 +1,128 @@
-"""The model's hyper-parameters as one frozen dataclass, built from `config.model`."""
+"""The model's hyper-parameters: one frozen dataclass, the schema of `config.model`.
+
+Each field declares its default, its one-line doc and its check; `manifold.config`
+builds the `ConfigDict` that experiments and `--config.model.x=v` overrides use from it,
+and validates a loaded config back into it. Layers receive this object, never the ConfigDict.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
+from kernels.mhc.tiles import parse_tiles
+
+from manifold.schema import (
+  EVEN,
+  NONNEGATIVE,
+  NONNEGATIVE_FLOAT,
+  POSITIVE,
+  POSITIVE_FLOAT,
+  ConfigError,
+  Section,
+  field,
+  one_of,
+  require,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Decoder-only transformer hyper-parameters.
+class ModelConfig(Section):
+  """Decoder-only transformer hyper-parameters (defaults: a small CPU model)."""
 
-  `n_kv_heads < n_heads` gives grouped-query attention; `dtype` is the compute
-  dtype (parameters are always stored in float32).
-  """
+  SECTION = "model"
 
-  vocab_size: int = 320
-  d_model: int = 256
-  n_layers: int = 4
-  n_heads: int = 4
-  n_kv_heads: int = 4
-  head_dim: int = 64
-  d_ff: int = 768
-  max_seq_len: int = 256
-  rope_theta: float = 10_000.0
-  norm_eps: float = 1e-6
-  init_std: float = 0.02
-  dtype: str = "float32"
-  attention_impl: str = "auto"  # auto (cudnn on GPU in 16-bit compute) | cudnn | xla
-  attention: str = "gqa"  # gqa | mla
-  q_lora_rank: int = 0  # mla: query compression rank (0: none)
-  kv_lora_rank: int = 64  # mla: latent rank
-  qk_nope_head_dim: int = 32  # mla
-  qk_rope_head_dim: int = 16  # mla: the shared RoPE key part
-  v_head_dim: int = 32  # mla
-  ffn: str = "dense"  # dense | moe
-  n_routed_experts: int = 8  # moe: E
-  n_shared_experts: int = 1  # moe
-  experts_per_token: int = 2  # moe: K
-  moe_d_ff: int = 128  # moe: width of each (routed and shared) expert
-  n_group: int = 1  # moe: expert groups for group-limited routing (1: off)
-  topk_group: int = 1  # moe: groups each token may route into
-  routed_scaling_factor: float = 1.0  # moe
-  norm_topk_prob: bool = True  # moe: normalise the K gate weights to sum 1 before scaling
-  first_k_dense_replace: int = 0  # moe: the first k blocks keep a dense FFN
-  moe_impl: str = "ragged"  # ragged (sorted grouped matmul) | dense (every expert on every token)
-  grouped_matmul: str = "auto"  # ragged's kernel: auto (fastest measured on the backend) | xla | triton | mosaic_gpu
-  mtp_depth: int = 0  # D multi-token-prediction modules (0: none)
-  residual: str = "plain"  # plain | hc | mhc | mhc_lite
-  streams: int = 4  # n, the residual streams of hc / mhc / mhc_lite
-  mhc_sinkhorn: str = "exp"  # exp (paper) | log (same, log domain) | softmax_eps (DeepSeek-V4)
-  sinkhorn_iters: int = 20  # t_max
-  mhc_alpha_init: float = 0.01  # initial gates alpha of mhc / mhc_lite
-  hc_scale_init: float = 0.01  # initial scales s of HC's dynamic parts
-  kernels: str = "auto"  # mhc stream mixing: auto (pallas on GPU / TPU) | pallas | reference
-  mhc_tiles: str = ""  # the mHC kernels' tiles, e.g. "block_tokens=16,num_stages=2" ("": the backend's defaults)
-  remat: str = "none"  # none | dots (keep matmul outputs) | full (keep only each block's input)
+  vocab_size: int = field(320, ">= the tokenizer's vocabulary; the byte tokenizer has 257 ids", POSITIVE)
+  d_model: int = field(256, "D, the residual width", POSITIVE)
+  n_layers: int = field(4, "transformer blocks", POSITIVE)
+  n_heads: int = field(4, "attention heads", POSITIVE)
+  n_kv_heads: int = field(4, "gqa: key/value heads; < n_heads is grouped-query attention", POSITIVE)
+  head_dim: int = field(64, "gqa: per-head width", EVEN)
+  d_ff: int = field(768, "width of the dense SwiGLU FFN", POSITIVE)
+  max_seq_len: int = field(256, "longest sequence the model is built for", POSITIVE)
+  rope_theta: float = field(10_000.0, "RoPE base", POSITIVE_FLOAT)
+  norm_eps: float = field(1e-6, "RMSNorm epsilon (the mHC paper: 1e-20)", POSITIVE_FLOAT)
+  init_std: float = field(0.02, "standard deviation of the normal initialisers", POSITIVE_FLOAT)
+  dtype: str = field("float32", "compute dtype (parameters stay float32)", one_of("float32", "bfloat16"))
+  attention: str = field("gqa", "gqa | mla (Multi-head Latent Attention)", one_of("gqa", "mla"))
+  attention_impl: str = field(
+    "auto", "auto (cuDNN flash attention on GPU in bf16 / fp16) | cudnn | xla", one_of("auto", "cudnn", "xla")
+  )
+  q_lora_rank: int = field(0, "mla: query compression rank, 0 for none", NONNEGATIVE)
+  kv_lora_rank: int = field(64, "mla: rank of the cached key/value latent", POSITIVE)
+  qk_nope_head_dim: int = field(32, "mla: per-head query/key width without RoPE", POSITIVE)
+  qk_rope_head_dim: int = field(16, "mla: width of the RoPE key part shared by all heads", EVEN)
+  v_head_dim: int = field(32, "mla: per-head value width", POSITIVE)
+  ffn: str = field("dense", "dense | moe (DeepSeekMoE)", one_of("dense", "moe"))
+  n_routed_experts: int = field(8, "moe: E fine-grained routed experts", POSITIVE)
+  n_shared_experts: int = field(1, "moe: always-active experts", NONNEGATIVE)
+  experts_per_token: int = field(2, "moe: K", POSITIVE)
+  moe_d_ff: int = field(128, "moe: width of each (routed and shared) expert", POSITIVE)
+  n_group: int = field(1, "moe: expert groups for group-limited routing (1: off)", POSITIVE)
+  topk_group: int = field(1, "moe: groups a token may route into", POSITIVE)
+  routed_scaling_factor: float = field(1.0, "moe: scale of the normalised gate weights", POSITIVE_FLOAT)
+  norm_topk_prob: bool = field(True, "moe: normalise the K gate weights to sum 1 before scaling")
+  first_k_dense_replace: int = field(0, "moe: the first k blocks keep a dense FFN", NONNEGATIVE)
+  moe_impl: str = field(
+    "ragged", "ragged (tokens sorted by expert, grouped matmul) | dense (every expert on every token: the reference)",
+    one_of("ragged", "dense"),
+  )  # fmt: skip
+  grouped_matmul_impl: str = field(
+    "auto", "ragged's grouped matmul: auto (Pallas on GPU, XLA elsewhere) | xla | triton | mosaic_gpu",
+    one_of("auto", "xla", "triton", "mosaic_gpu"),
+  )  # fmt: skip
+  mtp_depth: int = field(0, "D multi-token-prediction modules (DeepSeek-V3), 0 for none", NONNEGATIVE)
+  residual: str = field(
+    "plain", "plain | hc | mhc | mhc_lite (see manifold/model/residual.py)", one_of("plain", "hc", "mhc", "mhc_lite")
+  )
+  streams: int = field(4, "n residual streams of hc / mhc / mhc_lite", POSITIVE)
+  mhc_sinkhorn: str = field(
+    "exp", "exp (mHC paper) | log (same, in the log domain) | softmax_eps (DeepSeek-V4)",
+    one_of("exp", "log", "softmax_eps"),
+  )  # fmt: skip
+  sinkhorn_iters: int = field(20, "t_max", POSITIVE)
+  mhc_alpha_init: float = field(0.01, "initial gates alpha of mhc / mhc_lite", NONNEGATIVE_FLOAT)
+  hc_scale_init: float = field(0.01, "initial scales of HC's dynamic parts", NONNEGATIVE_FLOAT)
+  mhc_impl: str = field(
+    "auto", "mhc stream mixing: auto (Pallas kernels on GPU / TPU, jnp elsewhere) | pallas | xla",
+    one_of("auto", "pallas", "xla"),
+  )  # fmt: skip
+  mhc_tiles: str = field("", "the mHC kernels' tiles as name=value,...: block_tokens, chunk, num_warps, num_stages")
+  remat: str = field(
+    "none", "what each block keeps for the backward pass: none (all) | dots (matmul outputs) | full",
+    one_of("none", "dots", "full"),
+  )  # fmt: skip
 
-  @classmethod
-  def from_config(cls, model_cfg) -> "ModelConfig":
-    """Builds from a `ConfigDict` (or mapping) whose keys are this class's fields."""
-    return cls(**dict(model_cfg))
+  def check(self) -> None:
+    try:
+      parse_tiles(self.mhc_tiles)
+    except ValueError as e:
+      raise ConfigError(f"model.mhc_tiles={self.mhc_tiles!r}: {e}") from None
+    require(
+      self.n_heads % self.n_kv_heads == 0,
+      f"model.n_kv_heads={self.n_kv_heads}: must divide model.n_heads={self.n_heads}",
+    )
+    require(
+      self.residual != "mhc_lite" or self.streams <= 6,
+      f"model.streams={self.streams}: mhc_lite mixes all n! permutations; use n <= 6 (or model.residual=mhc)",
+    )
+    if self.ffn == "moe":
+      e, k, groups = self.n_routed_experts, self.experts_per_token, self.n_group
+      require(k <= e, f"model.experts_per_token={k}: must be <= model.n_routed_experts={e}")
+      require(
+        e % groups == 0 and (groups == 1 or e // groups >= 2),
+        f"model.n_group={groups}: must divide model.n_routed_experts={e} into groups of >= 2",
+      )
+      require(self.topk_group <= groups, f"model.topk_group={self.topk_group}: must be <= model.n_group={groups}")
+      require(
+        k <= self.topk_group * (e // groups),
+        f"model.experts_per_token={k}: more than the {self.topk_group} allowed groups hold",
+      )
+    require(
+      self.mhc_impl != "pallas" or (self.residual == "mhc" and self.mhc_sinkhorn in ("exp", "softmax_eps")),
+      f"model.mhc_impl='pallas': the kernels fuse residual=mhc with mhc_sinkhorn exp or softmax_eps, not "
+      f"residual={self.residual!r}, mhc_sinkhorn={self.mhc_sinkhorn!r}; use model.mhc_impl=auto or xla",
+    )
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -1,6 +1,6 @@
 """The routed experts' SwiGLU on rows grouped by expert: two grouped matmuls (gate and
 up fused into one, then down) from kernels/grouped_matmul, on the implementation
-`model.grouped_matmul` names, with a backward pass that finishes each layer's weight
+`model.grouped_matmul_impl` names, with a backward pass that finishes each layer's weight
 gradients before handing the input gradient on.
 
 Without that, XLA may schedule the weight-gradient matmuls of every MoE layer at the

@@ -6,7 +6,7 @@ balancing), optionally only within the `topk_group` groups whose two best biased
 sum highest; the chosen experts are *weighted* by their unbiased s, normalised to sum 1
 and scaled by `routed_scaling_factor`. Every token reaches its K experts (no capacity,
 no dropping): tokens are sorted by expert and run through grouped matmuls
-(kernels/grouped_matmul, `model.grouped_matmul`); `moe_impl = dense` runs every expert on every token instead (the
+(kernels/grouped_matmul, `model.grouped_matmul_impl`); `moe_impl = dense` runs every expert on every token instead (the
 reference the tests compare against). Under a mesh the ragged path runs once per device
 on its own tokens, dispatching them to the devices holding their experts when the
 `expert` axis is longer than 1 (`manifold.parallel.expert_parallel`).
@@ -101,7 +101,7 @@ class MoE(nnx.Module):
     if cfg.moe_impl == "ragged":  # under a mesh: per device, not one global sort
       per_device = not jax.sharding.get_abstract_mesh().empty
       routed = functools.partial(
-        expert_parallel.routed_expert_parallel if per_device else routed_ragged, matmul=cfg.grouped_matmul
+        expert_parallel.routed_expert_parallel if per_device else routed_ragged, matmul=cfg.grouped_matmul_impl
       )
     y = routed(x_nd, weights, experts, *(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)))
     y = y.reshape(b, t, d)

@@ -154,12 +154,12 @@ class ManifoldHyperConnection(Connection):
     self.bias = param(rngs, jax.nn.initializers.zeros, (width,), (None,))
     self.streams, self.norm_eps = n, cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
-    self.kernels = cfg.kernels if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "reference"
+    self.kernels = cfg.mhc_impl if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "xla"
     self.tiles = parse_tiles(cfg.mhc_tiles)
 
   def _kernel_implementation(self) -> str | None:
     """triton / tpu / interpret for the platform of the ambient mesh (or default backend), or None."""
-    if self.kernels == "reference":
+    if self.kernels == "xla":
       return None
     mesh = jax.sharding.get_abstract_mesh()
     platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform

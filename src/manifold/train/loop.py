@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from manifold.config import ConfigError, validate
+from manifold.config import ConfigError, model_config, validate
 from manifold.data import Data, eval_batches, load_data, write_manifest
 from manifold.data.loader import BatchIterator
-from manifold.model import ModelConfig
 from manifold.model.accounting import training_flops_per_token
 from manifold.parallel import sharding
 from manifold.parallel.mesh import check_fits, make_mesh
@@ -142,7 +141,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
       tokens={"train": len(data.train), "val": len(data.val)},
     )
 
-  model_cfg = ModelConfig.from_config(cfg.model)
+  model_cfg = model_config(cfg)
   mesh = make_mesh(cfg.mesh)
   check_fits(cfg, mesh)
   tx = make_optimizer(tc)

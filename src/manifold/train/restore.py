@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from manifold.config import ConfigError, config_from_json
+from manifold.config import ConfigError, config_from_json, model_config
 from manifold.data import Data
-from manifold.model import ModelConfig, Transformer
+from manifold.model import Transformer
 from manifold.parallel.mesh import make_mesh
 from manifold.train.checkpoint import Checkpointer
 from manifold.train.loop import load_run_data
@@ -45,7 +45,7 @@ def load_trained(workdir: str, step: int | None = None, *, data: bool = True) ->
     mesh = make_mesh(cfg.mesh)
   except ConfigError:  # trained on another topology: spread the restored state over the devices here
     mesh = make_mesh(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
-  spec = make_state_spec(ModelConfig.from_config(cfg.model), make_optimizer(cfg.train), mesh)
+  spec = make_state_spec(model_config(cfg), make_optimizer(cfg.train), mesh)
   try:
     state, _ = checkpointer.restore(step, spec.abstract)
   except FileNotFoundError:
