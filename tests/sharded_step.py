@@ -22,9 +22,11 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from manifold.config import base_config
 from manifold.model import ModelConfig
+from manifold.parallel import sharding
 from manifold.parallel.mesh import make_mesh
 from manifold.train.optimizer import make_optimizer
 from manifold.train.state import make_state_spec
@@ -75,8 +77,8 @@ def skewed_dispatch(axes: dict, matmul: str) -> dict[str, float]:
   """Expert-parallel routed experts vs the dense reference when every token picks experts
   held by one device (the worst case for the exchange buffers), values and gradients;
   `matmul` names the grouped-matmul implementation."""
-  from manifold.model.moe import routed_dense
-  from manifold.parallel.expert_parallel import routed_expert_parallel
+  from manifold.model.moe.expert_parallel import routed_expert_parallel
+  from manifold.model.moe.experts import routed_dense
 
   mesh = make_mesh(dict(SINGLE, **axes, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
   routed = functools.partial(routed_expert_parallel, matmul=matmul)
@@ -92,7 +94,7 @@ def skewed_dispatch(axes: dict, matmul: str) -> dict[str, float]:
   def loss(routed, x, w_gate, w_up, w_down):
     return jnp.sum(jnp.sin(routed(x, weights, experts, w_gate, w_up, w_down)))
 
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.AXIS_RULES):
     ep = jax.jit(jax.value_and_grad(lambda *a: loss(routed, *a), argnums=(0, 1, 2, 3)))
     value, grads = ep(x, w_gate, w_up, w_down)
   ref_value, ref_grads = jax.value_and_grad(lambda *a: loss(routed_dense, *a), argnums=(0, 1, 2, 3))(
@@ -125,7 +127,7 @@ def ragged_exchange_sums_over_expert() -> int:
   """How many gradient sums over the `expert` axis the ragged_all_to_all exchange adds
   (traced only: XLA:CPU cannot run it). Each device's received rows are its own, so
   there must be none; the weights' gradients are summed over data and fsdp only."""
-  from manifold.parallel.expert_parallel import routed_expert_parallel
+  from manifold.model.moe.expert_parallel import routed_expert_parallel
 
   mesh = make_mesh(dict(SINGLE, data=2, expert=4, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
   keys = jax.random.split(jax.random.key(3), 4)
@@ -136,7 +138,7 @@ def ragged_exchange_sums_over_expert() -> int:
   w_down = jnp.swapaxes(w_gate, 1, 2)
 
   def loss(x, w_gate, w_up, w_down):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(sharding.AXIS_RULES):
       y = routed_expert_parallel(x, weights, experts, w_gate, w_up, w_down, exchange="ragged_all_to_all")
     return jnp.sum(jnp.sin(y))
 

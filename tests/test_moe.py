@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from manifold.model import ModelConfig, Transformer
-from manifold.model.grouped_ffn import routed_ragged
-from manifold.model.moe import MoE, route, routed_dense, sequence_balance_loss
+from manifold.model.moe import MoE, route, sequence_balance_loss, updated_bias
+from manifold.model.moe.experts import routed_dense, routed_ragged
 
 CFG = ModelConfig(
   vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, d_ff=64, max_seq_len=16,
@@ -62,9 +62,9 @@ def test_bias_update_moves_a_skewed_load_toward_uniform():
   spreads = []
   for _ in range(300):
     _, aux = moe(x)
-    spreads.append(float(jnp.std(aux["load"])))
-    moe.update_bias(aux["load"], rate=0.01)
-  assert float(moe(x)[1]["load"][0]) < 64  # expert 0 no longer takes every token
+    spreads.append(float(jnp.std(aux.load)))
+    moe.bias[...] = updated_bias(moe.bias[...], aux.load, rate=0.01)
+  assert float(moe(x)[1].load[0]) < 64  # expert 0 no longer takes every token
   assert np.mean(spreads[-50:]) < 0.5 * spreads[0], (spreads[0], spreads[-50:])
   assert float(moe.bias[...][0]) < 0  # the overloaded expert was pushed down
 
@@ -115,8 +115,8 @@ def test_first_k_dense_replace_keeps_dense_ffn_in_the_first_blocks():
   model = Transformer(dataclasses.replace(CFG, first_k_dense_replace=1), rngs=nnx.Rngs(params=0))
   assert [b.moe for b in model.blocks] == [False, True]
   _, _, aux = model.forward_with_aux(jax.random.randint(jax.random.key(4), (2, 8), 0, 61))
-  assert aux["expert_load"].shape == (1, 8)
-  assert float(aux["expert_load"].sum()) == 2 * 8 * 3  # dropless: every token reaches its K experts
+  assert aux.expert_load.shape == (1, 8)
+  assert float(aux.expert_load.sum()) == 2 * 8 * 3  # dropless: every token reaches its K experts
 
 
 def test_training_updates_router_biases_outside_the_gradient_and_checkpoints_them(tiny_config, tmp_path):

@@ -10,7 +10,6 @@ import numpy as np
 from flax import nnx
 
 from manifold.model import ModelConfig, Transformer
-from manifold.model.mtp import mtp_logits
 
 CFG = ModelConfig(
   vocab_size=53, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=16, mtp_depth=2
@@ -23,7 +22,7 @@ def tokens(seed=1, length=12):
 
 def depth_logits(model, x):
   _, _, aux = model.forward_with_aux(x)
-  return mtp_logits(model, aux["hidden"], x)
+  return model.mtp_logits(aux.hidden, x)
 
 
 def test_depth_k_at_position_i_sees_tokens_up_to_i_plus_k_only():

@@ -195,7 +195,7 @@ def test_kv_cache_decoding_equals_full_forward_with_streams(kind):
 def test_mhc_layers_emit_doubly_stochastic_mixing(kind, sinkhorn):
   model = Transformer(config(residual=kind, mhc_sinkhorn=sinkhorn, mhc_alpha_init=1.0), rngs=nnx.Rngs(params=0))
   _, _, aux = model.forward_with_aux(tokens())
-  h_res = aux["h_res"]
+  h_res = aux.h_res
   assert h_res.shape == (4, 2, 16, 4, 4)
   assert float(doubly_stochastic_deviation(h_res).max()) < 1e-3
 

@@ -41,7 +41,7 @@ def test_one_step_on_several_meshes_equals_one_device():
 
 def test_expert_exchange_is_ragged_only_on_tpu():
   """XLA:CPU lacks `ragged_all_to_all` and XLA:GPU's hung in a training step: both pad."""
-  from manifold.parallel.expert_parallel import default_exchange
+  from manifold.model.moe.expert_parallel import default_exchange
 
   for platform, want in [("tpu", "ragged_all_to_all"), ("gpu", "all_to_all"), ("cpu", "all_to_all")]:
     mesh = types.SimpleNamespace(abstract_device=types.SimpleNamespace(platform=platform))

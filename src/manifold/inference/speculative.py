@@ -18,13 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from manifold.model import Transformer
-from manifold.model.mtp import mtp_depth_step
 
 
 def _mtp_draft(model, hidden_btd, next_tokens_bt, cache, index):
   """The depth-1 module on (h_i, Emb(t_{i+1})): draft logits [B, T, V] and its cache."""
   positions = index + jnp.broadcast_to(jnp.arange(next_tokens_bt.shape[1]), next_tokens_bt.shape)
-  logits, _, cache = mtp_depth_step(model, 1, hidden_btd, next_tokens_bt, positions, cache, index)
+  logits, _, cache = model.mtp_step(1, hidden_btd, next_tokens_bt, positions, cache, index)
   return logits, cache
 
 
@@ -36,7 +35,7 @@ def _prefill(graphdef, state, prompt_bp, max_len):
   logits, cache, aux = model.forward_with_aux(prompt_bp, cache, 0)
   next_token = jnp.argmax(logits[:, -1], axis=-1)  # [B]
   shifted = jnp.concatenate([prompt_bp[:, 1:], next_token[:, None]], axis=1)  # t_{i+1} for every prompt position
-  draft_logits, mtp_cache = _mtp_draft(model, aux["hidden"], shifted, mtp_cache, 0)
+  draft_logits, mtp_cache = _mtp_draft(model, aux.hidden, shifted, mtp_cache, 0)
   return next_token, jnp.argmax(draft_logits[:, -1], axis=-1), cache, mtp_cache
 
 
@@ -51,7 +50,7 @@ def _verify(graphdef, state, cache, mtp_cache, index, next_token, draft):
   following = jnp.where(accepted, after_draft, after_next)
   # the MTP inputs at index, index + 1: (h, the kept token after it); a rejection uses only the first
   mtp_tokens = jnp.stack([jnp.where(accepted, draft, after_next), after_draft], axis=1)
-  draft_logits, mtp_cache = _mtp_draft(model, aux["hidden"], mtp_tokens, mtp_cache, index)
+  draft_logits, mtp_cache = _mtp_draft(model, aux.hidden, mtp_tokens, mtp_cache, index)
   new_draft = jnp.where(accepted, jnp.argmax(draft_logits[:, 1], -1), jnp.argmax(draft_logits[:, 0], -1))
   return accepted, following, new_draft, cache, mtp_cache
 

@@ -124,6 +124,15 @@ class ModelConfig(Section):
       f"residual={self.residual!r}, mhc_sinkhorn={self.mhc_sinkhorn!r}; use model.mhc_impl=auto or xla",
     )
 
+  def is_moe_block(self, index: int) -> bool:
+    """Whether block `index` has a routed MoE FFN (the first `first_k_dense_replace` stay dense)."""
+    return self.ffn == "moe" and index >= self.first_k_dense_replace
+
+  @property
+  def moe_blocks(self) -> list[int]:
+    """The indices of the MoE blocks, in depth order (the rows of ModelAux.expert_load)."""
+    return [i for i in range(self.n_layers) if self.is_moe_block(i)]
+
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)

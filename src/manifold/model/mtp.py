@@ -5,14 +5,14 @@ projection M_k [2D, D], runs one transformer block on the result, and predicts t
 its own final norm and the model's shared output head; the embedding is shared too.
 h^0 is the main model's last hidden state (after the stream collapse, before the final
 norm). Each depth sees one position fewer: depth k covers positions 0 .. T-k-1.
-The MTP blocks use the plain residual and a dense FFN.
+The MTP blocks use the plain residual and a dense FFN. `Transformer.mtp_logits` runs the
+depths in training, `Transformer.mtp_step` one depth (speculative decoding drafts with it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -37,23 +37,3 @@ class MTPModule(nnx.Module):
     x = jnp.einsum("bte,ed->btd", x, self.proj[...].astype(self.dtype))  # [B, T, D]
     x, cache, _ = self.block(x, positions_bt, cache, cache_index)
     return x, cache
-
-
-def mtp_depth_step(model, depth: int, hidden_btd, next_tokens_bt, positions_bt, cache=None, cache_index=0):
-  """Module `depth` (1-based) on (h^{k-1}_i, t_{i+k}): (logits [B, T, V] float32, h^k, cache)."""
-  module, dt = model.mtp[depth - 1], model.cfg.compute_dtype
-  h, cache = module(hidden_btd, model.embed(next_tokens_bt, dt), positions_bt, cache, cache_index)
-  logits = jnp.einsum("btd,dv->btv", module.final_norm(h), model.head[...].astype(dt))
-  return logits.astype(jnp.float32), h, cache
-
-
-def mtp_logits(model, hidden_btd: jax.Array, tokens_bt: jax.Array) -> list[jax.Array]:
-  """Training-time MTP: for depth k = 1..D, logits [B, T-k, V] at positions i < T-k
-  predicting t_{i+k+1}, from the main hidden states and the input tokens [B, T]."""
-  batch, length = tokens_bt.shape
-  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-  h, out = hidden_btd, []
-  for k in range(1, len(model.mtp) + 1):
-    logits, h, _ = mtp_depth_step(model, k, h[:, : length - k], tokens_bt[:, k:], positions[:, : length - k])
-    out.append(logits)  # [B, T - k, V]
-  return out

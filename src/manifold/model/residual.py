@@ -26,8 +26,8 @@ from kernels.mhc.tiles import parse_tiles
 
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
+from manifold.model.partitioning import batch_axes, batch_ways
 from manifold.model.sinkhorn import SINKHORN, SINKHORN_EPS, birkhoff_combination, permutation_matrices
-from manifold.parallel.sharding import BATCH_AXES
 
 
 class Mixing(NamedTuple):
@@ -54,13 +54,13 @@ def pre_mix(x_btnd: jax.Array, pre_btn: jax.Array) -> jax.Array:
 def _per_shard(fn, token_args: int, token_outs: int):
   """Runs a Pallas call once per device on its own tokens under the ambient mesh (token
   arrays [N, ...] split over the batch axes, weights whole); unchanged without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:
+  if batch_ways() == 1:
     return fn
+  mesh, tokens = jax.sharding.get_abstract_mesh(), P(batch_axes())
 
   def call(*args):
-    specs = tuple(P(BATCH_AXES) if i < token_args else P() for i in range(len(args)))
-    out = (P(BATCH_AXES),) * token_outs
+    specs = tuple(tokens if i < token_args else P() for i in range(len(args)))
+    out = (tokens,) * token_outs
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out if token_outs > 1 else out[0], check_vma=False)(
       *args
     )

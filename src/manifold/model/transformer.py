@@ -7,7 +7,9 @@ final collapse, and each sub-block is wrapped by its own connection (see residua
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,20 +21,15 @@ from manifold.model.config import ModelConfig
 from manifold.model.ffn import SwiGLU
 from manifold.model.layers import Embed, RMSNorm, normal, param
 from manifold.model.mla import MultiHeadLatentAttention
-from manifold.model.moe import MoE
+from manifold.model.moe import MoE, MoEAux, updated_bias
 from manifold.model.mtp import MTPModule
-from manifold.parallel.sharding import constrain
+from manifold.model.partitioning import shard_batch
 
 # model.remat -> what a block keeps for the backward pass (None: everything)
 REMAT_POLICIES = {
   "dots": jax.checkpoint_policies.dots_saveable,  # matmul outputs; the rest is recomputed
   "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
 }
-
-
-def _batch_sharded(x: jax.Array) -> jax.Array:
-  """Pins a [B, ...] activation to the batch axes of the ambient mesh (block boundaries)."""
-  return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def _read_normed(connection, norm: RMSNorm, x_btnd: jax.Array) -> tuple[jax.Array, residual.Mixing]:
@@ -46,7 +43,23 @@ def _read_normed(connection, norm: RMSNorm, x_btnd: jax.Array) -> tuple[jax.Arra
 _read_normed_recomputed = nnx.remat(_read_normed)
 
 
-def _train_block(block: "Block", x: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, dict]:
+class BlockAux(NamedTuple):
+  """What one block reports besides its output; None where its parts do not exist."""
+
+  h_res: jax.Array | None  # [2, B, T, n, n] the attention and FFN sub-blocks' H_res (streams only)
+  moe: MoEAux | None  # the MoE layer's load [E] and balance loss (MoE blocks only)
+
+
+class ModelAux(NamedTuple):
+  """What `Transformer.forward_with_aux` reports besides the logits."""
+
+  hidden: jax.Array  # [B, T, D] the last hidden state before the final norm (MTP's h^0)
+  h_res: jax.Array | None  # [2 L, B, T, n, n] (layer 2i: block i's attention, 2i + 1 its FFN); streams only
+  expert_load: jax.Array | None  # [L_moe, E] per MoE layer in depth order; MoE only
+  balance_loss: jax.Array | None  # [] summed over the MoE layers; MoE only
+
+
+def _train_block(block: "Block", x: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, BlockAux]:
   x, _, aux = block(x, positions_bt)
   return x, aux
 
@@ -60,43 +73,34 @@ class Block(nnx.Module):
     attention = MultiHeadLatentAttention if cfg.attention == "mla" else Attention
     self.attn = attention(cfg, out_std=out_std, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-    self.moe = cfg.ffn == "moe" and index >= cfg.first_k_dense_replace
+    self.moe = cfg.is_moe_block(index)
     self.ffn = (
       MoE(cfg, out_std=out_std, rngs=rngs) if self.moe else SwiGLU(cfg, d_ff=cfg.d_ff, out_std=out_std, rngs=rngs)
     )
     self.streams = cfg.residual != "plain"
-    if self.streams:
-      self.attn_connection = residual.make_connection(cfg, layer_index=2 * index, rngs=rngs)
-      self.ffn_connection = residual.make_connection(cfg, layer_index=2 * index + 1, rngs=rngs)
+    connection = functools.partial(residual.make_connection, cfg, rngs=rngs)
+    self.attn_connection = connection(layer_index=2 * index) if self.streams else None
+    self.ffn_connection = connection(layer_index=2 * index + 1) if self.streams else None
 
-  def _ffn(self, x_btd, aux):
-    if not self.moe:
-      return self.ffn(x_btd)
-    y, moe_aux = self.ffn(x_btd)
-    aux.update(moe_aux)
-    return y
+  def _ffn(self, x_btd: jax.Array) -> tuple[jax.Array, MoEAux | None]:
+    return self.ffn(x_btd) if self.moe else (self.ffn(x_btd), None)
 
-  def __call__(self, x, positions_bt, cache=None, cache_index=0):
-    """x: [B, T, D] (plain) or [B, T, n, D] (streams).
-
-    Returns (x in the same shape, the cache, aux): aux holds the two sub-blocks' H_res
-    [2, B, T, n, n] with streams, and the MoE's "load" [E] and "balance_loss" with MoE.
-    """
-    aux = {}
+  def __call__(self, x, positions_bt, cache=None, cache_index=0) -> tuple[jax.Array, KVCache | None, BlockAux]:
+    """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux)."""
     if not self.streams:
       attn_out, cache = self.attn(self.attn_norm(x), positions_bt, cache, cache_index)
       x = x + attn_out  # [B, T, D]
-      return x + self._ffn(self.ffn_norm(x), aux), cache, aux
+      ffn_out, moe_aux = self._ffn(self.ffn_norm(x))
+      return x + ffn_out, cache, BlockAux(None, moe_aux)
 
     read = _read_normed_recomputed if cache is None else _read_normed
     attn_in, attn_mixing = read(self.attn_connection, self.attn_norm, x)  # [B, T, D]
     attn_out, cache = self.attn(attn_in, positions_bt, cache, cache_index)
     x = residual.res_post_mix(x, attn_out, attn_mixing)  # [B, T, n, D]
     ffn_in, ffn_mixing = read(self.ffn_connection, self.ffn_norm, x)
-    ffn_out = self._ffn(ffn_in, aux)  # [B, T, D]
+    ffn_out, moe_aux = self._ffn(ffn_in)  # [B, T, D]
     x = residual.res_post_mix(x, ffn_out, ffn_mixing)  # [B, T, n, D]
-    aux["h_res"] = jnp.stack([attn_mixing.res, ffn_mixing.res])
-    return x, cache, aux
+    return x, cache, BlockAux(jnp.stack([attn_mixing.res, ffn_mixing.res]), moe_aux)
 
 
 class Transformer(nnx.Module):
@@ -106,11 +110,10 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs)
     self.blocks = nnx.List([Block(cfg, index=i, rngs=rngs) for i in range(cfg.n_layers)])
-    if cfg.residual in ("mhc", "mhc_lite"):
-      self.stream_head = residual.StreamHead(cfg, rngs=rngs)
+    learned_collapse = cfg.residual in ("mhc", "mhc_lite")
+    self.stream_head = residual.StreamHead(cfg, rngs=rngs) if learned_collapse else None
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-    if cfg.mtp_depth:
-      self.mtp = nnx.List([MTPModule(cfg, depth=k, block_cls=Block, rngs=rngs) for k in range(1, cfg.mtp_depth + 1)])
+    self.mtp = nnx.List([MTPModule(cfg, depth=k, block_cls=Block, rngs=rngs) for k in range(1, cfg.mtp_depth + 1)])
     self.head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
@@ -136,22 +139,17 @@ class Transformer(nnx.Module):
     tokens_bt: jax.Array,
     cache: list[KVCache] | None = None,
     cache_index: jax.Array | int = 0,
-  ) -> tuple[jax.Array, list[KVCache] | None, dict[str, jax.Array]]:
-    """`__call__` that also returns what the blocks report:
-
-    "h_res" [2 L, B, T, n, n] with streams (layer 2i: block i's attention, 2i + 1 its FFN);
-    "expert_load" [L_moe, E] and "balance_loss" (summed over MoE layers) with MoE;
-    "hidden" [B, T, D], the last hidden state before the final norm.
-    """
+  ) -> tuple[jax.Array, list[KVCache] | None, ModelAux]:
+    """`__call__` that also returns what the blocks report (ModelAux)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     batch, length = tokens_bt.shape
     positions_bt = jnp.broadcast_to(cache_index + jnp.arange(length), (batch, length))  # [B, T]
     x = self.embed(tokens_bt, dt)  # [B, T, D]
     if cfg.residual != "plain":
       x = residual.widen(x, cfg.streams)  # [B, T, n, D], once
-    x = _batch_sharded(x)
+    x = shard_batch(x)
     new_cache = [] if cache is not None else None
-    block_aux = []
+    block_aux: list[BlockAux] = []
     train_block = _train_block
     if cfg.remat != "none":
       train_block = nnx.remat(_train_block, policy=REMAT_POLICIES[cfg.remat])
@@ -161,20 +159,44 @@ class Transformer(nnx.Module):
       else:
         x, layer_cache, aux = block(x, positions_bt, cache[i], cache_index)
         new_cache.append(layer_cache)
-      x = _batch_sharded(x)
+      x = shard_batch(x)
       block_aux.append(aux)
     if cfg.residual != "plain":
-      x = residual.collapse(x, getattr(self, "stream_head", None))  # [B, T, D], once
-    aux = {"hidden": x}  # [B, T, D], before the final norm (MTP's h^0)
+      x = residual.collapse(x, self.stream_head)  # [B, T, D], once
     logits = jnp.einsum("btd,dv->btv", self.final_norm(x), self.head[...].astype(dt))  # [B, T, V]
-    if cfg.residual != "plain":
-      aux["h_res"] = jnp.concatenate([a["h_res"] for a in block_aux])  # [2 L, B, T, n, n]
-    moe_aux = [a for a in block_aux if "load" in a]
-    if moe_aux:
-      aux["expert_load"] = jnp.stack([a["load"] for a in moe_aux])  # [L_moe, E]
-      aux["balance_loss"] = sum(a["balance_loss"] for a in moe_aux)
+    moe_aux = [a.moe for a in block_aux if a.moe is not None]
+    aux = ModelAux(
+      hidden=x,
+      h_res=jnp.concatenate([a.h_res for a in block_aux]) if cfg.residual != "plain" else None,
+      expert_load=jnp.stack([a.load for a in moe_aux]) if moe_aux else None,
+      balance_loss=sum(a.balance_loss for a in moe_aux) if moe_aux else None,
+    )
     return logits.astype(jnp.float32), new_cache, aux
 
-  def moe_layers(self) -> list[MoE]:
-    """The MoE sub-blocks in depth order (the rows of aux["expert_load"])."""
-    return [block.ffn for block in self.blocks if block.moe]
+  def mtp_step(self, depth: int, hidden_btd, next_tokens_bt, positions_bt, cache=None, cache_index=0):
+    """MTP module `depth` (1-based) on (h^{k-1}_i, t_{i+k}): (logits [B, T, V] float32, h^k, cache)."""
+    module, dt = self.mtp[depth - 1], self.cfg.compute_dtype
+    h, cache = module(hidden_btd, self.embed(next_tokens_bt, dt), positions_bt, cache, cache_index)
+    logits = jnp.einsum("btd,dv->btv", module.final_norm(h), self.head[...].astype(dt))
+    return logits.astype(jnp.float32), h, cache
+
+  def mtp_logits(self, hidden_btd: jax.Array, tokens_bt: jax.Array) -> list[jax.Array]:
+    """Training-time MTP: for depth k = 1..D, logits [B, T-k, V] at positions i < T-k
+    predicting t_{i+k+1}, from the main hidden states [B, T, D] and the input tokens [B, T]."""
+    batch, length = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    h, out = hidden_btd, []
+    for k in range(1, len(self.mtp) + 1):
+      logits, h, _ = self.mtp_step(k, h[:, : length - k], tokens_bt[:, k:], positions[:, : length - k])
+      out.append(logits)  # [B, T - k, V]
+    return out
+
+
+def updated_router_biases(extra: dict, expert_load: jax.Array, cfg: ModelConfig, rate: float) -> dict:
+  """The model's non-trained state (`nnx.to_pure_dict` of everything but Params) with each
+  MoE layer's router bias moved by `updated_bias`; expert_load [L_moe, E] in depth order."""
+  blocks = dict(extra["blocks"])
+  for load, i in zip(expert_load, cfg.moe_blocks, strict=True):
+    ffn = blocks[i]["ffn"]
+    blocks[i] = {**blocks[i], "ffn": {**ffn, "bias": updated_bias(ffn["bias"], load, rate)}}
+  return {**extra, "blocks": blocks}

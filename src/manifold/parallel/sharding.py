@@ -1,16 +1,17 @@
 """Logical axis names -> mesh axes: the one table of rules, and the helpers that apply it.
 
 Parameters carry logical names in their `out_sharding` metadata (see
-`manifold.model.layers.param`); activations are pinned with `constrain` at block
-boundaries. A dimension whose size the mesh axes do not divide is replicated
+`manifold.model.layers.param`); the model pins activations to the batch axes at block
+boundaries, reading them from the rules that `jit_on_mesh` installs while a step is traced. A dimension whose size the mesh axes do not divide is replicated
 instead, so small models run on any mesh. The batch is split over every axis but
 `tensor`: `expert` doubles as a data axis outside the routed experts.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
@@ -31,6 +32,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
   "norm": None,
 }
 BATCH_AXES: tuple[str, ...] = LOGICAL_RULES["batch"]  # the mesh axes a batch (and its tokens) split over
+AXIS_RULES = tuple(LOGICAL_RULES.items())  # the same, as flax's logical-axis rules (read by the model while traced)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -80,3 +82,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def jit_on_mesh(fn: Callable, mesh: Mesh, *, in_shardings, out_shardings, donate_argnums=()) -> Callable:
+  """`jax.jit(fn)` with these shardings, traced under `mesh` (abstractly: `jax.sharding.get_abstract_mesh`
+  answers inside) and the logical-axis rules, so layers can pin activations and map over devices."""
+
+  @functools.wraps(fn)
+  def on_mesh(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(AXIS_RULES):
+      return fn(*args)
+
+  return jax.jit(on_mesh, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)

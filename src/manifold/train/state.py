@@ -31,6 +31,7 @@ class TrainState:
 class StateSpec:
   """How to build, shard and interpret a TrainState for one model and mesh."""
 
+  model_cfg: ModelConfig
   graphdef: nnx.GraphDef
   abstract: TrainState  # ShapeDtypeStructs
   shardings: TrainState  # NamedShardings
@@ -70,4 +71,4 @@ def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
   shardings = TrainState(step=replicated, params=param_shardings, extra=extra_shardings, opt_state=opt_shardings)
   init_jit = jax.jit(init, out_shardings=shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings, init=init_jit)
+  return StateSpec(model_cfg=model_cfg, graphdef=graphdef, abstract=abstract, shardings=shardings, init=init_jit)

@@ -7,11 +7,10 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
 from manifold.model import diagnostics
-from manifold.model.mtp import mtp_logits
+from manifold.model.transformer import updated_router_biases
 from manifold.parallel import sharding
 from manifold.train.state import StateSpec, TrainState
 
@@ -33,19 +32,21 @@ def make_train_step(spec: StateSpec, tx: optax.GradientTransformation, mesh: Mes
   M equal slices' gradients (accumulated in float32), the same as one pass over B.
   """
   microbatches = train_cfg.microbatches
+  model_cfg = spec.model_cfg
 
   def loss_fn(params, extra, batch):
     model = spec.merge(params, extra)
     logits, _, aux = model.forward_with_aux(batch[:, :-1])  # [B, T, V]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])  # [B, T]
-    objective = losses.mean() + train_cfg.balance_loss_weight * aux.get("balance_loss", 0.0)
+    objective = losses.mean()
     stats = {"nats": losses.sum()}
-    if "expert_load" in aux:
-      stats.update(expert_load=aux["expert_load"], balance_loss=aux["balance_loss"])
-    if model.cfg.mtp_depth:  # depth k at position i predicts t_{i+k+1}
+    if aux.expert_load is not None:
+      objective = objective + train_cfg.balance_loss_weight * aux.balance_loss
+      stats.update(expert_load=aux.expert_load, balance_loss=aux.balance_loss)
+    if model_cfg.mtp_depth:  # depth k at position i predicts t_{i+k+1}
       depth_losses = [
         optax.softmax_cross_entropy_with_integer_labels(depth_logits, batch[:, k + 1 :]).mean()
-        for k, depth_logits in enumerate(mtp_logits(model, aux["hidden"], batch[:, :-1]), start=1)
+        for k, depth_logits in enumerate(model.mtp_logits(aux.hidden, batch[:, :-1]), start=1)
       ]
       stats["mtp_loss"] = sum(depth_losses) / len(depth_losses)
       objective = objective + train_cfg.mtp_weight * stats["mtp_loss"]
@@ -73,11 +74,10 @@ def make_train_step(spec: StateSpec, tx: optax.GradientTransformation, mesh: Mes
     return mean(grads), {**stats, **averaged}
 
   def train_step(state: TrainState, batch: jax.Array):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      if microbatches == 1:
-        grads, stats = grad_fn(state.params, state.extra, batch)
-      else:
-        grads, stats = accumulated_grads(state.params, state.extra, batch)
+    if microbatches == 1:
+      grads, stats = grad_fn(state.params, state.extra, batch)
+    else:
+      grads, stats = accumulated_grads(state.params, state.extra, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -90,61 +90,62 @@ def make_train_step(spec: StateSpec, tx: optax.GradientTransformation, mesh: Mes
       metrics["mtp_loss"] = stats["mtp_loss"]
     extra = state.extra
     if "expert_load" in stats:
-      model = spec.merge(params, state.extra)
-      for moe, load in zip(model.moe_layers(), stats["expert_load"]):
-        moe.update_bias(load, train_cfg.router_bias_rate)
-      extra = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
-      load_stats = diagnostics.expert_load_stats(stats["expert_load"])
-      biases = jnp.stack([moe.bias[...] for moe in model.moe_layers()])  # [L_moe, E]
-      metrics.update(
-        {
-          "moe/balance_loss": stats["balance_loss"],
-          "moe/load_max_over_mean": jnp.max(load_stats["load_max_over_mean_per_layer"]),
-          "moe/load_cv": jnp.mean(load_stats["load_cv_per_layer"]),
-          "moe/bias_abs_max": jnp.max(jnp.abs(biases)),
-          "moe/bias_std": jnp.mean(jnp.std(biases, axis=-1)),
-          **{f"moe/{k}": v for k, v in load_stats.items()},
-        }
-      )
+      extra = updated_router_biases(extra, stats["expert_load"], model_cfg, train_cfg.router_bias_rate)
+      metrics.update(_moe_metrics(stats["expert_load"], stats["balance_loss"], extra, model_cfg))
     return state.replace(step=state.step + 1, params=params, extra=extra, opt_state=opt_state), metrics
 
-  return jax.jit(
+  return sharding.jit_on_mesh(
     train_step,
+    mesh,
     in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
     out_shardings=(spec.shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
 
 
+def _moe_metrics(expert_load, balance_loss, extra, model_cfg) -> dict[str, jax.Array]:
+  """Balance of the load [L_moe, E] and the router biases after their update."""
+  load_stats = diagnostics.expert_load_stats(expert_load)
+  biases = jnp.stack([extra["blocks"][i]["ffn"]["bias"] for i in model_cfg.moe_blocks])  # [L_moe, E]
+  return {
+    "moe/balance_loss": balance_loss,
+    "moe/load_max_over_mean": jnp.max(load_stats["load_max_over_mean_per_layer"]),
+    "moe/load_cv": jnp.mean(load_stats["load_cv_per_layer"]),
+    "moe/bias_abs_max": jnp.max(jnp.abs(biases)),
+    "moe/bias_std": jnp.mean(jnp.std(biases, axis=-1)),
+    **{f"moe/{k}": v for k, v in load_stats.items()},
+  }
+
+
 def make_eval_step(spec: StateSpec, mesh: Mesh, token_bytes: jax.Array):
   """`(params, extra, batch [B, T+1]) -> {nats, bytes, tokens}` sums for one batch."""
 
   def eval_step(params, extra, batch):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      losses = token_losses(spec, params, extra, batch)
+    losses = token_losses(spec, params, extra, batch)
     return {
       "nats": losses.sum(),
       "bytes": token_bytes[batch[:, 1:]].sum(),
       "tokens": jnp.array(losses.size, jnp.float32),
     }
 
-  return jax.jit(
-    eval_step,
-    in_shardings=(spec.shardings.params, spec.shardings.extra, sharding.batch_sharding(mesh)),
-    out_shardings=sharding.replicated(mesh),
-  )
+  return _on_batches(eval_step, spec, mesh)
 
 
 def make_residual_stats_step(spec: StateSpec, mesh: Mesh):
   """`(params, extra, batch [B, T+1]) -> mixing_stats` of the residual streams' H_res."""
 
   def residual_stats(params, extra, batch):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      _, _, aux = spec.merge(params, extra).forward_with_aux(batch[:, :-1])
-    return diagnostics.mixing_stats(aux["h_res"])
+    _, _, aux = spec.merge(params, extra).forward_with_aux(batch[:, :-1])
+    return diagnostics.mixing_stats(aux.h_res)
 
-  return jax.jit(
-    residual_stats,
+  return _on_batches(residual_stats, spec, mesh)
+
+
+def _on_batches(fn, spec: StateSpec, mesh: Mesh):
+  """`fn(params, extra, batch)` jitted over the mesh, its outputs replicated."""
+  return sharding.jit_on_mesh(
+    fn,
+    mesh,
     in_shardings=(spec.shardings.params, spec.shardings.extra, sharding.batch_sharding(mesh)),
     out_shardings=sharding.replicated(mesh),
   )

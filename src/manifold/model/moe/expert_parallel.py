@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from manifold.model.grouped_ffn import (
+from manifold.model.moe.experts import (
   dispatch_rows,
   grouped_swiglu,
   inverse_permutation,
@@ -33,7 +33,7 @@ from manifold.model.grouped_ffn import (
   sort_by_expert,
   weighted_sum,
 )
-from manifold.parallel.sharding import BATCH_AXES
+from manifold.model.partitioning import batch_axes
 
 
 def default_exchange(mesh) -> str:
@@ -50,7 +50,7 @@ def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
 def _per_device_zeros(shape, dtype) -> jax.Array:
   """The output buffer of a `ragged_all_to_all`, typed as differing per device: its rows
   are each device's own, so their gradients must not be summed over the mesh."""
-  return jax.lax.pcast(jnp.zeros(shape, dtype), BATCH_AXES, to="varying")
+  return jax.lax.pcast(jnp.zeros(shape, dtype), batch_axes(), to="varying")
 
 
 def _dispatch(xs, send, offsets, recv, cap, exchange):
@@ -133,7 +133,7 @@ def routed_expert_parallel(
   body = functools.partial(
     _local_routed, exchange=exchange or default_exchange(mesh), tensor_split=tensor_split, matmul=matmul
   )
-  tokens = P(BATCH_AXES, None)
+  tokens = P(batch_axes(), None)
   return jax.shard_map(
     body,
     mesh=mesh,

@@ -9,6 +9,9 @@ end of the backward pass (they feed nothing but the gradient sum), keeping each 
 parallelism's worst-case buffers that is gigabytes per layer (a 27B model on v5p:
 about 4 GiB per layer per chip). An optimization barrier over (input gradient, weight
 gradients) ties them together.
+
+`routed_ragged` sorts (token, slot) pairs by expert and runs them through that SwiGLU;
+`routed_dense` runs every expert on every token: the reference the tests hold it to.
 """
 
 from __future__ import annotations
@@ -126,3 +129,12 @@ def weighted_sum(pairs_nkd: jax.Array, weights_nk: jax.Array) -> jax.Array:
   backward pass keeps no float32 copy of the pairs), their sum in float32."""
   products = pairs_nkd * weights_nk.astype(pairs_nkd.dtype)[..., None]
   return jnp.sum(products, axis=1, dtype=jnp.float32).astype(pairs_nkd.dtype)
+
+
+def routed_dense(x_nd, weights_nk, experts_nk, w_gate, w_up, w_down):
+  """The reference: every expert on every token, combined with the (mostly zero) gate weights."""
+  num_experts = w_gate.shape[0]
+  combine = jnp.einsum("nk,nke->ne", weights_nk, jax.nn.one_hot(experts_nk, num_experts, dtype=weights_nk.dtype))
+  hidden = jax.nn.silu(jnp.einsum("nd,edf->nef", x_nd, w_gate)) * jnp.einsum("nd,edf->nef", x_nd, w_up)
+  ys = jnp.einsum("nef,efd->ned", hidden, w_down)  # [N, E, D]
+  return jnp.einsum("ne,ned->nd", combine.astype(ys.dtype), ys)
