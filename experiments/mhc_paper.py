@@ -1,26 +1,29 @@
 """The mHC paper's scale ablations: DeepSeek-V3-style MoE models of about 3B, 9B and 27B
-parameters with a plain residual, Hyper-Connections or mHC (n = 4).
+parameters with a plain residual, Hyper-Connections or mHC (n = 4), and its token-scaling
+run of the 3B model on 1.05T tokens.
 
   manifold params  --config experiments/mhc_paper.py:27b,residual=mhc
   manifold compile --config experiments/mhc_paper.py:27b,residual=mhc --topology v5p-32
   manifold train   --config experiments/mhc_paper.py:3b,residual=mhc --workdir gs://...
 
-Arguments (`:key=value,...`): size (3b | 9b | 27b), residual (plain | hc | mhc).
+Arguments (`:key=value,...`): size (3b | 9b | 27b | 3b-1t), residual (plain | hc | mhc);
+3b-1t is the 3b model trained on 1.05T tokens.
 
 From the paper's appendix table (Xie et al. 2025, "mHC: Manifold-Constrained
-Hyper-Connections", Table 5; the same for all three sizes unless listed):
+Hyper-Connections", Table 5; the same for all four columns unless listed):
 
-  size  layers  width  heads  experts  expert width  batch  steps   tokens  lr
-  3b    12      1280   16     64       896           320    30,000  39.3B   8.6e-4
-  9b    18      1920   24     64       1280          512    50,000  105B    5.9e-4
-  27b   30      2560   32     72       1536          1280   50,000  262B    4.0e-4
+  size   layers  width  heads  experts  expert width  batch  steps    tokens  lr
+  3b     12      1280   16     64       896           320    30,000   39.3B   8.6e-4
+  9b     18      1920   24     64       1280          512    50,000   105B    5.9e-4
+  27b    30      2560   32     72       1536          1280   50,000   262B    4.0e-4
+  3b-1t  (as 3b)                                      2560   100,000  1.05T   9.0e-4
 
   1 leading dense layer; 2 shared + 6 active routed experts; auxiliary-loss-free load
   balancing; MLA with KV rank 512, per-head attention width 128 and RoPE width 64, RoPE
-  theta 10,000; RMSNorm; vocabulary 129,280; sequence 4,096; n = 4 streams with gates
-  initialised to 0.01 and t_max = 20 Sinkhorn iterations; AdamW (0.9, 0.95), eps 1e-20,
-  weight decay 0.1; 2,000 warmup steps, then a step schedule that drops the rate to
-  0.316x at 80% and 0.1x at 90% of training.
+  theta 10,000; RMSNorm with eps 1e-20 (model.norm_eps); vocabulary 129,280; sequence
+  4,096; n = 4 streams with gates initialised to 0.01 and t_max = 20 Sinkhorn iterations;
+  AdamW (0.9, 0.95) with eps 1e-20 (train.eps) and weight decay 0.1; 2,000 warmup steps,
+  then a step schedule that drops the rate to 0.316x at 80% and 0.1x at 90% of training.
 
   `manifold params` for residual=mhc gives 2.973B / 9.178B / 27.048B main-model
   parameters against the paper's 2.97B / 9.18B / 27.0B, and 612.3M / 1.661B / 4.139B
@@ -36,20 +39,31 @@ Where the paper gives no value, this follows DeepSeek-V3 (and says so here):
   - group-limited routing with 8 groups, top 4 of them; routed_scaling_factor 2.5;
     bias update rate 0.001; sequence-wise balance loss weight 1e-4; init std 0.006;
   - one MTP module with loss weight 0.3 (not counted in the parameter totals, as in V3);
-  - bfloat16 compute with float32 parameters and optimizer state; gradient clip 1.0.
+  - bfloat16 compute with float32 parameters and optimizer state; gradient clip 1.0;
+  - HC's static parts (b_pre, b_post, b_res) get no weight decay, as in the HC paper
+    (train/optimizer.py); every other matrix, mHC's phi included, decays.
 
 Not from the paper: the mesh, microbatches and rematerialisation (their fit on v5p
-slices: experiments/results/compile/README.md); data defaults to the
-embedded corpus with the byte tokenizer, so point `data.sources` / `data.tokenizer` at a
-real corpus and a 129k tokenizer for a real run.
+slices: experiments/results/compile/README.md; 3b-1t runs microbatches of the same 8
+sequences as 3b, so it needs what 3b needs per chip, but was not compiled itself); the
+evaluation batch (3b-1t evaluates on 3b's batches, so the two runs' validation losses
+compare); data defaults to the embedded corpus with the byte tokenizer, so point
+`data.sources` / `data.tokenizer` at a real corpus and a 129k tokenizer for a real run.
 """
 
 from manifold.config import ConfigError, base_config, parse_arg
 
-SIZES = {  # layers, width, heads, routed experts, expert width, batch, steps, learning rate
-  "3b": (12, 1280, 16, 64, 896, 320, 30_000, 8.6e-4),
-  "9b": (18, 1920, 24, 64, 1280, 512, 50_000, 5.9e-4),
-  "27b": (30, 2560, 32, 72, 1536, 1280, 50_000, 4.0e-4),
+MODELS = {  # layers, width, heads, routed experts, expert width
+  "3b": (12, 1280, 16, 64, 896),
+  "9b": (18, 1920, 24, 64, 1280),
+  "27b": (30, 2560, 32, 72, 1536),
+}
+
+SIZES = {  # Table 5's columns: model, batch, steps, learning rate
+  "3b": ("3b", 320, 30_000, 8.6e-4),
+  "9b": ("9b", 512, 50_000, 5.9e-4),
+  "27b": ("27b", 1280, 50_000, 4.0e-4),
+  "3b-1t": ("3b", 2560, 100_000, 9.0e-4),
 }
 
 # Per size: mesh axes (fsdp takes the rest), microbatches (one or two sequences per chip
@@ -59,6 +73,7 @@ PARALLELISM = {
   "3b": dict(expert=4, microbatches=40, remat="dots"),
   "9b": dict(expert=4, microbatches=64, remat="full"),
   "27b": dict(expert=8, microbatches=80, remat="full"),
+  "3b-1t": dict(expert=4, microbatches=320, remat="dots"),
 }
 
 
@@ -68,7 +83,8 @@ def get_config(arg: str | None = None):
     raise ConfigError(f"experiments/mhc_paper.py: size={args.size!r}; use one of {', '.join(SIZES)}")
   if args.residual not in ("plain", "hc", "mhc"):
     raise ConfigError(f"experiments/mhc_paper.py: residual={args.residual!r}; use plain, hc or mhc")
-  layers, width, heads, experts, expert_width, batch, steps, lr = SIZES[args.size]
+  model, batch, steps, lr = SIZES[args.size]
+  layers, width, heads, experts, expert_width = MODELS[model]
   parallel = PARALLELISM[args.size]
   c = base_config()
   c.model.update(
@@ -79,7 +95,7 @@ def get_config(arg: str | None = None):
     n_kv_heads=heads,
     max_seq_len=4096,
     rope_theta=10_000.0,
-    norm_eps=1e-6,
+    norm_eps=1e-20,
     init_std=0.006,
     dtype="bfloat16",
     attention="mla",
@@ -129,12 +145,12 @@ def get_config(arg: str | None = None):
     eval_every=1000,
     checkpoint_every=1000,
   )
-  c.eval.update(batch_size=batch, num_batches=4)
+  c.eval.update(batch_size=SIZES[model][1], num_batches=4)
   c.mesh.update(data=1, fsdp=-1, expert=parallel["expert"], tensor=1)
   c.sample.max_new_tokens = 0
   return c
 
 
 def get_sweep():
-  """All nine: three sizes by three residual streams."""
+  """All twelve: Table 5's four columns by three residual streams."""
   return [f"{size},residual={residual}" for size in SIZES for residual in ("plain", "hc", "mhc")]

@@ -8,14 +8,23 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from manifold.config import base_config
 from manifold.model import ModelConfig, Transformer
 from manifold.model import residual as rs
-from manifold.model.diagnostics import amax_gain, composite_mixing, doubly_stochastic_deviation, mixing_stats
+from manifold.model.diagnostics import (
+  amax_gain,
+  composite_from_layer,
+  composite_mixing,
+  doubly_stochastic_deviation,
+  mixing_stats,
+)
 from manifold.model.sinkhorn import SINKHORN, birkhoff_combination, permutation_matrices
+from manifold.train.optimizer import make_optimizer
 
 from .conftest import decode_with_cache
 
@@ -101,7 +110,37 @@ def test_mixing_stats_shapes_and_values():
   h = jnp.broadcast_to(jnp.eye(4), (6, 2, 3, 4, 4))
   stats = mixing_stats(h)
   assert stats["composite_gain_per_layer"].shape == (6,) and stats["h_res_mean"].shape == (6, 4, 4)
+  assert stats["forward_gain_from_layer"].shape == stats["backward_gain_from_layer"].shape == (6,)
   assert float(stats["amax_gain"]) == 1.0 and float(stats["ds_deviation"]) == 0.0
+  assert float(stats["forward_gain"]) == float(stats["backward_gain"]) == 1.0
+
+
+def test_gains_from_each_layer_to_the_last_match_numpy_token_means_of_suffix_products():
+  """forward / backward gain of H_{L-1} ... H_l (max absolute row / column sum), averaged over tokens."""
+  h = np.random.default_rng(0).normal(size=(5, 2, 3, 4, 4)).astype(np.float32)  # [L, B, T, n, n]
+  forward, backward = [], []
+  for first in range(len(h)):
+    m = np.broadcast_to(np.eye(4, dtype=np.float32), h.shape[1:])
+    for layer in range(first, len(h)):
+      m = h[layer] @ m  # H_first acts first
+    forward.append(np.abs(m).sum(-1).max(-1).mean())
+    backward.append(np.abs(m).sum(-2).max(-1).mean())
+  stats = mixing_stats(jnp.asarray(h))
+  np.testing.assert_allclose(stats["forward_gain_from_layer"], forward, rtol=1e-5)
+  np.testing.assert_allclose(stats["backward_gain_from_layer"], backward, rtol=1e-5)
+  assert float(stats["forward_gain"]) == pytest.approx(forward[0], rel=1e-5)
+  assert float(stats["backward_gain"]) == pytest.approx(backward[0], rel=1e-5)
+  np.testing.assert_allclose(composite_from_layer(jnp.asarray(h))[0], composite_mixing(jnp.asarray(h))[-1], rtol=1e-5)
+
+
+def test_gains_from_layer_follow_the_output_input_layout_and_apply_h_l_first():
+  """H_0 sends both inputs to output 0, H_1 triples stream 1: H_1 H_0 = [[1, 1], [0, 0]] has forward
+  gain 2 and backward gain 1 (H_0 H_1 would give 4 and 3; the transposed layout 1 and 2)."""
+  h0 = jnp.array([[1.0, 1.0], [0.0, 0.0]])
+  h1 = jnp.array([[1.0, 0.0], [0.0, 3.0]])
+  stats = mixing_stats(jnp.stack([h0, h1])[:, None, None])  # [L=2, B=1, T=1, 2, 2]
+  np.testing.assert_allclose(stats["forward_gain_from_layer"], [2.0, 3.0])
+  np.testing.assert_allclose(stats["backward_gain_from_layer"], [1.0, 3.0])
 
 
 def test_streams_persist_and_compose_across_depth_under_hc():
@@ -205,6 +244,29 @@ def test_same_seed_same_outputs_for_every_residual():
     a = Transformer(config(residual=kind), rngs=nnx.Rngs(params=3))(tokens())[0]
     b = Transformer(config(residual=kind), rngs=nnx.Rngs(params=3))(tokens())[0]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_weight_decay_skips_hc_static_parts_and_vectors_and_shrinks_every_other_matrix(kind):
+  """One AdamW step with zero gradients changes a leaf only through weight decay."""
+  model = Transformer(config(residual=kind), rngs=nnx.Rngs(params=0))
+  params = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1]))
+  train_cfg = base_config().train
+  train_cfg.update(warmup_steps=0, learning_rate=0.1, weight_decay=0.1, eps=1e-20)
+  tx = make_optimizer(train_cfg)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  changed = {
+    jax.tree_util.keystr(path): bool(jnp.any(a != b))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new))
+  }
+  static = {k for k in changed if k.endswith(("['b_pre']", "['b_post']", "['b_res']"))}
+  assert len(static) == (3 * 2 * BASE.n_layers if kind == "hc" else 0)
+  assert not any(changed[k] for k in static)
+  matrices = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(params) if leaf.ndim >= 2]
+  assert all(changed[k] for k in matrices if k not in static)
+  assert not any(changed[k] for k in changed if k not in matrices)  # norms' scales, gates, biases
+  assert any(k.endswith("['phi']") for k in matrices) == (kind == "mhc")
 
 
 # --- parity with DeepSeek-V4 -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup, cosine or step decay, and global-norm clipping."""
+"""AdamW (weight decay on matrices) with linear warmup, cosine or step decay, and global-norm clipping."""
 
 from __future__ import annotations
 
@@ -35,9 +35,21 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   )
 
 
+# HyperConnection's static parts (model/residual.py): the HC paper applies no weight decay to
+# them, so b_res [n, n] stays near its identity start. mHC's projection phi [n D, 2n + n^2] is
+# a matrix like any other and decays; its gates alpha and biases are vectors.
+NO_DECAY = frozenset({"b_pre", "b_post", "b_res"})
+
+
 def _decay_mask(params):
-  """Weight decay on matrices only: norms' scales and other vectors are exempt."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only: norms' scales, other vectors and HC's static parts
+  (`NO_DECAY`, matched by the leaf's name in the params tree) are exempt."""
+
+  def decays(path, p) -> bool:
+    name = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+    return p.ndim >= 2 and name not in NO_DECAY
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
