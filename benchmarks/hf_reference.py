@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from manifold.results import markdown_table
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROXY = "experiments/speed_proxies.py:model=moe-1b-active"
 
@@ -168,16 +170,16 @@ def main() -> None:
     print(f"torch.compile failed ({theirs['error']}); PyTorch eager instead", flush=True)
     theirs = run([sys.executable, __file__, "--torch-only", "--batch", str(args.batch), *timing, "--no-compile"])
   print(f"pytorch: {json.dumps(theirs)}", flush=True)
-  print("| implementation | params B | step ms | tokens/s | GFLOP/token | peak GiB |")
-  print("| --- | --- | --- | --- | --- | --- |")
-  for name, r in (("manifold (JAX)", ours), (theirs.get("implementation", "PyTorch"), theirs)):
-    if "error" in r:
-      print(f"| {name} | failed: {r['error']} |")
-    else:
-      print(
-        f"| {name} | {r['params_b']:.2f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} "
-        f"| {r['gflop_per_token']:.2f} | {r['peak_gib']:.1f} |"
-      )
+  columns = [
+    ("implementation", lambda r: r["implementation"]),
+    ("params B", lambda r: f"{r['params_b']:.2f}"),
+    ("step ms", lambda r: f"{r['step_ms']:.1f}"),
+    ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+    ("GFLOP/token", lambda r: f"{r['gflop_per_token']:.2f}"),
+    ("peak GiB", lambda r: f"{r['peak_gib']:.1f}"),
+  ]
+  named = [{**ours, "implementation": "manifold (JAX)"}, {"implementation": "PyTorch", **theirs}]
+  print(markdown_table(named, columns), end="")
   if "error" not in ours and "error" not in theirs:
     print(f"\nmanifold / PyTorch tokens/s: x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
 

@@ -31,6 +31,7 @@ import sys
 import time
 
 from manifold.cli import GPU_MEMORY_FRACTION
+from manifold.results import markdown_table
 
 PROXIES = "experiments/speed_proxies.py"
 MODELS = ("dense-1b", "moe-1b-active", "dense-1b+mhc", "moe-1b-active+mhc")
@@ -245,22 +246,22 @@ def _label(row: dict) -> str:
   return f"{row['model']} ({row['devices']} devices: {mesh})" if row.get("devices", 1) > 1 else row["model"]
 
 
+COLUMNS = [
+  ("model", lambda r: _label(r) if "error" not in r else r["model"]),
+  ("params (active) B", lambda r: f"{r['params_b']:.2f} ({r['active_b']:.2f})"),
+  ("tokens/step", lambda r: f"{r['tokens_per_step']:,}"),
+  ("step ms", lambda r: f"{r['step_ms']:.1f}"),
+  ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+  ("GFLOP/token", lambda r: f"{r['gflop_per_token']:.2f}"),
+  ("TFLOP/s per device", lambda r: f"{r['model_tflops']:.0f}"),
+  ("MFU (datasheet)", lambda r: _percent(r["mfu_datasheet"])),
+  ("MFU (measured matmul)", lambda r: f"{_percent(r['mfu_measured'])} of {r['matmul_tflops']:.0f}"),
+  ("peak GiB", lambda r: f"{r['peak_gib']:.1f}"),
+]
+
+
 def table(rows: list[dict]) -> str:
-  out = [
-    "| model | params (active) B | tokens/step | step ms | tokens/s | GFLOP/token | TFLOP/s per device | MFU (datasheet) "
-    "| MFU (measured matmul) | peak GiB |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-  ]
-  for r in rows:
-    if "error" in r:
-      out.append(f"| {r['model']} | failed: {r['error']} |")
-      continue
-    out.append(
-      f"| {_label(r)} | {r['params_b']:.2f} ({r['active_b']:.2f}) | {r['tokens_per_step']:,} | {r['step_ms']:.1f} "
-      f"| {r['tokens_per_s']:,.0f} | {r['gflop_per_token']:.2f} | {r['model_tflops']:.0f} "
-      f"| {_percent(r['mfu_datasheet'])} | {_percent(r['mfu_measured'])} of {r['matmul_tflops']:.0f} "
-      f"| {r['peak_gib']:.1f} |"
-    )
+  out = [markdown_table(rows, COLUMNS).rstrip()]
   by_model = {r["model"]: r for r in rows if "error" not in r}
   for name in ("dense-1b", "moe-1b-active"):
     if name in by_model and f"{name}+mhc" in by_model:

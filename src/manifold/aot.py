@@ -195,19 +195,23 @@ def describe(row: dict) -> str:
   )
 
 
-def markdown_table(rows: list[dict]) -> str:
-  head = (
-    "| config | smallest slice that fits | mesh | arguments GiB | temporaries GiB | total GiB / HBM GiB "
-    "| TFLOP per chip per step: model / XLA estimate |"
-  )
-  lines = [head, "|" + " --- |" * 7]
-  for r in rows:
-    fits = r["slice"] or f"not {r['compiled_on']}"
-    if r["smaller_slices"]:
-      fits += " (" + "; ".join(f.split(":")[0] + ": no" for f in r["smaller_slices"]) + ")"
-    lines.append(
-      f"| {r['config']} | {fits} | {r['mesh']} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} "
-      f"| {_gib(r['total_bytes'])} / {_gib(r['hbm_bytes'])} "
-      f"| {r['model_flops_per_chip'] / 1e12:,.0f} / {r['xla_flops_per_chip'] / 1e12:,.0f} |"
-    )
-  return "\n".join(lines) + "\n"
+def _fits(r: dict) -> str:
+  fits = r["slice"] or f"not {r['compiled_on']}"
+  if r["smaller_slices"]:
+    fits += " (" + "; ".join(f.split(":")[0] + ": no" for f in r["smaller_slices"]) + ")"
+  return fits
+
+
+# The compile table (experiments/results/compile): one row per config.
+COLUMNS = [
+  ("config", lambda r: r["config"]),
+  ("smallest slice that fits", _fits),
+  ("mesh", lambda r: r["mesh"]),
+  ("arguments GiB", lambda r: _gib(r["argument_bytes"])),
+  ("temporaries GiB", lambda r: _gib(r["temp_bytes"])),
+  ("total GiB / HBM GiB", lambda r: f"{_gib(r['total_bytes'])} / {_gib(r['hbm_bytes'])}"),
+  (
+    "TFLOP per chip per step: model / XLA estimate",
+    lambda r: f"{r['model_flops_per_chip'] / 1e12:,.0f} / {r['xla_flops_per_chip'] / 1e12:,.0f}",
+  ),
+]

@@ -9,6 +9,7 @@ import time
 
 from manifold.config import ConfigError, load_config, model_config
 from manifold.data import DataError
+from manifold.results import write_results
 
 GPU_MEMORY_FRACTION = "0.9"  # of each GPU's memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
@@ -165,7 +166,6 @@ def cmd_params(args, overrides) -> int:
 
 
 def cmd_compile(args, overrides) -> int:
-  import json
 
   import jax
 
@@ -203,19 +203,8 @@ def cmd_compile(args, overrides) -> int:
     if row is None:
       raise ConfigError(f"{config}: fits none of {args.topology}; see the lines above")
     rows.append(row)
-  if args.results:
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "results.json")
-    kept = []
-    if os.path.exists(path):  # earlier rows stay, unless this run compiled the same config again
-      with open(path) as f:
-        kept = [r for r in json.load(f) if r["config"] not in configs]
-    rows = kept + rows
-    with open(path + ".tmp", "w") as f:
-      json.dump(rows, f, indent=1)
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(args.results, "results.md"), "w") as f:
-      f.write(aot.markdown_table(rows))
+  if args.results:  # earlier rows stay, unless this run compiled the same config again
+    rows = write_results(args.results, rows, aot.COLUMNS, key="config")
     print(f"wrote {args.results}/results.md and results.json ({len(rows)} rows)")
   return 0 if all(r["slice"] for r in rows) else 1
 

@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from manifold.config import ConfigError, load_config  # noqa: E402
+from manifold.files import write_atomic  # noqa: E402
+from manifold.results import fmt, write_results  # noqa: E402
 from manifold.train.loop import train  # noqa: E402
 from manifold.train.metrics import read_metrics  # noqa: E402
 
@@ -81,33 +83,25 @@ def run_sweep(
       return None
     command = " ".join(["manifold train", f"--config {spec}", f"--workdir {run_dir}", *overrides])
     summary = summarize(run_dir, cfg, name=arg, command=command, wall_time_s=time.perf_counter() - started)
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=2)
+    write_atomic(summary_path, json.dumps(summary, indent=2))
     summaries.append(summary)
-  write_results(summaries, results_dir)
+  write_results(results_dir, summaries, COLUMNS)
+  plot_sweep(summaries, os.path.join(results_dir, "curves.png"))
   return summaries
 
 
-def _fmt(value: Any, spec: str) -> str:
-  return "-" if value is None else format(value, spec)
-
-
-def write_results(summaries: list[dict[str, Any]], results_dir: str) -> None:
-  with open(os.path.join(results_dir, "results.json"), "w") as f:
-    json.dump(summaries, f, indent=2)
-  lines = [
-    "| run | final val loss | final val bits/byte | final Amax gain | peak Amax gain | tokens | tokens/s | wall time | command |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-  ]
-  for s in summaries:
-    lines.append(
-      f"| {s['run']} | {s['final_val_loss']:.4f} | {s['final_val_bits_per_byte']:.4f} | "
-      f"{_fmt(s['final_amax_gain'], '.3f')} | {_fmt(s['peak_amax_gain'], '.3f')} | {s['tokens']:,} | "
-      f"{_fmt(s['tokens_per_s'], ',.0f')} | {s['wall_time_s'] / 60:.1f} min | `{s['command']}` |"
-    )
-  with open(os.path.join(results_dir, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  plot_sweep(summaries, os.path.join(results_dir, "curves.png"))
+# The sweep table: one row per variant, with the command that trained it.
+COLUMNS = [
+  ("run", lambda s: s["run"]),
+  ("final val loss", lambda s: f"{s['final_val_loss']:.4f}"),
+  ("final val bits/byte", lambda s: f"{s['final_val_bits_per_byte']:.4f}"),
+  ("final Amax gain", lambda s: fmt(s["final_amax_gain"], ".3f")),
+  ("peak Amax gain", lambda s: fmt(s["peak_amax_gain"], ".3f")),
+  ("tokens", lambda s: f"{s['tokens']:,}"),
+  ("tokens/s", lambda s: fmt(s["tokens_per_s"], ",.0f")),
+  ("wall time", lambda s: f"{s['wall_time_s'] / 60:.1f} min"),
+  ("command", lambda s: f"`{s['command']}`"),
+]
 
 
 def plot_sweep(summaries: list[dict[str, Any]], out_path: str) -> None:

@@ -4,8 +4,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorstore as ts
@@ -13,6 +11,7 @@ import tensorstore as ts
 from manifold.data.errors import DataError
 from manifold.data.sources import SourceFile, read_documents
 from manifold.data.tokenizer import Tokenizer
+from manifold.files import atomic_path
 
 _FORMAT_VERSION = 1
 _CHUNK_TOKENS = 1 << 20
@@ -121,14 +120,10 @@ def build_token_store(
     tokens = _tokenize(files, tokenizer, jsonl_field, dtype)
     if tokens.size == 0:
       raise DataError(f"data.sources: every {split} document is empty; add non-empty files")
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp_path = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
     try:
-      _write_array(tmp_path, tokens)
-      os.replace(tmp_path, path)
+      with atomic_path(path, directory=True) as tmp_path:
+        _write_array(tmp_path, tokens)
     except OSError:
       if not os.path.isdir(path):  # Otherwise a concurrent writer published the same content first.
         raise
-    finally:
-      shutil.rmtree(tmp_path, ignore_errors=True)
   return TokenStore(path, records)

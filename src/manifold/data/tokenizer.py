@@ -16,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from manifold.data.errors import DataError
 from manifold.data.sources import SourceFile, read_documents
+from manifold.files import atomic_path
 
 EOS = "<|endoftext|>"
 
@@ -136,10 +137,8 @@ def train_bpe(files: list[SourceFile], vocab_size: int, out_path: str, jsonl_fie
   )
   tokenizer.train_from_iterator((doc for f in files for doc in read_documents(f, jsonl_field)), trainer=trainer)
   out_path = os.path.abspath(os.path.expanduser(out_path))
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
-  tmp_path = f"{out_path}.tmp{os.getpid()}"
-  tokenizer.save(tmp_path)
-  os.replace(tmp_path, out_path)
+  with atomic_path(out_path) as tmp_path:
+    tokenizer.save(tmp_path)
   return BpeTokenizer(out_path)
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from manifold.files import write_atomic
+
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """All rows of a metrics.jsonl file, in order."""
@@ -39,10 +41,7 @@ class MetricsWriter:
     if not enabled:
       return
     kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(tmp, self.path)
+    write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
     self._file = open(self.path, "a")
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

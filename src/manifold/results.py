@@ -1,0 +1,47 @@
+"""Results tables: rows as JSON (the data) and Markdown (the view), written together.
+
+The compile command, sweeps and benchmarks describe their tables as columns, a header
+and how a row becomes its cell, and write them here, so every table is made the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+from manifold.files import write_atomic
+
+Column = tuple[str, Callable[[dict], str]]  # (header, row -> cell text)
+
+
+def fmt(value: Any, spec: str) -> str:
+  """`format(value, spec)`, or '-' for a missing value."""
+  return "-" if value is None else format(value, spec)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+  """One Markdown table; a row with an "error" shows it after its first cell."""
+  lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + " --- |" * len(columns)]
+  for row in rows:
+    cells = [columns[0][1](row), f"failed: {row['error']}"] if "error" in row else [cell(row) for _, cell in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_results(
+  results_dir: str, rows: list[dict], columns: Sequence[Column], *, key: str | None = None
+) -> list[dict]:
+  """Writes `results.json` and `results.md` in `results_dir`; returns the rows written.
+
+  With `key`, rows already in results.json stay unless a new row has the same value of
+  `key` (the new one replaces it), so runs of a few configs add to one table.
+  """
+  path = os.path.join(results_dir, "results.json")
+  if key is not None and os.path.exists(path):
+    with open(path) as f:
+      new = {r[key] for r in rows}
+      rows = [r for r in json.load(f) if r[key] not in new] + list(rows)
+  write_atomic(path, json.dumps(rows, indent=1) + "\n")
+  write_atomic(os.path.join(results_dir, "results.md"), markdown_table(rows, columns))
+  return rows
