@@ -43,6 +43,8 @@ def test_parse_arg_bare_first_item_and_typed_values():
     ("--config.train.lr_decay_at=0.8,x", "train.lr_decay_at='0.8,x': must be comma-separated fractions in (0, 1)"),
     ("--config.model.remat=some", "model.remat='some': must be one of 'none', 'dots', 'full'"),
     ("--config.mesh.dcn.data=0", "mesh.dcn.data=0: must be a positive integer"),
+    ("--config.model.kernels=pallas", "model.kernels: renamed; use model.mhc_impl"),
+    ("--config.model.grouped_matmul=xla", "model.grouped_matmul: renamed; use model.grouped_matmul_impl"),
     (
       "--config.model.mhc_tiles=block_tokens=12",
       "model.mhc_tiles='block_tokens=12': 'block_tokens=12': block_tokens must be a power of two",

@@ -90,35 +90,3 @@ def test_training_flops_per_token_is_6n_plus_causal_attention():
   matmul = count_params(c)["non_embedding"] - c.n_layers * 2 * c.d_model - c.d_model
   attention = 3 * 4 * c.n_layers * c.n_heads * c.head_dim * (16 + 1) / 2
   assert math.isclose(training_flops_per_token(c, 16), 6 * matmul + attention)
-
-
-def test_attention_implementation_auto_is_xla_off_gpu_and_cudnn_pads_odd_lengths(monkeypatch):
-  """`auto` picks cuDNN only on GPUs; for cuDNN a causal length that is not a multiple of
-  64 is padded at the end, which must not change any real query's output or gradient."""
-  from manifold.model import attention
-
-  assert attention.attention_implementation(ModelConfig(dtype="bfloat16", attention_impl="auto")) is None  # CPU
-  assert attention.attention_implementation(ModelConfig(attention_impl="cudnn")) == "cudnn"
-  assert attention.attention_implementation(ModelConfig(attention_impl="xla")) is None
-
-  original = jax.nn.dot_product_attention
-  lengths = []
-
-  def xla_standing_in_for_cudnn(q, k, v, *, implementation=None, **kwargs):
-    lengths.append((q.shape[1], implementation))
-    return original(q, k, v, **kwargs)
-
-  q, k, v = (jax.random.normal(key, (2, 37, 4, 8)) for key in jax.random.split(jax.random.key(0), 3))
-
-  def loss(attend, q, k, v):
-    return jnp.sum(jnp.sin(attend(q, k, v)))
-
-  padded = lambda q, k, v: attention.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
-  plain = lambda q, k, v: original(q, k, v, is_causal=True)  # noqa: E731
-  expected, expected_grads = jax.value_and_grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)
-  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_standing_in_for_cudnn)
-  value, grads = jax.value_and_grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2))(q, k, v)
-  assert lengths == [(64, "cudnn")]
-  np.testing.assert_allclose(value, expected, rtol=1e-5)
-  for got, want in zip(grads, expected_grads):
-    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -90,8 +90,8 @@ def cmd_train(args, overrides) -> int:
 def cmd_eval(args, overrides) -> int:
   from manifold.data import eval_batches
   from manifold.parallel.mesh import make_mesh
-  from manifold.train.loop import evaluate, token_byte_table
   from manifold.train.restore import load_trained
+  from manifold.train.run import evaluate, token_byte_table
   from manifold.train.step import make_eval_step
 
   run = load_trained(args.workdir, args.step)

@@ -253,8 +253,8 @@ def import_checkpoint(hf_dir: str, workdir: str, base_cfg) -> int:
 
   from manifold.parallel.mesh import make_mesh
   from manifold.train.checkpoint import Checkpointer
-  from manifold.train.loop import prepare_workdir
   from manifold.train.optimizer import make_optimizer
+  from manifold.train.run import prepare_workdir
   from manifold.train.state import TrainState, make_state_spec
 
   hf, tensors = read_hf_checkpoint(hf_dir)

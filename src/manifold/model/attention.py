@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from kernels.attention.api import dot_product_attention
 
 from manifold.model.config import ModelConfig
 from manifold.model.layers import normal, param
@@ -46,43 +47,13 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions_bt, cfg.rope_theta)
 
     if cache is None:
-      out = dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(cfg))
+      out = dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
       cache = {"k": k_all, "v": v_all}  # [B, S, K, H]
       kv_positions = jnp.arange(k_all.shape[1])  # [S]
       mask = kv_positions[None, None, None, :] <= positions_bt[:, None, :, None]  # [B, 1, T, S]
-      out = jax.nn.dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask)
+      out = dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask)
     # out: [B, T, N, H]
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), cache  # [B, T, D]
-
-
-CUDNN_SEQ_MULTIPLE = 64  # cuDNN's flash attention trains on lengths divisible by this
-
-
-def dot_product_attention(q, k, v, *, scale=None, mask=None, is_causal: bool = False, implementation=None):
-  """`jax.nn.dot_product_attention` on q [B, T, N, H], k / v [B, S, K, H] -> [B, T, N, H].
-
-  For cuDNN, causal self-attention over a length that is not a multiple of 64 (an MTP
-  depth sees T - k tokens) is zero-padded at the end: the padded keys come after every
-  real query, so the causal mask hides them, and the padded queries are dropped.
-  """
-  length = q.shape[1]
-  pad = -length % CUDNN_SEQ_MULTIPLE if implementation == "cudnn" and is_causal and k.shape[1] == length else 0
-  if pad:
-    q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
-  out = jax.nn.dot_product_attention(
-    q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
-  )
-  return out[:, :length]
-
-
-def attention_implementation(cfg: ModelConfig) -> str | None:
-  """`jax.nn.dot_product_attention`'s implementation for training / prefill: cuDNN's
-  fused flash attention for `cudnn`, and for `auto` on GPUs in 16-bit compute; XLA's
-  (None) otherwise."""
-  if cfg.attention_impl == "auto":
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and cfg.compute_dtype in (jnp.bfloat16, jnp.float16) else None
-  return None if cfg.attention_impl == "xla" else cfg.attention_impl

@@ -12,28 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from kernels.attention.api import dot_product_attention
 
-from manifold.model.attention import attention_implementation, dot_product_attention
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
 from manifold.model.rope import apply_rope
 
 MLACache = dict[str, jax.Array]  # {"latent": [B, S, r_kv], "k_rope": [B, S, d_rope]}
 LATENT_NORM_EPS = 1e-6  # DeepSeek-V3's q_a / kv_a norms use this, not the model's norm_eps
-
-
-def attention_any_head_dims(q, k, v, *, scale: float, mask=None, is_causal: bool = False, implementation=None):
-  """`jax.nn.dot_product_attention` for value heads of another width than query/key heads.
-
-  q, k: [B, T|S, N, Hqk]; v: [B, S, N, Hv]. The narrower side is zero-padded (which leaves
-  the scores unchanged under the explicit `scale`) and the output sliced back to Hv.
-  """
-  width = max(q.shape[-1], v.shape[-1])
-  pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731
-  out = dot_product_attention(
-    pad(q), pad(k), pad(v), scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
-  )
-  return out[..., : v.shape[-1]]
 
 
 class MultiHeadLatentAttention(nnx.Module):
@@ -94,8 +80,8 @@ class MultiHeadLatentAttention(nnx.Module):
     k = jnp.concatenate(
       [k_nope, jnp.broadcast_to(k_rope.astype(dt)[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))], axis=-1
     )  # [B, S, N, nope + rope]
-    impl = None if cache is not None else attention_implementation(cfg)
-    out = attention_any_head_dims(
+    impl = "xla" if cache is not None else cfg.attention_impl
+    out = dot_product_attention(
       q, k, v, scale=(nope + cfg.qk_rope_head_dim) ** -0.5, mask=mask, is_causal=is_causal, implementation=impl
     )  # [B, T, N, v]
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), cache  # [B, T, D]

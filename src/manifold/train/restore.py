@@ -10,8 +10,8 @@ from manifold.data import Data
 from manifold.model import Transformer
 from manifold.parallel.mesh import make_mesh
 from manifold.train.checkpoint import Checkpointer
-from manifold.train.loop import load_run_data
 from manifold.train.optimizer import make_optimizer
+from manifold.train.run import load_run_data
 from manifold.train.state import StateSpec, TrainState, make_state_spec
 
 

@@ -1,0 +1,68 @@
+"""Attention's implementations against the plain-jnp reference, float32 1e-5, on the CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.attention import api, reference
+
+
+def qkv(t=37, n=4, kv=2, h=8, hv=8, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return (
+    jax.random.normal(keys[0], (2, t, n, h)),
+    jax.random.normal(keys[1], (2, t, kv, h)),
+    jax.random.normal(keys[2], (2, t, kv, hv)),
+  )
+
+
+def test_auto_is_xla_off_gpu_and_names_are_checked():
+  assert api.resolve("auto", jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+  assert api.resolve("auto", jnp.float32) == "xla"
+  assert api.resolve("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ValueError, match="use one of auto, cudnn, xla"):
+    api.resolve("flash", jnp.float32)
+
+
+@pytest.mark.parametrize("hv", [8, 5, 12])  # values as wide as, narrower and wider than queries / keys (MLA)
+def test_xla_matches_the_reference_with_grouped_heads_and_any_value_width(hv):
+  q, k, v = qkv(hv=hv)
+  got = api.dot_product_attention(q, k, v, scale=0.3, is_causal=True)
+  np.testing.assert_allclose(got, reference.attention(q, k, v, scale=0.3, is_causal=True), rtol=1e-5, atol=1e-5)
+  mask = jnp.arange(37)[None, None, None, :] <= jnp.arange(37)[None, None, :, None] - 3  # [1, 1, T, S]
+  q1 = q[:, 3:]  # queries that each see at least one key
+  np.testing.assert_allclose(
+    api.dot_product_attention(q1, k, v, mask=mask[:, :, 3:]),
+    reference.attention(q1, k, v, mask=mask[:, :, 3:]),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def test_cudnn_pads_odd_causal_lengths_without_changing_outputs_or_gradients(monkeypatch):
+  """For cuDNN a causal length that is not a multiple of 64 is padded at the end; XLA
+  stands in for cuDNN on the CPU, so only the padding is under test."""
+  original = jax.nn.dot_product_attention
+  calls = []
+
+  def xla_standing_in_for_cudnn(q, k, v, *, implementation=None, **kwargs):
+    calls.append((q.shape[1], implementation))
+    return original(q, k, v, **kwargs)
+
+  q, k, v = qkv(kv=4)
+
+  def loss(attend, q, k, v):
+    return jnp.sum(jnp.sin(attend(q, k, v)))
+
+  reference_attention = lambda q, k, v: reference.attention(q, k, v, is_causal=True)  # noqa: E731
+  expected, expected_grads = jax.value_and_grad(lambda *a: loss(reference_attention, *a), argnums=(0, 1, 2))(q, k, v)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_standing_in_for_cudnn)
+  padded = lambda q, k, v: api.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
+  value, grads = jax.value_and_grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2))(q, k, v)
+  assert calls == [(64, "cudnn")]
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)

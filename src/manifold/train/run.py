@@ -1,0 +1,224 @@
+"""Setting a training run up: its workdir, data, mesh, jitted steps, and where it resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from manifold.config import ConfigError, model_config, validate
+from manifold.data import Data, eval_batches, load_data, write_manifest
+from manifold.data.loader import BatchIterator
+from manifold.files import write_atomic
+from manifold.model import ModelConfig
+from manifold.model.accounting import training_flops_per_token
+from manifold.parallel import sharding
+from manifold.parallel.mesh import check_fits, make_mesh
+from manifold.train.checkpoint import Checkpointer
+from manifold.train.hardware import peak_tflops
+from manifold.train.metrics import MetricsWriter
+from manifold.train.optimizer import learning_rate_schedule, make_optimizer
+from manifold.train.state import StateSpec, TrainState, make_state_spec
+from manifold.train.step import make_eval_step, make_residual_stats_step, make_train_step
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("MANIFOLD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "manifold")
+
+
+def prepare_workdir(cfg, workdir: str) -> None:
+  """Creates `workdir` and records the config; refuses a workdir trained with another model or data."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for section in ("model", "data"):
+      for key, value in saved.get(section, {}).items():
+        if cfg[section].get(key) != value:
+          raise ConfigError(
+            f"{section}.{key}={cfg[section].get(key)!r}: {workdir} was trained with {value!r}; "
+            f"use the same value to resume, or a new --workdir"
+          )
+  write_atomic(path, cfg.to_json(indent=2))  # every process of a job writes it
+
+
+def load_run_data(cfg) -> Data:
+  """The tokenizer and token streams for `cfg.data`, checked against `model.vocab_size`."""
+  data = load_data(
+    sources=cfg.data.sources,
+    tokenizer=cfg.data.tokenizer,
+    jsonl_field=cfg.data.jsonl_field,
+    val_fraction=cfg.data.val_fraction,
+    cache_dir=cfg.data.cache_dir or default_cache_dir(),
+  )
+  if cfg.model.vocab_size < data.tokenizer.vocab_size:
+    raise ConfigError(
+      f"model.vocab_size={cfg.model.vocab_size}: must be >= the tokenizer's {data.tokenizer.vocab_size} ids"
+    )
+  return data
+
+
+def token_byte_table(data: Data, vocab_size: int) -> jax.Array:
+  """[V] bytes per token id (ids beyond the tokenizer's vocabulary count 1)."""
+  table = np.ones(vocab_size, np.float32)
+  table[: data.tokenizer.vocab_size] = data.tokenizer.token_byte_lengths
+  return jnp.asarray(table)
+
+
+def global_batch(local: np.ndarray, mesh, eval_batch: bool = False) -> jax.Array:
+  """This process's rows -> one global array sharded over the data axes."""
+  if eval_batch and jax.process_count() > 1:  # every process holds the full eval batch
+    rows = local.shape[0] // jax.process_count()
+    local = local[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
+
+
+def evaluate(eval_step, state: TrainState, batches: list[np.ndarray], mesh) -> dict[str, float]:
+  """Validation loss (nats/token) and bits per byte over fixed batches."""
+  totals = {"nats": 0.0, "bytes": 0.0, "tokens": 0.0}
+  for batch in batches:
+    out = jax.device_get(eval_step(state.params, state.extra, global_batch(batch, mesh, eval_batch=True)))
+    totals = {k: totals[k] + float(out[k]) for k in totals}
+  return {
+    "val_loss": totals["nats"] / totals["tokens"],
+    "val_bits_per_byte": totals["nats"] / np.log(2) / totals["bytes"],
+  }
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the training loop uses, built by `set_up`."""
+
+  cfg: Any  # the ConfigDict
+  workdir: str
+  model_cfg: ModelConfig
+  data: Data
+  mesh: jax.sharding.Mesh
+  spec: StateSpec
+  train_step: Callable  # (state, batch) -> (state, metrics)
+  eval_step: Callable
+  residual_stats: Callable | None  # streams only
+  schedule: Callable[[int], float]
+  iterator: BatchIterator
+  val_batches: list[np.ndarray]
+  checkpointer: Checkpointer
+  writer: MetricsWriter
+  state: TrainState  # restored or freshly initialised
+  start: int  # the step `state` is at
+  is_main: bool  # process 0 writes metrics and files
+
+  def say(self, text: str) -> None:
+    if self.is_main:
+      tqdm.tqdm.write(text)
+
+  def next_batch(self) -> jax.Array:
+    return global_batch(next(self.iterator), self.mesh)
+
+  def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
+    """`evaluate` on the run's validation batches (plus, with streams, the mixing statistics
+    of the first one), written to the metrics at `step`."""
+    values = evaluate(self.eval_step, state, self.val_batches, self.mesh)
+    if self.residual_stats is not None:
+      first = global_batch(self.val_batches[0], self.mesh, eval_batch=True)
+      stats = jax.device_get(self.residual_stats(state.params, state.extra, first))
+      values.update({f"residual/{k}": v for k, v in stats.items()})
+    self.writer.write(step, values)
+    return values
+
+
+def set_up(cfg, workdir: str) -> Run:
+  """Validates `cfg`, prepares `workdir`, loads the data, builds the mesh and the jitted
+  steps, and restores the newest checkpoint (or initialises step 0)."""
+  validate(cfg)
+  prepare_workdir(cfg, workdir)
+  tc = cfg.train
+  is_main = jax.process_index() == 0
+  data = load_run_data(cfg)
+  if is_main:
+    write_manifest(
+      os.path.join(workdir, "manifest.json"),
+      data.records,
+      tokenizer_name=data.tokenizer.name,
+      tokens={"train": len(data.train), "val": len(data.val)},
+    )
+  model_cfg = model_config(cfg)
+  mesh = make_mesh(cfg.mesh)
+  check_fits(cfg, mesh)
+  tx = make_optimizer(tc)
+  spec = make_state_spec(model_cfg, tx, mesh)
+  token_bytes = token_byte_table(data, model_cfg.vocab_size)
+  iterator = BatchIterator(
+    data.train,
+    batch_size=tc.batch_size,
+    seq_len=tc.seq_len,
+    seed=tc.seed,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
+  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
+  start = checkpointer.latest_step()
+  if start is None:
+    start, state = 0, spec.init(jax.random.key(tc.seed))
+  else:
+    state, data_state = checkpointer.restore(start, spec.abstract)
+    iterator.load_state_dict(data_state)
+  return Run(
+    cfg=cfg,
+    workdir=workdir,
+    model_cfg=model_cfg,
+    data=data,
+    mesh=mesh,
+    spec=spec,
+    train_step=make_train_step(spec, tx, mesh, token_bytes, tc),
+    eval_step=make_eval_step(spec, mesh, token_bytes),
+    residual_stats=make_residual_stats_step(spec, mesh) if model_cfg.residual != "plain" else None,
+    schedule=learning_rate_schedule(tc),
+    iterator=iterator,
+    val_batches=eval_batches(
+      data.val, batch_size=cfg.eval.batch_size, seq_len=tc.seq_len, num_batches=cfg.eval.num_batches
+    ),
+    checkpointer=checkpointer,
+    writer=MetricsWriter(workdir, resume_step=start, enabled=is_main),
+    state=state,
+    start=start,
+    is_main=is_main,
+  )
+
+
+class Throughput:
+  """Step time, tokens/s, model TFLOP/s per device and MFU over the steps since the last reading."""
+
+  def __init__(self, run: Run):
+    tc = run.cfg.train
+    self.tokens_per_step = tc.batch_size * tc.seq_len
+    self.flops_per_token = training_flops_per_token(run.model_cfg, tc.seq_len)
+    self.peak = peak_tflops(jax.devices()[0], tc.peak_tflops_per_device)
+    self.restart()
+
+  def restart(self) -> None:
+    """Starts a new interval (after compilation, evaluation or a reading)."""
+    self.started, self.steps = time.perf_counter(), 0
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.started
+
+  def reading(self) -> dict[str, float]:
+    """The interval's figures (none if it has no steps); starts the next interval."""
+    values = {}
+    if self.steps:
+      elapsed = self.elapsed()
+      tokens_per_s = self.steps * self.tokens_per_step / elapsed
+      tflops = self.flops_per_token * tokens_per_s / jax.device_count() / 1e12
+      values = dict(step_time_s=elapsed / self.steps, tokens_per_s=tokens_per_s, model_tflops_per_s_per_device=tflops)
+      if self.peak is not None:
+        values["mfu"] = tflops / self.peak
+    self.restart()
+    return values
