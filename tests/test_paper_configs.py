@@ -47,7 +47,7 @@ def test_the_1t_token_variant_is_the_3b_model_on_1_05t_tokens(residual):
   t = long.train
   assert (t.batch_size, t.steps, t.learning_rate) == (2560, 100_000, 9.0e-4)
   assert abs(t.batch_size * t.seq_len * t.steps / 1.05e12 - 1) < 0.005  # 1,048.6B tokens
-  assert count_params(ModelConfig.from_config(long.model)) == count_params(ModelConfig.from_config(short.model))
+  assert count_params(ModelConfig.from_mapping(long.model)) == count_params(ModelConfig.from_mapping(short.model))
   assert long.train.batch_size // long.train.microbatches == short.train.batch_size // short.train.microbatches
   assert long.eval == short.eval  # validation losses of the two runs compare
 
