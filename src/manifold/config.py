@@ -39,7 +39,16 @@ from manifold.schema import (
   require,
 )
 
-__all__ = ["ConfigError", "Config", "SECTIONS", "base_config", "load_config", "validate", "config_from_json"]
+__all__ = [
+  "ConfigError",
+  "Config",
+  "SECTIONS",
+  "base_config",
+  "load_config",
+  "validate",
+  "model_config",
+  "config_from_json",
+]
 
 _BELOW_ONE = Check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 _FRACTIONS = Check(

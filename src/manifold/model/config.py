@@ -64,8 +64,8 @@ class ModelConfig(Section):
   norm_topk_prob: bool = field(True, "moe: normalise the K gate weights to sum 1 before scaling")
   first_k_dense_replace: int = field(0, "moe: the first k blocks keep a dense FFN", NONNEGATIVE)
   moe_impl: str = field(
-    "ragged", "ragged (tokens sorted by expert, grouped matmul) | dense (every expert on every token: the reference)",
-    one_of("ragged", "dense"),
+    "auto", "auto (ragged) | ragged (tokens sorted by expert, grouped matmul) | dense (every expert on every token)",
+    one_of("auto", "ragged", "dense"),
   )  # fmt: skip
   grouped_matmul_impl: str = field(
     "auto", "ragged's grouped matmul: auto (Pallas on GPU, XLA elsewhere) | xla | triton | mosaic_gpu",

@@ -55,7 +55,7 @@ class MoE(nnx.Module):
     scores = jax.nn.sigmoid(x_nd.astype(jnp.float32) @ self.router[...])  # [N, E], float32
     weights, experts = route(scores, jax.lax.stop_gradient(self.bias[...]), cfg)
     routed = routed_dense
-    if cfg.moe_impl == "ragged":  # under a mesh: per device, not one global sort
+    if cfg.moe_impl != "dense":  # auto is ragged everywhere; under a mesh: per device, not one global sort
       per_device = not jax.sharding.get_abstract_mesh().empty
       routed = functools.partial(
         routed_expert_parallel if per_device else routed_ragged, matmul=cfg.grouped_matmul_impl
