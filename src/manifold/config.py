@@ -37,6 +37,15 @@ def base_config() -> ml_collections.ConfigDict:
     d_ff=768,
     max_seq_len=256,
     rope_theta=10_000.0,
+    # RoPE scaling (DeepSeek-V3's YaRN, manifold/model/rope.py); the rope_* fields act only with yarn;
+    # mscale(m) = 0.1 m ln(rope_factor) + 1
+    rope_scaling="none",  # none | yarn (attention=mla)
+    rope_factor=1.0,  # yarn: context extension factor
+    rope_original_max_len=4096,  # yarn: the pre-training context length
+    rope_beta_fast=32.0,  # yarn: frequencies turning more often over that length are kept
+    rope_beta_slow=1.0,  # yarn: frequencies turning less often are divided by the factor
+    rope_mscale=1.0,  # yarn: cos / sin scale mscale(rope_mscale) / mscale(rope_mscale_all_dim)
+    rope_mscale_all_dim=0.0,  # yarn: softmax scale times mscale(rope_mscale_all_dim)^2
     norm_eps=1e-6,
     init_std=0.02,
     dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
@@ -220,6 +229,13 @@ _FIELD_CHECKS: dict[str, Check] = {
   "model.d_ff": _POS_INT,
   "model.max_seq_len": _POS_INT,
   "model.rope_theta": _POS_FLOAT,
+  "model.rope_scaling": _one_of("none", "yarn"),
+  "model.rope_factor": _POS_FLOAT,
+  "model.rope_original_max_len": _POS_INT,
+  "model.rope_beta_fast": _POS_FLOAT,
+  "model.rope_beta_slow": _POS_FLOAT,
+  "model.rope_mscale": _NONNEG_FLOAT,
+  "model.rope_mscale_all_dim": _NONNEG_FLOAT,
   "model.norm_eps": _POS_FLOAT,
   "model.init_std": _POS_FLOAT,
   "model.dtype": _one_of("float32", "bfloat16"),
@@ -334,6 +350,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     parse_tiles(m.mhc_tiles)
   except ValueError as e:
     raise ConfigError(f"model.mhc_tiles={m.mhc_tiles!r}: {e}") from None
+  _require(
+    m.rope_scaling == "none" or m.attention == "mla",
+    f"model.rope_scaling={m.rope_scaling!r}: implemented for attention='mla' (DeepSeek-V3); use model.attention=mla",
+  )
   _require(m.n_heads % m.n_kv_heads == 0, f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads}")
   _require(
     m.residual != "mhc_lite" or m.streams <= 6,

@@ -24,6 +24,14 @@ class ModelConfig:
   d_ff: int = 768
   max_seq_len: int = 256
   rope_theta: float = 10_000.0
+  # RoPE scaling (DeepSeek-V3's YaRN, see model/rope.py); the rope_* fields below act only with "yarn"
+  rope_scaling: str = "none"  # none | yarn (attention=mla)
+  rope_factor: float = 1.0  # yarn: context extension factor
+  rope_original_max_len: int = 4096  # yarn: the pre-training context length
+  rope_beta_fast: float = 32.0  # yarn: frequencies turning more often over that length are kept
+  rope_beta_slow: float = 1.0  # yarn: frequencies turning less often are divided by the factor
+  rope_mscale: float = 1.0  # yarn: cos / sin scale mscale(rope_mscale) / mscale(rope_mscale_all_dim)
+  rope_mscale_all_dim: float = 0.0  # yarn: softmax scale times mscale(rope_mscale_all_dim)^2
   norm_eps: float = 1e-6
   init_std: float = 0.02
   dtype: str = "float32"
