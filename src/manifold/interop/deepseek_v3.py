@@ -7,32 +7,82 @@ stacked experts [E, ...] and rotate-half pairs. Interleaved pair (2i, 2i+1) beco
 rotate-half pair (i, i + d/2) by permuting the RoPE output channels of the query and
 shared-key projections, which reproduces HF's rotated layout exactly.
 
-Supported: float16 / bfloat16 / float32 weights, default RoPE, SiLU, no attention biases.
-Not supported (clear error): FP8 checkpoints (dequantize first), YaRN or other RoPE scaling.
+Import holds about one layer in memory whatever the checkpoint's size: tensors are
+memory-mapped from the files that `model.safetensors.index.json` names, converted one
+parameter at a time (a layer's routed experts stacked) and each written to a
+memory-mapped file before the next is read; orbax then writes step 0 from those files.
+
+Supported: float32 / bfloat16 / float16 weights, FP8 weights as released (float8_e4m3fn
+with a float32 `weight_scale_inv` per block, dequantised on import), default or YaRN
+RoPE, SiLU, no attention biases.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
+import struct
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from manifold.config import ConfigError, model_config, validate
 from manifold.model import ModelConfig
+
+INDEX = "model.safetensors.index.json"
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn}
+
+
+def _yarn_overrides(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
+  """`model.rope_*` fields for HF's YaRN parameters, with transformers' defaults."""
+  if rope.get("attention_factor") is not None or not rope.get("truncate", True):
+    raise ConfigError(
+      "--from-hf: YaRN with attention_factor or truncate=false is not supported (DeepSeek sets neither)"
+    )
+  mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+  if mscale_all_dim and not mscale:
+    raise ConfigError("--from-hf: YaRN with mscale_all_dim but no mscale is not supported; set both, as DeepSeek does")
+  original = rope["original_max_position_embeddings"]
+  return {
+    "rope_scaling": "yarn",
+    "rope_factor": float(rope.get("factor") or hf["max_position_embeddings"] / original),
+    "rope_original_max_len": int(original),
+    "rope_beta_fast": float(rope.get("beta_fast") or 32.0),
+    "rope_beta_slow": float(rope.get("beta_slow") or 1.0),
+    "rope_mscale": float(mscale) if mscale_all_dim else 1.0,  # transformers uses both or neither
+    "rope_mscale_all_dim": float(mscale_all_dim or 0.0),
+  }
+
+
+def fp8_block(hf: dict[str, Any]) -> tuple[int, int] | None:
+  """The [out, in] block of an FP8 checkpoint's `weight_scale_inv`s (None when not quantized)."""
+  quant = hf.get("quantization_config")
+  if not quant:
+    return None
+  if quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
+    raise ConfigError(
+      f"--from-hf: quantization_config quant_method={quant.get('quant_method')!r} fmt={quant.get('fmt')!r} "
+      "is not supported; only block-scaled fp8 e4m3 (as DeepSeek releases) dequantises, else dequantize first"
+    )
+  block = quant.get("weight_block_size", [128, 128])
+  if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    raise ConfigError(f"--from-hf: quantization_config weight_block_size={block!r}; expected two positive integers")
+  return block[0], block[1]
 
 
 def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   """`config.model` fields for an HF DeepSeek-V3 `config.json`."""
   if hf.get("model_type") != "deepseek_v3":
     raise ConfigError(f"--from-hf: model_type={hf.get('model_type')!r}; only 'deepseek_v3' checkpoints convert")
-  if hf.get("quantization_config"):
-    raise ConfigError("--from-hf: the checkpoint is quantized (FP8); dequantize it to bfloat16 first")
+  fp8_block(hf)
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise ConfigError(f"--from-hf: RoPE scaling {rope_type!r} is not implemented; only default RoPE converts")
+  if rope_type not in ("default", "yarn"):
+    raise ConfigError(f"--from-hf: RoPE scaling {rope_type!r} is not implemented; default RoPE and 'yarn' convert")
   if hf.get("attention_bias") or hf.get("hidden_act", "silu") != "silu":
     raise ConfigError("--from-hf: attention biases and activations other than silu are not supported")
   moe = bool(hf.get("n_routed_experts"))
@@ -46,6 +96,7 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     "d_ff": hf["intermediate_size"],
     "max_seq_len": hf["max_position_embeddings"],
     "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+    **(_yarn_overrides(hf, rope) if rope_type == "yarn" else {"rope_scaling": "none"}),
     "norm_eps": hf["rms_norm_eps"],
     "init_std": hf.get("initializer_range", 0.02),
     "attention": "mla",
@@ -69,75 +120,151 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   }
 
 
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+  """float32 `weight * scale_inv`, one scale per [block] tile (edge tiles partial).
+
+  weight: [O, I] float8_e4m3fn; scale_inv: [ceil(O / bo), ceil(I / bi)] -> [O, I].
+  """
+  (bo, bi), (o, i) = block, weight.shape
+  if scale_inv.shape != (math.ceil(o / bo), math.ceil(i / bi)):
+    raise ValueError(f"scale_inv is {scale_inv.shape}, expected one per {bo} x {bi} block of {weight.shape}")
+  out = np.array(weight, np.float32)  # [O, I]
+  scale = np.repeat(np.asarray(scale_inv, np.float32), bi, axis=1)[:, :i]  # [O / bo, I]
+  for r in range(scale.shape[0]):
+    out[r * bo : (r + 1) * bo] *= scale[r]
+  return out
+
+
+class HFTensors(Mapping[str, np.ndarray]):
+  """The tensors of an HF checkpoint's safetensors files, read on access as float32.
+
+  Each access memory-maps the tensor's bytes at the offsets in its file's header (numpy
+  has no float8 type, so safetensors' numpy reader cannot return FP8 weights); FP8
+  weights come back dequantised and their `*_scale_inv` tensors are not listed.
+  """
+
+  def __init__(self, where: dict[str, tuple[str, int, dict[str, Any]]], block: tuple[int, int] | None):
+    self._where, self._block = where, block  # name -> (file, data offset, header entry)
+    self._names = [n for n in where if not (n.endswith("_scale_inv") and n.removesuffix("_scale_inv") in where)]
+
+  def raw(self, name: str) -> np.ndarray:
+    """The stored tensor, memory-mapped (float8 stays float8)."""
+    path, offset, entry = self._where[name]
+    if entry["dtype"] not in _DTYPES:
+      raise ConfigError(f"--from-hf: {name!r} has dtype {entry['dtype']}; supported: {', '.join(_DTYPES)}")
+    return np.memmap(path, _DTYPES[entry["dtype"]], "r", offset + entry["data_offsets"][0], tuple(entry["shape"]))
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    tensor = self.raw(name)
+    if tensor.dtype != ml_dtypes.float8_e4m3fn:
+      return np.asarray(tensor, np.float32)
+    if self._block is None:
+      raise ConfigError(f"--from-hf: {name!r} is float8 but config.json has no quantization_config (quant_method fp8)")
+    if name + "_scale_inv" not in self._where:
+      raise ConfigError(f"--from-hf: {name!r} is float8 but {name + '_scale_inv'!r} is missing from the checkpoint")
+    try:
+      return dequantize_fp8(tensor, self.raw(name + "_scale_inv"), self._block)
+    except ValueError as e:
+      raise ConfigError(f"--from-hf: {name!r}: {e}") from None
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._where
+
+
 def _deinterleave(n: int) -> np.ndarray:
   """Channel order taking interleaved RoPE pairs (2i, 2i+1) to rotate-half pairs (i, i + n/2)."""
   return np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)])
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, rope_interleave: bool):
-  """(params, extra) pure dicts in manifold's layout from HF tensors (float32)."""
-  t = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+KeyPath = tuple[str | int, ...]  # e.g. ("params", "blocks", 0, "attn", "wkv_a")
+
+
+def hf_leaves(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, *, rope_interleave: bool):
+  """Yields (path, float32 array) for every manifold parameter, one at a time, e.g.
+  (("params", "blocks", 0, "attn", "wkv_a"), a) or (("extra", "blocks", 1, "ffn", "bias"), b)."""
   h, nope, rope, v = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
   order = _deinterleave(rope) if rope_interleave else np.arange(rope)
   head_order = np.concatenate([np.arange(nope), nope + order])  # per-head query channels
+  used: set[str] = set()
 
   def take(name):
-    if name not in t:
+    if name not in tensors:
       raise ConfigError(f"--from-hf: tensor {name!r} is missing from the checkpoint")
-    return t.pop(name)
+    used.add(name)
+    return np.asarray(tensors[name], np.float32)
 
   def linear(name):  # [out, in] -> [in, out]
     return take(name).T
 
-  embed = take("model.embed_tokens.weight")
-  params: dict[str, Any] = {
-    "embed": {"table": embed},
-    "final_norm": {"scale": take("model.norm.weight")},
-    "head": linear("lm_head.weight") if "lm_head.weight" in t else embed.T.copy(),  # tied: untie
-    "blocks": {},
-  }
-  extra: dict[str, Any] = {"blocks": {}}
+  def stacked(names):  # [E, in, out], filled one expert at a time
+    first = linear(names[0])
+    out = np.empty((len(names), *first.shape), np.float32)
+    for e, name in enumerate(names):
+      out[e] = first if e == 0 else linear(name)
+    return out
+
+  yield ("params", "embed", "table"), take("model.embed_tokens.weight")
+  yield ("params", "final_norm", "scale"), take("model.norm.weight")
+  tied = "lm_head.weight" not in tensors
+  yield ("params", "head"), take("model.embed_tokens.weight").T if tied else linear("lm_head.weight")
   for i in range(cfg.n_layers):
     p = f"model.layers.{i}."
-    a = p + "self_attn."
-    attn: dict[str, Any] = {}
+    a, at = p + "self_attn.", ("params", "blocks", i, "attn")
     if cfg.q_lora_rank:
-      attn["wq_a"] = linear(a + "q_a_proj.weight")
-      attn["q_norm"] = {"scale": take(a + "q_a_layernorm.weight")}
-      attn["wq_b"] = linear(a + "q_b_proj.weight").reshape(cfg.q_lora_rank, h, nope + rope)[..., head_order]
+      yield at + ("wq_a",), linear(a + "q_a_proj.weight")
+      yield at + ("q_norm", "scale"), take(a + "q_a_layernorm.weight")
+      wq_b = linear(a + "q_b_proj.weight").reshape(cfg.q_lora_rank, h, nope + rope)
+      yield at + ("wq_b",), wq_b[..., head_order]
     else:
-      attn["wq"] = linear(a + "q_proj.weight").reshape(cfg.d_model, h, nope + rope)[..., head_order]
+      yield at + ("wq",), linear(a + "q_proj.weight").reshape(cfg.d_model, h, nope + rope)[..., head_order]
     wkv_a = linear(a + "kv_a_proj_with_mqa.weight")
-    attn["wkv_a"] = np.concatenate([wkv_a[:, : cfg.kv_lora_rank], wkv_a[:, cfg.kv_lora_rank :][:, order]], axis=1)
-    attn["kv_norm"] = {"scale": take(a + "kv_a_layernorm.weight")}
-    attn["wkv_b"] = linear(a + "kv_b_proj.weight").reshape(cfg.kv_lora_rank, h, nope + v)
-    attn["wo"] = linear(a + "o_proj.weight").reshape(h, v, cfg.d_model)
-    block = {
-      "attn": attn,
-      "attn_norm": {"scale": take(p + "input_layernorm.weight")},
-      "ffn_norm": {"scale": take(p + "post_attention_layernorm.weight")},
-    }
-    m = p + "mlp."
+    yield at + ("wkv_a",), np.concatenate([wkv_a[:, : cfg.kv_lora_rank], wkv_a[:, cfg.kv_lora_rank :][:, order]], 1)
+    yield at + ("kv_norm", "scale"), take(a + "kv_a_layernorm.weight")
+    yield at + ("wkv_b",), linear(a + "kv_b_proj.weight").reshape(cfg.kv_lora_rank, h, nope + v)
+    yield at + ("wo",), linear(a + "o_proj.weight").reshape(h, v, cfg.d_model)
+    yield ("params", "blocks", i, "attn_norm", "scale"), take(p + "input_layernorm.weight")
+    yield ("params", "blocks", i, "ffn_norm", "scale"), take(p + "post_attention_layernorm.weight")
+    m, ffn = p + "mlp.", ("params", "blocks", i, "ffn")
     if cfg.ffn == "moe" and i >= cfg.first_k_dense_replace:
-      experts = range(cfg.n_routed_experts)
-      block["ffn"] = {
-        "router": linear(m + "gate.weight"),
-        "w_gate": np.stack([linear(f"{m}experts.{e}.gate_proj.weight") for e in experts]),
-        "w_up": np.stack([linear(f"{m}experts.{e}.up_proj.weight") for e in experts]),
-        "w_down": np.stack([linear(f"{m}experts.{e}.down_proj.weight") for e in experts]),
-      }
+      yield ffn + ("router",), linear(m + "gate.weight")
+      for n in ("gate", "up", "down"):
+        yield ffn + (f"w_{n}",), stacked([f"{m}experts.{e}.{n}_proj.weight" for e in range(cfg.n_routed_experts)])
       if cfg.n_shared_experts:
-        block["ffn"]["shared"] = {
-          f"w_{n}": linear(f"{m}shared_experts.{n}_proj.weight") for n in ("gate", "up", "down")
-        }
-      extra["blocks"][i] = {"ffn": {"bias": take(m + "gate.e_score_correction_bias")}}
+        for n in ("gate", "up", "down"):
+          yield ffn + ("shared", f"w_{n}"), linear(f"{m}shared_experts.{n}_proj.weight")
+      yield ("extra", "blocks", i, "ffn", "bias"), take(m + "gate.e_score_correction_bias")
     else:
-      block["ffn"] = {f"w_{n}": linear(f"{m}{n}_proj.weight") for n in ("gate", "up", "down")}
-    params["blocks"][i] = block
-  leftover = sorted(k for k in t if not k.startswith(f"model.layers.{cfg.n_layers}."))  # MTP layers are skipped
+      for n in ("gate", "up", "down"):
+        yield ffn + (f"w_{n}",), linear(f"{m}{n}_proj.weight")
+  mtp = f"model.layers.{cfg.n_layers}."  # transformers skips the MTP layer's weights; so does manifold
+  leftover = sorted(k for k in tensors if k not in used and not k.startswith(mtp))
   if leftover:
     raise ConfigError(f"--from-hf: {len(leftover)} tensors not understood, e.g. {leftover[0]!r}")
-  return params, extra
+
+
+def _nest(leaves) -> dict[str, Any]:
+  tree: dict[Any, Any] = {}
+  for path, leaf in leaves:
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return tree
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, *, rope_interleave: bool):
+  """(params, extra) pure dicts of float32 arrays in manifold's layout, all in memory."""
+  tree = _nest(
+    (path, np.array(leaf, np.float32, order="C"))
+    for path, leaf in hf_leaves(tensors, cfg, rope_interleave=rope_interleave)
+  )
+  return tree["params"], tree.get("extra", {"blocks": {}})
 
 
 def params_to_hf(params, extra, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -187,6 +314,27 @@ def params_to_hf(params, extra, cfg: ModelConfig) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(x) for k, x in out.items()}
 
 
+def _hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any]:
+  """`rope_scaling` as the released V3 config spells it ({} without scaling)."""
+  if cfg.rope_scaling == "none":
+    return {}
+  if not cfg.rope_mscale_all_dim and cfg.rope_mscale != 1:
+    raise ConfigError(
+      f"--to-hf: model.rope_mscale={cfg.rope_mscale} needs model.rope_mscale_all_dim > 0; transformers reads "
+      "mscale only beside mscale_all_dim"
+    )
+  yarn = {
+    "type": "yarn",
+    "factor": cfg.rope_factor,
+    "original_max_position_embeddings": cfg.rope_original_max_len,
+    "beta_fast": cfg.rope_beta_fast,
+    "beta_slow": cfg.rope_beta_slow,
+    "mscale": cfg.rope_mscale,
+    "mscale_all_dim": cfg.rope_mscale_all_dim,
+  }
+  return {"rope_scaling": yarn}
+
+
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
   """An HF `config.json` for a manifold MLA model (RoPE written interleaved, as V3's)."""
   moe = cfg.ffn == "moe"
@@ -216,6 +364,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     "max_position_embeddings": cfg.max_seq_len,
     "rms_norm_eps": cfg.norm_eps,
     "rope_theta": cfg.rope_theta,
+    **_hf_rope_scaling(cfg),
     "rope_interleave": True,
     "hidden_act": "silu",
     "attention_bias": False,
@@ -225,29 +374,112 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
   }
 
 
-def read_hf_checkpoint(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(config.json, every tensor of every *.safetensors file) of an HF checkpoint folder."""
-  from safetensors.numpy import load_file
+def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+  """(tensor name -> {dtype, shape, data_offsets}, offset of the data) of a safetensors file."""
+  with open(path, "rb") as f:
+    (size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(size))
+  header.pop("__metadata__", None)
+  return header, 8 + size
+
+
+def read_hf_checkpoint(directory: str) -> tuple[dict[str, Any], HFTensors]:
+  """(config.json, lazily read tensors) of an HF checkpoint folder.
+
+  With `model.safetensors.index.json` the files its `weight_map` names are read, and each
+  tensor must sit where the index says; any other *.safetensors file is refused. Without
+  one, every *.safetensors file is read and a tensor may appear in only one of them.
+  """
+
+  def fail(message: str):
+    raise ConfigError(f"--from-hf {directory}: {message}")
 
   config_path = os.path.join(directory, "config.json")
   if not os.path.exists(config_path):
-    raise ConfigError(f"--from-hf {directory}: no config.json; pass a Hugging Face checkpoint folder")
-  files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-  if not files:
-    raise ConfigError(f"--from-hf {directory}: no *.safetensors weights")
+    fail("no config.json; pass a Hugging Face checkpoint folder")
   with open(config_path) as f:
     config = json.load(f)
-  tensors: dict[str, np.ndarray] = {}
-  for name in files:
-    tensors.update(load_file(os.path.join(directory, name)))
-  return config, tensors
+  present = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+  weight_map: dict[str, str] | None = None
+  if os.path.exists(os.path.join(directory, INDEX)):
+    with open(os.path.join(directory, INDEX)) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      fail(f"{INDEX} has no weight_map")
+    stray = [f for f in present if f not in set(weight_map.values())]
+    if stray:
+      fail(f"{stray[0]} is not in {INDEX}; move it out of the folder (or list its tensors in the index)")
+    absent = sorted(set(weight_map.values()) - set(present))
+    if absent:
+      fail(f"{INDEX} names {absent[0]}, which is not in the folder")
+  elif not present:
+    fail("no *.safetensors weights")
+  where: dict[str, tuple[str, int, dict[str, Any]]] = {}
+  for name in sorted(set(weight_map.values())) if weight_map else present:
+    header, offset = _safetensors_header(os.path.join(directory, name))
+    for tensor, entry in header.items():
+      if weight_map is not None and weight_map.get(tensor) != name:
+        fail(f"{name} holds {tensor!r}, which {INDEX} does not map to it; regenerate the index")
+      if tensor in where:
+        fail(f"{tensor!r} is in both {os.path.basename(where[tensor][0])} and {name}; keep one copy")
+      where[tensor] = (os.path.join(directory, name), offset, entry)
+  missing = sorted(set(weight_map or ()) - set(where))
+  if missing:
+    fail(f"{INDEX} maps {missing[0]!r} to {weight_map[missing[0]]}, which does not hold it")
+  return config, HFTensors(where, fp8_block(config))
+
+
+def _dotted(path: KeyPath) -> str:
+  return ".".join(map(str, path))
+
+
+def _key_path(path) -> KeyPath:
+  return tuple(k.key for k in path)
+
+
+def _to_disk(directory: str, path: KeyPath, array: np.ndarray) -> np.ndarray:
+  """A read-only memory map of `array`, written to a .npy file in `directory`."""
+  file = os.path.join(directory, _dotted(path) + ".npy")
+  out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=array.shape)
+  out[...] = array
+  out.flush()
+  return np.load(file, mmap_mode="r")
+
+
+def _save_step_zero(directory: str, state, data_state: dict[str, Any]) -> None:
+  """Writes `state` (numpy leaves) as step 0 of the `Checkpointer` at `directory`, reading
+  each leaf as it is written: orbax's numpy handler without its host copy, chunks of at
+  most 64 MiB, and plain zarr (with OCDBT the writer's memory grew with the checkpoint)."""
+  import jax
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint import type_handlers
+
+  registry = type_handlers.create_type_handler_registry(
+    (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (np.number, type_handlers.ScalarHandler()),
+  )
+  manager = ocp.CheckpointManager(
+    directory,
+    item_handlers={  # the items of manifold.train.checkpoint.Checkpointer
+      "state": ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry),
+      "data": ocp.JsonCheckpointHandler(),
+    },
+    options=ocp.CheckpointManagerOptions(create=True),
+  )
+  chunks = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=64 << 20), state)
+  manager.save(
+    0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state, save_args=chunks), data=ocp.args.JsonSave(data_state))
+  )
+  manager.wait_until_finished()
+  manager.close()
 
 
 def import_checkpoint(hf_dir: str, workdir: str, base_cfg) -> int:
   """Writes a manifold run directory (config.json + a step-0 checkpoint) for an HF checkpoint.
 
-  `base_cfg` supplies everything but `model` (data, training, sampling). Returns the
-  number of parameters imported.
+  `base_cfg` supplies everything but `model` (data, training, sampling). Converted
+  parameters go to memory-mapped files under `<workdir>/hf-import` (removed once step 0
+  is written), so memory stays about one layer. Returns the number of parameters imported.
   """
   import jax
 
@@ -263,29 +495,45 @@ def import_checkpoint(hf_dir: str, workdir: str, base_cfg) -> int:
   cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
   validate(cfg)
   model_cfg = model_config(cfg)
-  params, extra = params_from_hf(tensors, model_cfg, rope_interleave=bool(hf.get("rope_interleave", True)))
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
-    checkpointer.close()
+  latest = checkpointer.latest_step()
+  checkpointer.close()
+  if latest is not None:
     raise ConfigError(f"--workdir {workdir}: already holds checkpoints; convert into a new directory")
   prepare_workdir(cfg, workdir)
-  tx = make_optimizer(cfg.train)
-  spec = make_state_spec(model_cfg, tx, make_mesh(cfg.mesh))
-  expected = dict(jax.tree_util.tree_leaves_with_path(jax.tree.map(lambda a: a.shape, spec.abstract.params)))
-  got = dict(jax.tree_util.tree_leaves_with_path(jax.tree.map(lambda a: a.shape, params)))
-  if expected != got:
-    path = next(p for p in sorted(set(expected) | set(got), key=str) if expected.get(p) != got.get(p))
-    raise ConfigError(
-      f"--from-hf: parameter {jax.tree_util.keystr(path)} is {got.get(path)} after conversion "
-      f"but the model expects {expected.get(path)}"
+  abstract = make_state_spec(model_cfg, make_optimizer(cfg.train), make_mesh(cfg.mesh)).abstract
+  expected = {("params", *_key_path(p)): a.shape for p, a in jax.tree_util.tree_leaves_with_path(abstract.params)} | {
+    ("extra", *_key_path(p)): a.shape for p, a in jax.tree_util.tree_leaves_with_path(abstract.extra)
+  }
+  staging = os.path.join(workdir, "hf-import")
+  os.makedirs(staging, exist_ok=True)
+  try:
+    written = {}
+    for path, array in hf_leaves(tensors, model_cfg, rope_interleave=bool(hf.get("rope_interleave", True))):
+      if expected.get(path) != array.shape:
+        raise ConfigError(
+          f"--from-hf: parameter {_dotted(path)} is {array.shape} after conversion "
+          f"but the model expects {expected.get(path)}"
+        )
+      written[path] = _to_disk(staging, path, array)
+    missing = sorted(map(_dotted, set(expected) - set(written)))
+    if missing:
+      raise ConfigError(f"--from-hf: the checkpoint gives no value for parameter {missing[0]}")
+
+    def leaves(kind, tree):
+      return jax.tree_util.tree_map_with_path(lambda p, _: written[(kind, *_key_path(p))], tree)
+
+    state = TrainState(
+      step=np.zeros((), np.int32),
+      params=leaves("params", abstract.params),
+      extra=leaves("extra", abstract.extra),
+      # AdamW starts from zero moments and counts: broadcast zeros take no memory
+      opt_state=jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), abstract.opt_state),
     )
-  params = jax.device_put(params, spec.shardings.params)
-  extra = jax.device_put(extra, spec.shardings.extra) if spec.abstract.extra else spec.abstract.extra
-  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, extra=extra, opt_state=tx.init(params))
-  checkpointer.save(0, state, {"epoch": 0, "position": 0, "seed": cfg.train.seed})
-  checkpointer.wait()
-  checkpointer.close()
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    _save_step_zero(checkpointer.directory, state, {"epoch": 0, "position": 0, "seed": cfg.train.seed})
+  finally:
+    shutil.rmtree(staging)
+  return sum(a.size for path, a in written.items() if path[0] == "params")
 
 
 def export_checkpoint(workdir: str, out_dir: str) -> int:

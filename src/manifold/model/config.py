@@ -41,6 +41,17 @@ class ModelConfig(Section):
   d_ff: int = field(768, "width of the dense SwiGLU FFN", POSITIVE)
   max_seq_len: int = field(256, "longest sequence the model is built for", POSITIVE)
   rope_theta: float = field(10_000.0, "RoPE base", POSITIVE_FLOAT)
+  # RoPE scaling (DeepSeek-V3's YaRN, model/rope.py); the rope_* fields below act only with yarn, where
+  # mscale(m) = 0.1 m ln(rope_factor) + 1
+  rope_scaling: str = field("none", "none | yarn (attention=mla)", one_of("none", "yarn"))
+  rope_factor: float = field(1.0, "yarn: context extension factor", POSITIVE_FLOAT)
+  rope_original_max_len: int = field(4096, "yarn: the pre-training context length", POSITIVE)
+  rope_beta_fast: float = field(32.0, "yarn: frequencies turning more often over that length are kept", POSITIVE_FLOAT)
+  rope_beta_slow: float = field(1.0, "yarn: frequencies turning less often are divided by the factor", POSITIVE_FLOAT)
+  rope_mscale: float = field(
+    1.0, "yarn: cos / sin scale mscale(rope_mscale) / mscale(rope_mscale_all_dim)", NONNEGATIVE_FLOAT
+  )
+  rope_mscale_all_dim: float = field(0.0, "yarn: softmax scale times mscale(rope_mscale_all_dim)^2", NONNEGATIVE_FLOAT)
   norm_eps: float = field(1e-6, "RMSNorm epsilon (the mHC paper: 1e-20)", POSITIVE_FLOAT)
   init_std: float = field(0.02, "standard deviation of the normal initialisers", POSITIVE_FLOAT)
   dtype: str = field("float32", "compute dtype (parameters stay float32)", one_of("float32", "bfloat16"))
@@ -118,6 +129,11 @@ class ModelConfig(Section):
         k <= self.topk_group * (e // groups),
         f"model.experts_per_token={k}: more than the {self.topk_group} allowed groups hold",
       )
+    require(
+      self.rope_scaling == "none" or self.attention == "mla",
+      f"model.rope_scaling={self.rope_scaling!r}: implemented for attention='mla' (DeepSeek-V3); "
+      f"use model.attention=mla",
+    )
     require(
       self.mhc_impl != "pallas" or (self.residual == "mhc" and self.mhc_sinkhorn in ("exp", "softmax_eps")),
       f"model.mhc_impl='pallas': the kernels fuse residual=mhc with mhc_sinkhorn exp or softmax_eps, not "

@@ -16,7 +16,7 @@ from kernels.attention.api import dot_product_attention
 
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
-from manifold.model.rope import apply_rope
+from manifold.model.rope import apply_rope, rope_scaling
 
 MLACache = dict[str, jax.Array]  # {"latent": [B, S, r_kv], "k_rope": [B, S, d_rope]}
 LATENT_NORM_EPS = 1e-6  # DeepSeek-V3's q_a / kv_a norms use this, not the model's norm_eps
@@ -50,17 +50,17 @@ class MultiHeadLatentAttention(nnx.Module):
     """x: [B, T, D] -> ([B, T, D], cache). With `cache`, the T new latents and rope keys are
     written at `cache_index` and queries attend to every cached position <= their own."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    nope = cfg.qk_nope_head_dim
+    nope, yarn = cfg.qk_nope_head_dim, rope_scaling(cfg)
     if cfg.q_lora_rank:
       q_latent = self.q_norm(jnp.einsum("btd,dr->btr", x_btd, self.wq_a[...].astype(dt)))  # [B, T, r_q]
       q = jnp.einsum("btr,rnh->btnh", q_latent, self.wq_b[...].astype(dt))  # [B, T, N, nope + rope]
     else:
       q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dt))  # [B, T, N, nope + rope]
-    q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], positions_bt, cfg.rope_theta)], axis=-1)
+    q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], positions_bt, cfg.rope_theta, yarn)], axis=-1)
 
     kv = jnp.einsum("btd,dr->btr", x_btd, self.wkv_a[...].astype(dt))  # [B, T, r_kv + rope]
     latent = self.kv_norm(kv[..., : cfg.kv_lora_rank])  # [B, T, r_kv]
-    k_rope = apply_rope(kv[..., None, cfg.kv_lora_rank :], positions_bt, cfg.rope_theta)[:, :, 0]  # [B, T, rope]
+    k_rope = apply_rope(kv[..., None, cfg.kv_lora_rank :], positions_bt, cfg.rope_theta, yarn)[:, :, 0]  # [B, T, rope]
 
     mask, is_causal = None, True
     if cache is not None:
@@ -81,7 +81,8 @@ class MultiHeadLatentAttention(nnx.Module):
       [k_nope, jnp.broadcast_to(k_rope.astype(dt)[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))], axis=-1
     )  # [B, S, N, nope + rope]
     impl = "xla" if cache is not None else cfg.attention_impl
+    scale = (nope + cfg.qk_rope_head_dim) ** -0.5 * (yarn.softmax_scale if yarn else 1.0)
     out = dot_product_attention(
-      q, k, v, scale=(nope + cfg.qk_rope_head_dim) ** -0.5, mask=mask, is_causal=is_causal, implementation=impl
+      q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=impl
     )  # [B, T, N, v]
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), cache  # [B, T, D]
