@@ -27,12 +27,11 @@ class MultiHeadLatentAttention(nnx.Module):
     d, h = cfg.d_model, cfg.n_heads
     nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     init = normal(cfg.init_std)
-    if cfg.q_lora_rank:
-      self.wq_a = param(rngs, init, (d, cfg.q_lora_rank), ("embed", "q_lora"))
-      self.q_norm = RMSNorm(cfg.q_lora_rank, eps=LATENT_NORM_EPS, rngs=rngs, axis_name="q_lora")
-      self.wq_b = param(rngs, init, (cfg.q_lora_rank, h, nope + rope), ("q_lora", "heads", "head_dim"))
-    else:
-      self.wq = param(rngs, init, (d, h, nope + rope), ("embed", "heads", "head_dim"))
+    r_q = cfg.q_lora_rank  # 0: queries straight from x through wq; else through wq_a, q_norm and wq_b
+    self.wq = None if r_q else param(rngs, init, (d, h, nope + rope), ("embed", "heads", "head_dim"))
+    self.wq_a = param(rngs, init, (d, r_q), ("embed", "q_lora")) if r_q else None
+    self.q_norm = RMSNorm(r_q, eps=LATENT_NORM_EPS, rngs=rngs, axis_name="q_lora") if r_q else None
+    self.wq_b = param(rngs, init, (r_q, h, nope + rope), ("q_lora", "heads", "head_dim")) if r_q else None
     self.wkv_a = param(rngs, init, (d, cfg.kv_lora_rank + rope), ("embed", "kv_lora"))
     self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS, rngs=rngs, axis_name="kv_lora")
     self.wkv_b = param(rngs, init, (cfg.kv_lora_rank, h, nope + v), ("kv_lora", "heads", "head_dim"))

@@ -26,7 +26,7 @@ class MTPModule(nnx.Module):
     self.hidden_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
     self.embed_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
     self.proj = param(rngs, normal(cfg.init_std), (2 * d, d), (None, "embed"))
-    block_cfg = dataclasses.replace(cfg, residual="plain", ffn="dense")
+    block_cfg = dataclasses.replace(cfg, residual="plain", ffn="dense", mhc_impl="xla")  # no streams to mix
     self.block = block_cls(block_cfg, index=cfg.n_layers + depth, rngs=rngs)
     self.final_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
     self.dtype = cfg.compute_dtype
