@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kernels.mhc.sinkhorn import SINKHORN, birkhoff_combination, permutation_matrices
 from safetensors.numpy import load_file
 
 from manifold.model import ModelConfig, Transformer
 from manifold.model import residual as rs
 from manifold.model.diagnostics import amax_gain, composite_mixing, doubly_stochastic_deviation, mixing_stats
-from manifold.model.sinkhorn import SINKHORN, birkhoff_combination, permutation_matrices
 
 from .conftest import decode_with_cache
 
