@@ -2,7 +2,7 @@
 from XLA's memory analysis of the step AOT-compiled for a v5p-8 slice (4 chips, data
 parallel; per-chip bytes; `make libtpu`).
 
-  PYTHONPATH=src:. python kernels/mhc/memory.py
+  PYTHONPATH=src:. python benchmarks/mhc_memory.py
 
 Per-layer bytes are the temporaries of an 8-block model minus those of a 4-block model,
 over 4 blocks of two layers each (attention and FFN), so fixed costs (logits, optimizer
