@@ -31,8 +31,8 @@ OVERRIDES = [
 CHIPS = 4
 RUNS = {
   "plain": ["--config.model.residual=plain"],
-  "mhc, kernels": ["--config.model.residual=mhc", "--config.model.kernels=auto"],
-  "mhc, reference": ["--config.model.residual=mhc", "--config.model.kernels=reference"],
+  "mhc, kernels": ["--config.model.residual=mhc", "--config.model.mhc_impl=auto"],
+  "mhc, xla": ["--config.model.residual=mhc", "--config.model.mhc_impl=xla"],
 }
 
 

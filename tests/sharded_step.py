@@ -40,7 +40,7 @@ RUNS = {  # name -> (mesh axes, config overrides)
     dict(SINGLE, fsdp=2, expert=2, tensor=2),
     {"train.microbatches": 2, "model.remat": "full"},
   ),
-  "data4_tensor2_mhc_kernels": (dict(SINGLE, data=4, tensor=2), {"model.kernels": "pallas"}),
+  "data4_tensor2_mhc_kernels": (dict(SINGLE, data=4, tensor=2), {"model.mhc_impl": "pallas"}),
 }
 
 

@@ -238,12 +238,12 @@ def test_mhc_matches_deepseek_v4_hyperconnection_and_head():
 # --- the Pallas kernels wired into the model ----------------------------------------------------
 
 
-def test_mhc_with_pallas_kernels_matches_the_reference_path():
-  """`model.kernels = pallas` (interpret mode on the CPU) against the jnp path: logits and
+def test_mhc_with_pallas_kernels_matches_the_xla_path():
+  """`model.mhc_impl = pallas` (interpret mode on the CPU) against the XLA path: logits and
   every parameter's gradient, float32, 1e-5; decoding with the KV cache runs the kernels too.
   The kernels run in 8-token blocks (`model.mhc_tiles`), so 2 x 15 tokens are padded.
   (Both Sinkhorn variants are compared kernel by kernel in kernels/mhc/mhc_test.py.)"""
-  cfgs = {k: config(residual="mhc", kernels=k, mhc_tiles="block_tokens=8") for k in ("pallas", "reference")}
+  cfgs = {k: config(residual="mhc", mhc_impl=k, mhc_tiles="block_tokens=8") for k in ("pallas", "xla")}
   models = {k: Transformer(c, rngs=nnx.Rngs(params=0)) for k, c in cfgs.items()}
   x = tokens()
 
@@ -254,12 +254,12 @@ def test_mhc_with_pallas_kernels_matches_the_reference_path():
   graph, state = nnx.split(models["pallas"])
   assert "GridMapping(grid=(4," in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graph, s)))(state))  # 30 tokens / 8
   results = {k: nnx.jit(nnx.value_and_grad(loss))(m) for k, m in models.items()}
-  (value, grads), (ref_value, ref_grads) = results["pallas"], results["reference"]
+  (value, grads), (ref_value, ref_grads) = results["pallas"], results["xla"]
   assert abs(float(value - ref_value)) < 1e-5
   pairs = zip(jax.tree.leaves(nnx.to_pure_dict(grads)), jax.tree.leaves(nnx.to_pure_dict(ref_grads)))
   assert max(float(jnp.max(jnp.abs(g - r))) for g, r in pairs) < 1e-5
   logits = models["pallas"](x)[0]
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(models["reference"](x)[0]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(models["xla"](x)[0]), atol=1e-5)
   np.testing.assert_allclose(
     np.asarray(decode_with_cache(models["pallas"], x, prefill=13)), np.asarray(logits), atol=1e-4
   )

@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     sinkhorn_iters=20,  # t_max
     mhc_alpha_init=0.01,  # initial gates alpha of mhc / mhc_lite
     hc_scale_init=0.01,  # initial scales of HC's dynamic parts
-    kernels="auto",  # mhc mixing: auto (Pallas kernels on GPU / TPU, jnp on CPU) | pallas | reference
+    mhc_impl="auto",  # mhc mixing: auto (Pallas kernels on GPU / TPU, XLA on CPU) | pallas | xla
     mhc_tiles="",  # the mHC kernels' tiles as name=value,...: block_tokens, chunk, num_warps, num_stages
     remat="none",  # what each block keeps for the backward pass: none (all) | dots (matmul outputs) | full
   )
@@ -253,7 +253,7 @@ _FIELD_CHECKS: dict[str, Check] = {
   "model.mhc_alpha_init": _NONNEG_FLOAT,
   "model.hc_scale_init": _NONNEG_FLOAT,
   "model.remat": _one_of("none", "dots", "full"),
-  "model.kernels": _one_of("auto", "pallas", "reference"),
+  "model.mhc_impl": _one_of("auto", "pallas", "xla"),
   "model.mhc_tiles": (lambda v: isinstance(v, str), "a string of name=value,... ('' for the defaults)"),
   "data.sources": _STR,
   "data.tokenizer": _STR,
@@ -354,9 +354,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       f"model.experts_per_token={m.experts_per_token}: more than the {m.topk_group} allowed groups hold",
     )
   _require(
-    m.kernels != "pallas" or (m.residual == "mhc" and m.mhc_sinkhorn in ("exp", "softmax_eps")),
-    f"model.kernels='pallas': the kernels fuse residual=mhc with mhc_sinkhorn exp or softmax_eps, not "
-    f"residual={m.residual!r}, mhc_sinkhorn={m.mhc_sinkhorn!r}; use model.kernels=auto or reference",
+    m.mhc_impl != "pallas" or (m.residual == "mhc" and m.mhc_sinkhorn in ("exp", "softmax_eps")),
+    f"model.mhc_impl='pallas': the kernels fuse residual=mhc with mhc_sinkhorn exp or softmax_eps, not "
+    f"residual={m.residual!r}, mhc_sinkhorn={m.mhc_sinkhorn!r}; use model.mhc_impl=auto or xla",
   )
   _require(m.mtp_depth < t.seq_len, f"model.mtp_depth={m.mtp_depth}: must be < train.seq_len={t.seq_len}")
   _require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len}: must be <= model.max_seq_len={m.max_seq_len}")

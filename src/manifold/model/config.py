@@ -53,7 +53,7 @@ class ModelConfig:
   sinkhorn_iters: int = 20  # t_max
   mhc_alpha_init: float = 0.01  # initial gates alpha of mhc / mhc_lite
   hc_scale_init: float = 0.01  # initial scales s of HC's dynamic parts
-  kernels: str = "auto"  # mhc stream mixing: auto (pallas on GPU / TPU) | pallas | reference
+  mhc_impl: str = "auto"  # mhc stream mixing: auto (pallas on GPU / TPU) | pallas | xla (kernels/mhc/api.py)
   mhc_tiles: str = ""  # the mHC kernels' tiles, e.g. "block_tokens=16,num_stages=2" ("": the backend's defaults)
   remat: str = "none"  # none | dots (keep matmul outputs) | full (keep only each block's input)
 

@@ -136,8 +136,9 @@ class ManifoldHyperConnection(Connection):
   Init: phi ~ N(0, init_std), b = 0, alpha = `model.mhc_alpha_init`. The coefficients are
   kernels/mhc/reference.py's on the tokens flattened to [B T, n D].
 
-  With `model.kernels` pallas (auto: on GPU and TPU), `read` and `res_post_mix` run the
-  fused Pallas kernels of kernels/mhc (mhc with the exp or softmax_eps Sinkhorn).
+  With `model.mhc_impl` pallas (auto: on GPU and TPU; kernels/mhc/api.py resolves it),
+  `read` and `res_post_mix` run the fused Pallas kernels of kernels/mhc (mhc with the exp
+  or softmax_eps Sinkhorn); otherwise the XLA path, reference.py.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -150,20 +151,11 @@ class ManifoldHyperConnection(Connection):
     self.bias = param(rngs, jax.nn.initializers.zeros, (width,), (None,))
     self.streams, self.norm_eps = n, cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
-    self.kernels = cfg.kernels if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "reference"
+    self.impl = cfg.mhc_impl if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "xla"
     self.tiles = parse_tiles(cfg.mhc_tiles)
 
-  def _kernel_implementation(self) -> str | None:
-    """triton / tpu / interpret for the platform of the ambient mesh (or default backend), or None."""
-    if self.kernels == "reference":
-      return None
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-    native = {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform)
-    return native if self.kernels == "auto" else native or "interpret"
-
   def read(self, x_btnd: jax.Array) -> tuple[jax.Array, Mixing]:
-    implementation = self._kernel_implementation()
+    implementation = mhc_kernels.resolve(self.impl)
     if implementation is None:
       return super().read(x_btnd)
     b, t, n, d = x_btnd.shape
