@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from kernels.mhc.sinkhorn import SINKHORN, birkhoff_combination, permutation_matrices
 from safetensors.numpy import load_file
 
 from manifold.config import base_config
@@ -23,7 +24,6 @@ from manifold.model.diagnostics import (
   doubly_stochastic_deviation,
   mixing_stats,
 )
-from manifold.model.sinkhorn import SINKHORN, birkhoff_combination, permutation_matrices
 from manifold.train.optimizer import make_optimizer
 
 from .conftest import decode_with_cache
@@ -300,8 +300,8 @@ def test_mhc_matches_deepseek_v4_hyperconnection_and_head():
 # --- the Pallas kernels wired into the model ----------------------------------------------------
 
 
-def test_mhc_with_pallas_kernels_matches_the_reference_path():
-  """`model.mhc_impl = pallas` (interpret mode on the CPU) against the jnp path: logits and
+def test_mhc_with_pallas_kernels_matches_the_xla_path():
+  """`model.mhc_impl = pallas` (interpret mode on the CPU) against the XLA path: logits and
   every parameter's gradient, float32, 1e-5; decoding with the KV cache runs the kernels too.
   The kernels run in 8-token blocks (`model.mhc_tiles`), so 2 x 15 tokens are padded.
   (Both Sinkhorn variants are compared kernel by kernel in kernels/mhc/mhc_test.py.)"""

@@ -14,6 +14,10 @@ for dL/dpre = <dL/dh, x_j>, once to write dL/dx; dL/dphi is one matmul over the 
 the streams' gradient from res-mix reaches pre's backward pass, whose kernel adds it
 while writing dL/dx, instead of a separate pass adding two [N, n D] gradients.
     p, q, r = unpack(coeff, n)                  # pre [N, n], post [N, n], res [N, n, n]
+
+`resolve` is the one place that turns `model.mhc_impl` (auto | pallas | xla) into an
+implementation for a platform: the kernels' backend, or None for the XLA path
+(reference.py). `auto` picks the kernels on GPU and TPU, the XLA path elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import jax.numpy as jnp
 
 from kernels.mhc import calls, reference, tpu, triton
 
-SINKHORNS = tuple(reference.SINKHORNS)  # the Sinkhorn variants the kernels implement
+IMPLEMENTATIONS = ("auto", "pallas", "xla")
+SINKHORNS = ("exp", "softmax_eps")  # the Sinkhorn variants the kernels implement
+_NATIVE = {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}  # platform -> kernel backend
 
 
 @jax.tree_util.register_static
@@ -43,10 +49,22 @@ class Spec:
   tiles: tuple[tuple[str, int], ...] = ()  # backend tile overrides (tiles.parse_tiles), e.g. (("block_tokens", 32),)
 
 
+def resolve(implementation: str, platform: str | None = None) -> str | None:
+  """'triton', 'tpu' or 'interpret' (pallas off GPU and TPU) for the kernels, or None for the
+  XLA path; `platform` defaults to that of the ambient mesh, else of the default backend."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"mHC implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
+  if implementation == "xla":
+    return None
+  if platform is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  native = _NATIVE.get(platform)
+  return native if implementation == "auto" else native or "interpret"
+
+
 def _backend(spec: Spec) -> calls.Backend:
-  name = spec.implementation
-  if name == "auto":
-    name = {"gpu": "triton", "tpu": "tpu"}.get(jax.default_backend(), "interpret")
+  name = resolve("pallas") if spec.implementation == "auto" else spec.implementation
   make = tpu.backend if name == "tpu" else triton.backend
   tiles = dict(spec.tiles)
   unknown = set(tiles) - set(inspect.signature(make).parameters)

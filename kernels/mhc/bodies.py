@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from manifold.model.sinkhorn import LOG_RANGE, SINKHORN_EPS
+from kernels.mhc.sinkhorn import SINKHORN_EPS, iterate
 
 
 def _lanes(shape) -> jax.Array:
@@ -56,38 +56,12 @@ def _dot(a, b, contract_b: int = 0):
   return jax.lax.dot_general(a, b.astype(a.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _sinkhorn(m, n: int, iters: int, kind: str):
-  """m[j][k] ([bt, 1] each, input j, output k) -> doubly stochastic, as the reference."""
-
-  def rows(m, eps):
-    sums = [functools.reduce(jnp.add, m[j]) + eps for j in range(n)]
-    return tuple(tuple(m[j][k] / sums[j] for k in range(n)) for j in range(n))
-
-  def cols(m, eps):
-    sums = [functools.reduce(jnp.add, [m[j][k] for j in range(n)]) + eps for k in range(n)]
-    return tuple(tuple(m[j][k] / sums[k] for k in range(n)) for j in range(n))
-
-  def start(row):
-    top = functools.reduce(jnp.maximum, row)
-    if kind == "exp":
-      return tuple(jnp.exp(jnp.maximum(v - top, -LOG_RANGE)) for v in row)
-    e = [jnp.exp(v - top) for v in row]  # softmax over outputs, + eps
-    total = functools.reduce(jnp.add, e)
-    return tuple(v / total + SINKHORN_EPS for v in e)
-
-  m = tuple(start(m[j]) for j in range(n))
-  if kind == "exp":
-    return jax.lax.fori_loop(0, iters, lambda _, m: cols(rows(m, 0.0), 0.0), m)
-  m = cols(m, SINKHORN_EPS)
-  return jax.lax.fori_loop(0, iters - 1, lambda _, m: cols(rows(m, SINKHORN_EPS), SINKHORN_EPS), m)
-
-
 def _coefficients(a, n: int, iters: int, kind: str):
   """Gated logits a [bt, W] -> coefficient rows [bt, W] (pre, post, res as documented above)."""
   sigmoid = lambda v: 1.0 / (1.0 + jnp.exp(-v))  # noqa: E731
   out = {i: sigmoid(column(a, i)) + (SINKHORN_EPS if kind == "softmax_eps" else 0.0) for i in range(n)}
   out.update({n + k: 2.0 * sigmoid(column(a, n + k)) for k in range(n)})
-  m = _sinkhorn([[column(a, 2 * n + j * n + k) for k in range(n)] for j in range(n)], n, iters, kind)
+  m = iterate([[column(a, 2 * n + j * n + k) for k in range(n)] for j in range(n)], iters, kind)
   out.update({2 * n + k * n + j: m[j][k] for j in range(n) for k in range(n)})  # res[k, j] = M[j, k]
   return assemble(out, a.shape)
 

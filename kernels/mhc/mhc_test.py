@@ -131,3 +131,24 @@ def test_tiles_a_backend_does_not_take_are_refused():
   spec = api.Spec(n=2, iters=4, kind="exp", eps=1e-6, implementation="tpu", tiles=parse_tiles("num_warps=4"))
   with pytest.raises(ValueError, match=r"\['num_warps'\]: the tpu backend"):
     api.pre(x, phi, alpha, bias, spec)
+
+
+@pytest.mark.parametrize(
+  "implementation, platform, resolved",
+  [
+    ("auto", "gpu", "triton"),
+    ("auto", "cuda", "triton"),
+    ("auto", "tpu", "tpu"),
+    ("auto", "cpu", None),
+    ("pallas", "cpu", "interpret"),
+    ("pallas", "tpu", "tpu"),
+    ("xla", "gpu", None),
+  ],
+)
+def test_resolve_picks_the_kernels_on_gpu_and_tpu_and_the_xla_path_elsewhere(implementation, platform, resolved):
+  assert api.resolve(implementation, platform) == resolved
+
+
+def test_resolve_names_an_unknown_implementation():
+  with pytest.raises(ValueError, match="'reference'; use one of auto, pallas, xla"):
+    api.resolve("reference", "cpu")

@@ -22,12 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from kernels.mhc import api as mhc_kernels
+from kernels.mhc import reference as mhc_reference
+from kernels.mhc.sinkhorn import SINKHORN_EPS
 from kernels.mhc.tiles import parse_tiles
 
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
 from manifold.model.partitioning import batch_axes, batch_ways
-from manifold.model.sinkhorn import SINKHORN, SINKHORN_EPS, birkhoff_combination, permutation_matrices
 
 
 class Mixing(NamedTuple):
@@ -77,12 +78,6 @@ def res_post_mix(x_btnd: jax.Array, y_btd: jax.Array, mixing: Mixing) -> jax.Arr
   dt = x_btnd.dtype
   mixed = jnp.einsum("btkj,btjd->btkd", mixing.res.astype(dt), x_btnd)  # [B, T, n, D]
   return mixed + mixing.post.astype(dt)[..., None] * y_btd[:, :, None, :]
-
-
-def _rms_scaled(flat_btm: jax.Array, proj_btr: jax.Array, eps: float) -> jax.Array:
-  """`RMSNorm(flat) @ W` computed as `(flat @ W) / rms(flat)`: the division moved after the matmul."""
-  ms = jnp.mean(jnp.square(flat_btm.astype(jnp.float32)), axis=-1, keepdims=True)
-  return proj_btr * jax.lax.rsqrt(ms + eps)
 
 
 class Connection(nnx.Module):
@@ -138,10 +133,12 @@ class ManifoldHyperConnection(Connection):
       mhc:      H_res = Sinkhorn(.) over R = n^2 logits (`model.mhc_sinkhorn`: exp | log | softmax_eps)
       mhc_lite: H_res = sum_p softmax(.)_p P_p over R = n! permutation matrices (exact)
 
-  Init: phi ~ N(0, init_std), b = 0, alpha = `model.mhc_alpha_init`.
+  Init: phi ~ N(0, init_std), b = 0, alpha = `model.mhc_alpha_init`. The coefficients are
+  kernels/mhc/reference.py's on the tokens flattened to [B T, n D].
 
-  With `model.kernels` pallas (auto: on GPU and TPU), `read` and `res_post_mix` run the
-  fused Pallas kernels of kernels/mhc (mhc with the exp or softmax_eps Sinkhorn).
+  With `model.mhc_impl` pallas (auto: on GPU and TPU; kernels/mhc/api.py resolves it),
+  `read` and `res_post_mix` run the fused Pallas kernels of kernels/mhc (mhc with the exp
+  or softmax_eps Sinkhorn); otherwise the XLA path, reference.py.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -154,20 +151,11 @@ class ManifoldHyperConnection(Connection):
     self.bias = param(rngs, jax.nn.initializers.zeros, (width,), (None,))
     self.streams, self.norm_eps = n, cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
-    self.kernels = cfg.mhc_impl if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "xla"
+    self.impl = cfg.mhc_impl if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "xla"
     self.tiles = parse_tiles(cfg.mhc_tiles)
 
-  def _kernel_implementation(self) -> str | None:
-    """triton / tpu / interpret for the platform of the ambient mesh (or default backend), or None."""
-    if self.kernels == "xla":
-      return None
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-    native = {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform)
-    return native if self.kernels == "auto" else native or "interpret"
-
   def read(self, x_btnd: jax.Array) -> tuple[jax.Array, Mixing]:
-    implementation = self._kernel_implementation()
+    implementation = mhc_kernels.resolve(self.impl)
     if implementation is None:
       return super().read(x_btnd)
     b, t, n, d = x_btnd.shape
@@ -178,21 +166,19 @@ class ManifoldHyperConnection(Connection):
     return h.reshape(b, t, d), Mixing(pre, post, res, packed, streams, spec)
 
   def __call__(self, x_btnd: jax.Array) -> Mixing:
-    n = self.streams
-    b, t = x_btnd.shape[:2]
-    flat = x_btnd.reshape(b, t, -1).astype(jnp.float32)  # [B, T, n D]
-    logits = _rms_scaled(flat, flat @ self.phi[...], self.norm_eps)  # [B, T, 2n + R]
-    alpha, bias = self.alpha[...], self.bias[...]
-    pre = jax.nn.sigmoid(alpha[0] * logits[..., :n] + bias[:n])  # [B, T, n]
-    if self.sinkhorn == "softmax_eps":
-      pre = pre + SINKHORN_EPS
-    post = 2.0 * jax.nn.sigmoid(alpha[1] * logits[..., n : 2 * n] + bias[n : 2 * n])  # [B, T, n]
-    res_logits = alpha[2] * logits[..., 2 * n :] + bias[2 * n :]
-    if self.lite:
-      res_in_out = birkhoff_combination(res_logits, permutation_matrices(n))  # [B, T, n, n]
-    else:
-      res_in_out = SINKHORN[self.sinkhorn](res_logits.reshape(b, t, n, n), self.sinkhorn_iters)
-    return Mixing(pre, post, jnp.swapaxes(res_in_out, -1, -2))
+    b, t, n, d = x_btnd.shape
+    pre, post, res = mhc_reference.coefficients(
+      x_btnd.reshape(b * t, n * d),
+      self.phi[...],
+      self.alpha[...],
+      self.bias[...],
+      n=n,
+      iters=self.sinkhorn_iters,
+      kind=self.sinkhorn,
+      eps=self.norm_eps,
+      lite=self.lite,
+    )  # [B T, n], [B T, n], [B T, n, n]
+    return Mixing(pre.reshape(b, t, n), post.reshape(b, t, n), res.reshape(b, t, n, n))
 
 
 class StreamHead(nnx.Module):
@@ -207,10 +193,9 @@ class StreamHead(nnx.Module):
     self.norm_eps = cfg.norm_eps
 
   def __call__(self, x_btnd: jax.Array) -> jax.Array:
-    b, t = x_btnd.shape[:2]
-    flat = x_btnd.reshape(b, t, -1).astype(jnp.float32)
-    logits = _rms_scaled(flat, flat @ self.weight[...], self.norm_eps)  # [B, T, n]
-    pre = jax.nn.sigmoid(logits * self.scale[...] + self.bias[...]) + SINKHORN_EPS
+    b, t, n, d = x_btnd.shape
+    logits = mhc_reference.project(x_btnd.reshape(b * t, n * d), self.weight[...], self.norm_eps)  # [B T, n]
+    pre = jax.nn.sigmoid(logits.reshape(b, t, n) * self.scale[...] + self.bias[...]) + SINKHORN_EPS
     return pre_mix(x_btnd, pre)
 
 

@@ -2,7 +2,7 @@
 from XLA's memory analysis of the step AOT-compiled for a v5p-8 slice (4 chips, data
 parallel; per-chip bytes; `make libtpu`).
 
-  PYTHONPATH=src:. python kernels/mhc/memory.py
+  PYTHONPATH=src:. python benchmarks/mhc_memory.py
 
 Per-layer bytes are the temporaries of an 8-block model minus those of a 4-block model,
 over 4 blocks of two layers each (attention and FFN), so fixed costs (logits, optimizer
@@ -31,8 +31,8 @@ OVERRIDES = [
 CHIPS = 4
 RUNS = {
   "plain": ["--config.model.residual=plain"],
-  "mhc, kernels": ["--config.model.residual=mhc", "--config.model.kernels=auto"],
-  "mhc, reference": ["--config.model.residual=mhc", "--config.model.kernels=reference"],
+  "mhc, kernels": ["--config.model.residual=mhc", "--config.model.mhc_impl=auto"],
+  "mhc, xla": ["--config.model.residual=mhc", "--config.model.mhc_impl=xla"],
 }
 
 

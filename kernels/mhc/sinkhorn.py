@@ -1,8 +1,12 @@
 """Projections of n x n logits onto (or near) the Birkhoff polytope of doubly stochastic matrices.
 
-All three take logits [..., n, n] and return float32 matrices M [..., n, n] in the
-layout `M[j, k]` = weight of input stream j in output stream k, so each iteration
-normalises the last axis (over outputs), then the second-to-last (over inputs).
+All take logits [..., n, n] and return float32 matrices M [..., n, n] in the layout
+`M[j, k]` = weight of input stream j in output stream k, so each iteration normalises
+the last axis (over outputs), then the second-to-last (over inputs).
+
+`SINKHORN` holds the definitions. `iterate` computes the exp and softmax_eps matrices
+with the n^2 entries as separate arrays, so every step is elementwise: the Pallas
+kernels run it on [bt, 1] columns.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import numpy as np
 
 SINKHORN_EPS = 1e-6  # the DeepSeek-V4 `hc_eps`
 LOG_RANGE = 40.0  # exp variant: entries below e^-40 of their row's max are raised to it (see sinkhorn_exp)
+
+Entries = tuple[tuple[jax.Array, ...], ...]  # m[j][k]: entry (j, k) of every matrix, all of one shape
 
 
 def sinkhorn_exp(logits: jax.Array, iters: int) -> jax.Array:
@@ -55,6 +61,50 @@ def sinkhorn_softmax_eps(logits: jax.Array, iters: int, eps: float = SINKHORN_EP
 
 
 SINKHORN = {"exp": sinkhorn_exp, "log": sinkhorn_log, "softmax_eps": sinkhorn_softmax_eps}
+
+
+def _sum(values) -> jax.Array:
+  return functools.reduce(jnp.add, values)
+
+
+def _softmax(row: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  top = functools.reduce(jnp.maximum, row)
+  e = [jnp.exp(v - top) for v in row]
+  total = _sum(e)
+  return tuple(v / total for v in e)
+
+
+def _start(logits: Entries, kind: str) -> Entries:
+  """The positive matrix the iterations start from: exp of the row-shifted logits (exp), or
+  their row softmax + eps (softmax_eps)."""
+  if kind == "softmax_eps":
+    return tuple(tuple(p + SINKHORN_EPS for p in _softmax(row)) for row in logits)
+  tops = [functools.reduce(jnp.maximum, row) for row in logits]
+  return tuple(tuple(jnp.exp(jnp.maximum(v - top, -LOG_RANGE)) for v in row) for row, top in zip(logits, tops))
+
+
+def _rows(m: Entries, eps: float) -> tuple[Entries, tuple[jax.Array, ...]]:
+  """Each row divided by its sum + eps; also returns those divisors."""
+  sums = tuple(_sum(row) + eps for row in m)
+  return tuple(tuple(v / s for v in row) for row, s in zip(m, sums)), sums
+
+
+def _cols(m: Entries, eps: float) -> tuple[Entries, tuple[jax.Array, ...]]:
+  """Each column divided by its sum + eps; also returns those divisors."""
+  sums = tuple(_sum(column) + eps for column in zip(*m))
+  return tuple(tuple(v / s for v, s in zip(row, sums)) for row in m), sums
+
+
+def _eps(kind: str) -> float:
+  return SINKHORN_EPS if kind == "softmax_eps" else 0.0
+
+
+def iterate(logits: Entries, iters: int, kind: str) -> Entries:
+  """`SINKHORN[kind]` (exp or softmax_eps) entry by entry: logits[j][k] -> M[j][k]."""
+  eps, m = _eps(kind), _start(logits, kind)
+  if kind == "softmax_eps":
+    m, iters = _cols(m, eps)[0], iters - 1
+  return jax.lax.fori_loop(0, iters, lambda _, m: _cols(_rows(m, eps)[0], eps)[0], m)
 
 
 @functools.cache

@@ -1,5 +1,5 @@
-"""The TPU kernels lower and compile for a v5p chip, on this CPU-only machine: libtpu's
-topology description stands in for the chip (`make libtpu`)."""
+"""The mHC TPU kernels (kernels/mhc) lower and compile for a v5p chip, on this CPU-only
+machine: libtpu's topology description stands in for the chip (`make libtpu`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
 from kernels.mhc import api
+
+from manifold.aot import parse_slice, slice_devices
 
 LIBTPU = importlib.util.find_spec("libtpu") is not None or os.path.isdir(os.path.join(sys.prefix, "libtpu"))
 
@@ -21,8 +22,6 @@ LIBTPU = importlib.util.find_spec("libtpu") is not None or os.path.isdir(os.path
 @pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed: run `make libtpu` (pip install 'jax[tpu]')")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_compile_for_v5p_forward_and_backward(dtype):
-  from manifold.aot import parse_slice, slice_devices
-
   device = slice_devices(parse_slice("v5p-8"))[0]
   whole = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())
   n, d, tokens = 4, 2048, 4096
