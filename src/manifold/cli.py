@@ -287,29 +287,37 @@ def cmd_compile(args, overrides) -> int:
 
 def cmd_launch(args, overrides) -> int:
   import shlex
+  import shutil
   import subprocess
 
   from manifold import launch
 
   load_config(args.config, overrides)  # a bad config fails here, not on every host
-  if args.target == "tpu":
-    commands = launch.tpu_commands(args.name, args.zone, args.config, args.workdir, overrides, args.project)
-    for command in commands:
-      print(shlex.join(command))
-      if args.run:
-        subprocess.run(command, check=True)
-  elif args.target == "slurm":
+  if args.target == "slurm":
     script = launch.slurm_script(args.nodes, args.gpus_per_node, args.config, args.workdir, overrides, args.partition)
     print(script, end="")
-    if args.run:
-      subprocess.run(["sbatch"], input=script, text=True, check=True)
+    commands = [["sbatch"]]
+  elif args.target == "tpu":
+    commands = launch.tpu_commands(args.name, args.zone, args.config, args.workdir, overrides, args.project)
+    print("\n".join(map(shlex.join, commands)))
   else:
     commands = launch.ssh_commands(args.hosts.split(","), args.port, args.config, args.workdir, overrides)
-    print("\n".join(commands))
-    if args.run:
-      workers = [subprocess.Popen(command, shell=True) for command in commands]
-      return max(w.wait() for w in workers)
-  return 0
+    print("\n".join(map(shlex.join, commands)))
+  if not args.run:
+    return 0
+  for program in {command[0] for command in commands}:
+    if shutil.which(program) is None:
+      raise ConfigError(f"--run: {program} is not on PATH; install it, or run the printed commands where it is")
+  if args.target == "slurm":
+    return subprocess.run(commands[0], input=script, text=True).returncode
+  if args.target == "tpu":  # one after the other: copy, install, train
+    for command in commands:
+      if code := subprocess.run(command).returncode:
+        print(f"manifold: {shlex.join(command)} exited with {code}", file=sys.stderr)
+        return code
+    return 0
+  workers = [subprocess.Popen(command) for command in commands]  # every host at once
+  return max(w.wait() for w in workers)
 
 
 def cmd_sweep(args, overrides) -> int:
