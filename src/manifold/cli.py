@@ -11,6 +11,7 @@ import time
 
 from manifold.config import SECTIONS, ConfigError, EvalConfig, SampleConfig, load_config, model_config
 from manifold.data import DataError
+from manifold.launch import SOURCE_ROOT
 from manifold.results import write_results
 from manifold.schema import Section
 
@@ -342,6 +343,9 @@ def cmd_convert(args, overrides) -> int:
   if bool(args.from_hf) == bool(args.to_hf):
     raise ConfigError("convert: pass exactly one of --from-hf DIR or --to-hf DIR")
   if args.from_hf:
+    hf, _ = deepseek_v3.read_hf_checkpoint(args.from_hf)  # the checkpoint's problems first, whatever --config
+    deepseek_v3.model_overrides_from_hf(hf)
+    _check_output("--workdir", args.workdir)
     base = load_config(args.config, overrides)
     count = deepseek_v3.import_checkpoint(args.from_hf, args.workdir, base)
     print(
@@ -349,6 +353,8 @@ def cmd_convert(args, overrides) -> int:
       f"next: manifold eval --workdir {args.workdir}, or train on with manifold train"
     )
   else:
+    _check_run_dir(args.workdir)
+    _check_output("--to-hf", args.to_hf)
     count = deepseek_v3.export_checkpoint(args.workdir, args.to_hf)
     print(f"wrote {count} tensors and config.json to {args.to_hf} (DeepseekV3ForCausalLM layout)")
   return 0
@@ -413,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--from-hf", default="", help="HF checkpoint folder (config.json + *.safetensors) to import")
   p.add_argument("--to-hf", default="", help="folder to write the run's newest checkpoint to, in HF layout")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--config", default="experiments/quickstart.py", help="--from-hf: data/train/sample settings")
+  p.add_argument(
+    "--config",
+    default=str(SOURCE_ROOT / "experiments" / "quickstart.py"),
+    help="--from-hf: data/train/sample settings (default: this checkout's experiments/quickstart.py)",
+  )
   p.set_defaults(fn=cmd_convert)
 
   p = sub.add_parser("params", help="parameter counts and training FLOPs per token")
