@@ -7,7 +7,8 @@ Variants (`:arg`):
   default  a small DeepSeek-V3-style model: 4 blocks x 128 wide, Multi-head Latent
            Attention, DeepSeekMoE (8 routed experts of width 96, 2 per token, 1 shared;
            the first block dense), one MTP module, and mHC with n = 4 streams;
-           256-byte context, 260 steps of 16 sequences: about 4 minutes on 2 CPU cores.
+           256-byte context, 260 steps of 16 sequences (README.md, "The main job", gives
+           its measured wall time).
   tiny     a seconds-long smoke run (used by the tests and the notebook checks).
 """
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import os
+import pathlib
 import re
 
+import pytest
+
 from manifold.cli import main
+from manifold.config import SECTIONS
 from manifold.data import load_tokenizer
 
 from .conftest import TINY
@@ -60,3 +67,70 @@ def test_tokenizer_train_writes_a_loadable_bpe(corpus_dir, tmp_path, capsys):
   assert tokenizer.vocab_size == 400
   assert tokenizer.decode(tokenizer.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
   assert "--config.model.vocab_size=400" in capsys.readouterr().out
+
+
+def error_line(err: str) -> str:
+  """The one stderr line of a refused command; fails on anything longer (a traceback)."""
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("manifold: error: "), err
+  return lines[0]
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "under-a-read-only-directory"])
+def test_an_unusable_workdir_is_refused_in_one_line_naming_it(where, tmp_path, capsys):
+  (tmp_path / "a-file").write_text("")
+  workdir, named = {
+    "a-file": (tmp_path / "a-file", "is a file"),
+    "under-a-file": (tmp_path / "a-file" / "run", f"{tmp_path / 'a-file'} is a file"),
+    "under-a-read-only-directory": (pathlib.Path("/proc/sys/manifold-run"), "/proc/sys is not writable"),
+  }[where]
+  if where == "under-a-read-only-directory" and os.access("/proc/sys", os.W_OK):
+    pytest.skip("/proc/sys is writable here; no read-only directory to try")
+  assert main(["train", "--config", TINY, "--workdir", str(workdir), "--config.train.steps=3"]) == 2
+  line = error_line(capsys.readouterr().err)
+  assert f"--workdir {workdir}: " in line and named in line, line
+
+
+@pytest.mark.parametrize(
+  "flag, value, message",
+  [
+    ("--prompt", "", "--prompt: sample.prompt='': must be a non-empty string"),
+    ("--temperature", "-1", "--temperature: sample.temperature=-1.0: must be a finite number >= 0"),
+    ("--top-p", "0", "--top-p: sample.top_p=0.0: must be a number in (0, 1]"),
+    ("--top-p", "2", "--top-p: sample.top_p=2.0: must be a number in (0, 1]"),
+    ("--top-k", "-1", "--top-k: sample.top_k=-1: must be an integer >= 0"),
+  ],
+)
+def test_generate_refuses_a_bad_sampling_flag_in_one_line_naming_it(trained_workdir, flag, value, message, capsys):
+  assert main(["generate", "--workdir", str(trained_workdir), "--prompt", "x", flag, value]) == 2
+  assert message in error_line(capsys.readouterr().err)
+
+
+def test_generate_says_on_stderr_that_it_compiles_before_the_first_token(trained_workdir, capsys):
+  assert main(["generate", "--workdir", str(trained_workdir), "--prompt", "def ", "--max-new-tokens", "2"]) == 0
+  assert "compiling the decoder" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_config_field_with_its_default_and_doc(capsys):
+  with pytest.raises(SystemExit):
+    main(["train", "--help"])
+  out = capsys.readouterr().out
+  for name, section in SECTIONS.items():
+    defaults = section().to_dict()
+    for field, doc in section.docs().items():
+      default = functools.reduce(lambda d, k: d[k], field.split("."), defaults)
+      row = rf"^ +{re.escape(f'--config.{name}.{field}={default!r}')} +{re.escape(doc)}$"
+      assert re.search(row, out, re.M), (name, field)
+
+
+def test_quickstart_docstring_leaves_its_running_time_to_the_readme():
+  doc = ast.get_docstring(ast.parse(pathlib.Path("experiments/quickstart.py").read_text()))
+  assert not re.search(r"\d\s*min", doc) and "README" in doc, doc
+
+
+def test_generate_with_top_k_past_the_vocabulary_samples_as_without_top_k(trained_workdir, capsys):
+  args = ["generate", "--workdir", str(trained_workdir), "--prompt", "def ", "--max-new-tokens", "8", "--seed", "1"]
+  assert main([*args, "--top-k", "0"]) == 0
+  unfiltered = capsys.readouterr().out
+  assert main([*args, "--top-k", "100000"]) == 0
+  assert capsys.readouterr().out == unfiltered

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 import tracemalloc
 
 import jax
@@ -18,6 +21,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+import manifold
 from manifold.cli import main
 from manifold.config import ConfigError, base_config
 from manifold.interop import deepseek_v3
@@ -180,9 +184,39 @@ def fp8_with_quant_method(method):
   return build
 
 
+def tiny_with(change):
+  def build(hf_dir):
+    shutil.copytree(CHECKPOINT, hf_dir)
+    change(hf_dir)
+
+  return build
+
+
+def config_json_with(change):
+  def edit(hf_dir):
+    hf = json.loads((hf_dir / "config.json").read_text())
+    change(hf)
+    (hf_dir / "config.json").write_text(json.dumps(hf))
+
+  return tiny_with(edit)
+
+
+def truncate(hf_dir):
+  weights = hf_dir / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
 @pytest.mark.parametrize(
   "build, message",
   [
+    (lambda hf_dir: None, "--from-hf .*/hf: no such folder; pass a Hugging Face checkpoint folder"),
+    (tiny_with(lambda d: (d / "config.json").write_text("{not json")), "config.json is not JSON .*; restore"),
+    (tiny_with(lambda d: (d / "config.json").write_text("[1, 2]")), "config.json holds a list, not .*; restore"),
+    (config_json_with(lambda hf: hf.pop("hidden_size")), "config.json has no 'hidden_size'; a DeepSeek-V3"),
+    (config_json_with(lambda hf: hf.update(hidden_size="big")), "config.json hidden_size='big': must be an integer"),
+    (config_json_with(lambda hf: hf.update(hidden_size=0)), "config.json gives model.d_model=0: must be a positive"),
+    (tiny_with(lambda d: (d / "model.safetensors").write_bytes(b"")), "model.safetensors: not a safetensors file"),
+    (tiny_with(truncate), "model.safetensors: not a safetensors file .*truncated.*; download it again"),
     (
       sharded_with_index(lambda m: m.pop("model.norm.weight")),
       "holds 'model.norm.weight', which model.safetensors.index.json does not map to it",
@@ -201,13 +235,36 @@ def fp8_with_quant_method(method):
     ),
     (fp8_with_quant_method("int8"), "quant_method='int8' .* is not supported"),
   ],
-  ids=["tensor-not-in-index", "index-entry-not-in-shard", "index-names-absent-shard", "no-scale-inv", "int8"],
+  ids=(
+    "no-folder config-not-json config-a-list config-missing-key config-mistyped-key config-zero-width "
+    "empty-safetensors truncated-safetensors tensor-not-in-index index-entry-not-in-shard index-names-absent-shard "
+    "no-scale-inv int8"
+  ).split(),
 )
 def test_broken_checkpoints_are_refused_in_one_line(build, message, tmp_path, capsys):
   build(tmp_path / "hf")
   assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")]) == 2
   error = capsys.readouterr().err
   assert error.count("\n") == 1 and re.search(message, error), error
+
+
+def test_convert_from_a_missing_folder_names_the_folder_whatever_the_working_directory(tmp_path):
+  """The default --config is found beside the package, so only the folder can be wrong."""
+  source = pathlib.Path(manifold.__file__).parents[1]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
+  proc = subprocess.run(
+    [sys.executable, "-m", "manifold.cli", "convert", "--from-hf", "/missing/folder", "--workdir", "run"],
+    capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+  )  # fmt: skip
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "manifold: error: --from-hf /missing/folder: no such folder" in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_convert_from_hf_finds_its_default_config_from_any_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert main(["convert", "--from-hf", str(CHECKPOINT), "--workdir", "run"]) == 0
+  assert (tmp_path / "run" / "config.json").is_file()
 
 
 def test_fp8_dequantisation_matches_a_numpy_reference_per_128_block():

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
+
+import pytest
 
 from manifold import launch
 from manifold.cli import main
+from manifold.config import ConfigError
 
 
 def test_tpu_commands_copy_install_and_train_on_every_worker():
-  copy, install, run = launch.tpu_commands(
+  commands = launch.tpu_commands(
     "pod", "us-east5-a", "experiments/mhc_paper.py:27b", "gs://b/r", ["--config.train.steps=5"]
   )
-  for command in (copy, install, run):
+  for command in commands:
     assert command[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
     assert command[command.index("--worker") + 1] == "all" and command[command.index("--zone") + 1] == "us-east5-a"
+  copy, install, run = commands[1], commands[-2], commands[-1]
   assert "pod:~/manifold" in copy
   assert "jax[tpu]" in install[-1]
   remote = run[-1]
@@ -23,6 +28,17 @@ def test_tpu_commands_copy_install_and_train_on_every_worker():
     ".venv/bin/manifold", "train", "--config", "experiments/mhc_paper.py:27b", "--workdir", "gs://b/r",
     "--config.train.steps=5",
   ]  # fmt: skip
+
+
+def test_tpu_copies_only_the_package_and_the_config():
+  """Not the working directory: no runs/, .venv or data travel to the workers."""
+  commands = launch.tpu_commands("pod", "us-east5-a", "experiments/quickstart.py:tiny", "gs://b/r")
+  copies = [c for c in commands if c[4] == "scp"]
+  sent = {arg for c in copies for arg in c[5 : c.index("--zone") - 1] if arg != "--recurse"}
+  root = launch.SOURCE_ROOT
+  shipped = {"src", "kernels", "pyproject.toml", "requirements.txt", "README.md", "experiments/quickstart.py"}
+  assert sent == {str(root / p) for p in shipped}
+  assert [c[c.index("--zone") - 1] for c in copies] == ["pod:~/manifold", "pod:~/manifold/experiments/"]
 
 
 def test_slurm_script_runs_one_process_per_node():
@@ -36,8 +52,71 @@ def test_ssh_commands_share_one_coordinator():
   commands = launch.ssh_commands(["a", "b", "c"], 1234, "experiments/quickstart.py", "/shared/run")
   assert len(commands) == 3
   for index, command in enumerate(commands):
-    remote = shlex.split(command)[2]
+    remote = command[2]
     assert f"JAX_COORDINATOR_ADDRESS=a:1234 JAX_NUM_PROCESSES=3 JAX_PROCESS_ID={index}" in remote
+
+
+def test_ssh_takes_host_names_addresses_and_users_and_the_coordinator_drops_the_user():
+  hosts = ["me@node-0.cluster.local", "10.0.0.2", "fe80::1"]
+  commands = launch.ssh_commands(hosts, 1234, "experiments/quickstart.py", "/r")
+  assert [c[1] for c in commands] == hosts
+  assert "JAX_COORDINATOR_ADDRESS=node-0.cluster.local:1234 " in commands[0][2]
+  ipv6_first = launch.ssh_commands(hosts[::-1], 1234, "experiments/quickstart.py", "/r")
+  assert "JAX_COORDINATOR_ADDRESS='[fe80::1]:1234' " in ipv6_first[0][2]
+
+
+def test_ssh_refuses_a_host_list_carrying_shell_code(monkeypatch, capsys):
+  started = []
+  monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+  hosts = "node0;touch${IFS}/tmp/x,node1"
+  code = main(["launch", "ssh", "--hosts", hosts, "--config", "experiments/quickstart.py", "--workdir", "/r", "--run"])
+  out, err = capsys.readouterr()
+  assert code == 2 and not out and not started
+  assert err.count("\n") == 1 and "--hosts: 'node0;touch${IFS}/tmp/x' is not a host name" in err, err
+  with pytest.raises(ConfigError, match="is not a host name"):
+    launch.ssh_commands(["node0;touch${IFS}/tmp/x"], 8476, "experiments/quickstart.py", "/r")
+
+
+def test_ssh_quotes_every_argument_and_runs_each_host_without_a_shell(monkeypatch, capsys):
+  started = []
+
+  class Worker:
+    def __init__(self, argv, **kwargs):
+      started.append((argv, kwargs))
+
+    def wait(self):
+      return 0
+
+  monkeypatch.setattr(subprocess, "Popen", Worker)
+  args = ["launch", "ssh", "--hosts", "a,b", "--config", "experiments/quickstart.py", "--workdir", "/shared/my run"]
+  assert main([*args, "--run"]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert [shlex.split(line) for line in printed] == [argv for argv, _ in started]
+  for argv, kwargs in started:
+    assert argv[:2] == ["ssh", argv[1]] and not kwargs.get("shell")
+    train = shlex.split(argv[2].split("&& ", 1)[1])
+    assert train[train.index("--workdir") + 1] == "/shared/my run"
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["slurm", "--nodes", "0"], "--nodes 0: must be a positive integer"),
+    (["slurm", "--nodes", "2", "--gpus-per-node", "-1"], "--gpus-per-node -1: must be a positive integer"),
+    (["slurm", "--nodes", "2", "--partition", "gpu\nrm -rf /"], "--partition 'gpu\\nrm -rf /': must be"),
+    (["ssh", "--hosts", "a,,b"], "--hosts: '' is not a host name"),
+    (["ssh", "--hosts", "a", "--port", "0"], "--port 0: must be a port number in 1..65535"),
+    (["ssh", "--hosts", "a", "--port", "70000"], "--port 70000: must be a port number in 1..65535"),
+    (["tpu", "--name", "My_Pod", "--zone", "us-east5-a"], "--name 'My_Pod': must be"),
+    (["tpu", "--name", "pod", "--zone", "us east"], "--zone 'us east': must be"),
+    (["tpu", "--name", "pod", "--zone", "us-east5-a", "--project", "p;x"], "--project 'p;x': must be"),
+  ],
+)
+def test_launch_refuses_a_bad_argument_in_one_line_naming_it(args, message, capsys):
+  target, *rest = args
+  assert main(["launch", target, "--config", "experiments/quickstart.py", "--workdir", "/r", *rest]) == 2
+  out, err = capsys.readouterr()
+  assert not out and err.count("\n") == 1 and err.startswith("manifold: error: ") and message in err, err
 
 
 def test_launch_checks_the_config_before_printing(capsys):

@@ -3,19 +3,79 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import operator
 import os
 import sys
 import time
 
-from manifold.config import ConfigError, load_config, model_config
+from manifold.config import SECTIONS, ConfigError, EvalConfig, SampleConfig, load_config, model_config
 from manifold.data import DataError
+from manifold.launch import SOURCE_ROOT
 from manifold.results import write_results
+from manifold.schema import Section
 
 GPU_MEMORY_FRACTION = "0.9"  # of each GPU's memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage mistakes are one `manifold: error:` line too, pointing to the command's --help."""
+
+  def error(self, message: str):
+    self.exit(2, f"manifold: error: {message}; see `{self.prog} --help`\n")
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="experiments/<name>.py[:variant]")
+
+
+def _fields_help() -> str:
+  """Every config field with its default and one-line doc, from the section dataclasses."""
+  rows = []
+  for name, section in SECTIONS.items():
+    defaults = section().to_dict()
+    for field, doc in section.docs().items():
+      default = functools.reduce(operator.getitem, field.split("."), defaults)
+      rows.append((name, f"--config.{name}.{field}={default!r}", doc))
+  width = max(len(flag) for _, flag, _ in rows)
+  lines = ["config fields, with the defaults an experiment starts from (manifold/config.py, manifold/model/config.py):"]
+  for name in SECTIONS:
+    lines += [f"  {name}:"] + [f"    {flag:<{width}}  {doc}" for section, flag, doc in rows if section == name]
+  return "\n".join(lines)
+
+
+def _check_output(flag: str, path: str, *, directory: bool = True) -> None:
+  """Refuses an output path before any work: a file where a directory goes (or the reverse),
+  a path under a file, or one whose nearest existing directory is not writable."""
+  if not path:
+    raise ConfigError(f"{flag}: empty; pass a path")
+  if os.path.exists(path) and os.path.isdir(path) != directory:
+    kind, wanted = ("file", "a directory (it is created if missing)") if directory else ("directory", "a file path")
+    raise ConfigError(f"{flag} {path}: is a {kind}; pass {wanted}")
+  existing = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"{flag} {path}: {existing} is a file, so nothing can be created under it; pass another path")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"{flag} {path}: {existing} is not writable; pass a path you can write to")
+
+
+def _check_run_dir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir}: is a file; pass the directory of a run")
+
+
+def _checked_flags(section: type[Section], args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+  """The flags among `names` that were given; each is the field of `section` with its name and
+  passes that field's check, or is one ConfigError naming the flag."""
+  given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+  for name, value in given.items():
+    try:
+      section.from_mapping({name: value})
+    except ConfigError as e:
+      raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
+  return given
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -33,23 +93,24 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
-def _sample_text(run_model, data, sample_cfg, *, prompt: str, max_new_tokens: int, seed: int) -> str:
+def _sample_text(run_model, tokenizer, s, *, max_new_tokens: int) -> str:
+  """A continuation of `s.prompt` drawn with the sampling settings of `s` (a `sample` section)."""
   import jax
   import jax.numpy as jnp
 
   from manifold.inference.generate import generate
 
-  prompt_ids = data.tokenizer.encode(prompt)
+  prompt_ids = tokenizer.encode(s.prompt)
   tokens = generate(
     run_model,
     jnp.asarray(prompt_ids, jnp.int32)[None],
     max_new_tokens=max_new_tokens,
-    key=jax.random.key(seed),
-    temperature=sample_cfg.temperature,
-    top_k=sample_cfg.top_k,
-    top_p=sample_cfg.top_p,
+    key=jax.random.key(s.seed),
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
   )
-  return _continuation(data.tokenizer, prompt, tokens[0, len(prompt_ids) :])
+  return _continuation(tokenizer, s.prompt, tokens[0, len(prompt_ids) :])
 
 
 def _continuation(tokenizer, prompt: str, new_tokens) -> str:
@@ -62,7 +123,11 @@ def _continuation(tokenizer, prompt: str, new_tokens) -> str:
 
 def cmd_train(args, overrides) -> int:
   cfg = load_config(args.config, overrides)
+  _check_output("--workdir", args.workdir)
   from manifold.train.loop import train  # heavy imports after the config is known to be good
+  from manifold.train.run import default_cache_dir
+
+  _check_output("--config.data.cache_dir", cfg.data.cache_dir or default_cache_dir())
 
   started = time.perf_counter()
   result = train(cfg, args.workdir, progress=not args.no_progress)
@@ -74,15 +139,17 @@ def cmd_train(args, overrides) -> int:
   if result.stopped_early or cfg.sample.max_new_tokens == 0:
     return 0
   s = cfg.sample
-  max_new = min(s.max_new_tokens, cfg.model.max_seq_len - len(result.data.tokenizer.encode(s.prompt)))
-  text = _sample_text(
-    result.spec.merge(result.state.params, result.state.extra),
-    result.data,
-    s,
-    prompt=s.prompt,
-    max_new_tokens=max_new,
-    seed=s.seed,
-  )
+  prompt_tokens = len(result.data.tokenizer.encode(s.prompt))
+  if prompt_tokens >= cfg.model.max_seq_len:
+    print(
+      f"no sample: sample.prompt's {prompt_tokens} tokens fill model.max_seq_len={cfg.model.max_seq_len}; "
+      "shorten sample.prompt",
+      file=sys.stderr,
+    )
+    return 0
+  max_new = min(s.max_new_tokens, cfg.model.max_seq_len - prompt_tokens)
+  model = result.spec.merge(result.state.params, result.state.extra)
+  text = _sample_text(model, result.data.tokenizer, s, max_new_tokens=max_new)
   print(f"--- sample (temperature {s.temperature}, top_p {s.top_p}) ---\n{text}\n---")
   return 0
 
@@ -94,6 +161,8 @@ def cmd_eval(args, overrides) -> int:
   from manifold.train.run import evaluate, token_byte_table
   from manifold.train.step import make_eval_step
 
+  num_batches = _checked_flags(EvalConfig, args, ("num_batches",)).get("num_batches")
+  _check_run_dir(args.workdir)
   run = load_trained(args.workdir, args.step)
   cfg = run.cfg
   mesh = make_mesh(cfg.mesh)
@@ -101,7 +170,7 @@ def cmd_eval(args, overrides) -> int:
     run.data.val,
     batch_size=cfg.eval.batch_size,
     seq_len=cfg.train.seq_len,
-    num_batches=args.num_batches or cfg.eval.num_batches,
+    num_batches=num_batches or cfg.eval.num_batches,
   )
   eval_step = make_eval_step(run.spec, mesh, token_byte_table(run.data, cfg.model.vocab_size))
   result = evaluate(eval_step, run.state, batches, mesh)
@@ -115,19 +184,24 @@ def cmd_eval(args, overrides) -> int:
 def cmd_generate(args, overrides) -> int:
   from manifold.train.restore import load_trained
 
+  flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
+  given = _checked_flags(SampleConfig, args, flags)  # before the run loads: a bad flag fails at once
+  _check_run_dir(args.workdir)
   run = load_trained(args.workdir, args.step)
-  s = run.cfg.sample
-  for name in ("temperature", "top_k", "top_p"):
-    if getattr(args, name) is not None:
-      s[name] = getattr(args, name)
-  max_new = args.max_new_tokens if args.max_new_tokens is not None else s.max_new_tokens
-  try:
-    if args.speculative:
-      text, accepted, proposed = _speculative_text(run, prompt=args.prompt, max_new_tokens=max_new)
-    else:
-      text = _sample_text(run.model, run.data, s, prompt=args.prompt, max_new_tokens=max_new, seed=args.seed)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  s = SampleConfig.from_mapping({**run.cfg.sample.to_dict(), **given})
+  prompt_tokens, limit = len(run.data.tokenizer.encode(s.prompt)), run.cfg.model.max_seq_len
+  if prompt_tokens + s.max_new_tokens > limit:
+    raise ConfigError(
+      f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds model.max_seq_len={limit}; "
+      "shorten --prompt or lower --max-new-tokens"
+    )
+  if args.speculative and not run.cfg.model.mtp_depth:
+    raise ConfigError("--speculative: the MTP modules draft, and this run has model.mtp_depth=0; drop --speculative")
+  print("compiling the decoder (first call)...", file=sys.stderr, flush=True)
+  if args.speculative:
+    text, accepted, proposed = _speculative_text(run, s)
+  else:
+    text = _sample_text(run.model, run.data.tokenizer, s, max_new_tokens=s.max_new_tokens)
   print(text)
   if args.speculative:
     rate = accepted / proposed if proposed else 0.0
@@ -135,16 +209,16 @@ def cmd_generate(args, overrides) -> int:
   return 0
 
 
-def _speculative_text(run, *, prompt: str, max_new_tokens: int) -> tuple[str, int, int]:
+def _speculative_text(run, s) -> tuple[str, int, int]:
   import jax.numpy as jnp
 
   from manifold.inference.speculative import speculative_greedy
 
-  prompt_ids = run.data.tokenizer.encode(prompt)
+  prompt_ids = run.data.tokenizer.encode(s.prompt)
   tokens, accepted, proposed = speculative_greedy(
-    run.model, jnp.asarray(prompt_ids, jnp.int32)[None], max_new_tokens=max_new_tokens
+    run.model, jnp.asarray(prompt_ids, jnp.int32)[None], max_new_tokens=s.max_new_tokens
   )
-  return _continuation(run.data.tokenizer, prompt, tokens[0, len(prompt_ids) :]), accepted, proposed
+  return _continuation(run.data.tokenizer, s.prompt, tokens[0, len(prompt_ids) :]), accepted, proposed
 
 
 def cmd_params(args, overrides) -> int:
@@ -166,14 +240,17 @@ def cmd_params(args, overrides) -> int:
 
 
 def cmd_compile(args, overrides) -> int:
-
+  if args.results:
+    _check_output("--results", args.results)
+  path = args.config.split(":", 1)[0]
+  if args.sweep and not os.path.isfile(path):
+    raise ConfigError(f"--config {args.config}: no such file; pass an experiment file with get_sweep()")
   import jax
 
   jax.config.update("jax_platforms", "cpu")  # the host backend; the TPU devices come from libtpu's topology
   from manifold import aot
   from manifold.sweep import sweep_args
 
-  path = args.config.split(":", 1)[0]
   configs = [f"{path}:{a}" for a in sweep_args(path)] if args.sweep else [args.config]
   slices = [aot.parse_slice(name) for name in args.topology.split(",") if name]
   rows = []
@@ -211,35 +288,49 @@ def cmd_compile(args, overrides) -> int:
 
 def cmd_launch(args, overrides) -> int:
   import shlex
+  import shutil
   import subprocess
 
   from manifold import launch
 
   load_config(args.config, overrides)  # a bad config fails here, not on every host
-  if args.target == "tpu":
-    commands = launch.tpu_commands(args.name, args.zone, args.config, args.workdir, overrides, args.project)
-    for command in commands:
-      print(shlex.join(command))
-      if args.run:
-        subprocess.run(command, check=True)
-  elif args.target == "slurm":
+  if args.target == "slurm":
     script = launch.slurm_script(args.nodes, args.gpus_per_node, args.config, args.workdir, overrides, args.partition)
     print(script, end="")
-    if args.run:
-      subprocess.run(["sbatch"], input=script, text=True, check=True)
+    commands = [["sbatch"]]
+  elif args.target == "tpu":
+    commands = launch.tpu_commands(args.name, args.zone, args.config, args.workdir, overrides, args.project)
+    print("\n".join(map(shlex.join, commands)))
   else:
     commands = launch.ssh_commands(args.hosts.split(","), args.port, args.config, args.workdir, overrides)
-    print("\n".join(commands))
-    if args.run:
-      workers = [subprocess.Popen(command, shell=True) for command in commands]
-      return max(w.wait() for w in workers)
-  return 0
+    print("\n".join(map(shlex.join, commands)))
+  if not args.run:
+    return 0
+  for program in {command[0] for command in commands}:
+    if shutil.which(program) is None:
+      raise ConfigError(f"--run: {program} is not on PATH; install it, or run the printed commands where it is")
+  if args.target == "slurm":
+    return subprocess.run(commands[0], input=script, text=True).returncode
+  if args.target == "tpu":  # one after the other: copy, install, train
+    for command in commands:
+      if code := subprocess.run(command).returncode:
+        print(f"manifold: {shlex.join(command)} exited with {code}", file=sys.stderr)
+        return code
+    return 0
+  workers = [subprocess.Popen(command) for command in commands]  # every host at once
+  return max(w.wait() for w in workers)
 
 
 def cmd_sweep(args, overrides) -> int:
   from manifold.sweep import run_sweep
 
+  if ":" in args.config or not os.path.isfile(args.config):
+    raise ConfigError(
+      f"--config {args.config}: pass an experiment file with get_sweep(), without :variant (it lists the variants)"
+    )
   results = args.results or args.workdir
+  _check_output("--workdir", args.workdir)
+  _check_output("--results", results)
   if run_sweep(args.config, args.workdir, results, overrides) is not None:
     with open(os.path.join(results, "results.md")) as f:
       print(f.read())
@@ -252,6 +343,9 @@ def cmd_convert(args, overrides) -> int:
   if bool(args.from_hf) == bool(args.to_hf):
     raise ConfigError("convert: pass exactly one of --from-hf DIR or --to-hf DIR")
   if args.from_hf:
+    hf, _ = deepseek_v3.read_hf_checkpoint(args.from_hf)  # the checkpoint's problems first, whatever --config
+    deepseek_v3.model_overrides_from_hf(hf)
+    _check_output("--workdir", args.workdir)
     base = load_config(args.config, overrides)
     count = deepseek_v3.import_checkpoint(args.from_hf, args.workdir, base)
     print(
@@ -259,6 +353,8 @@ def cmd_convert(args, overrides) -> int:
       f"next: manifold eval --workdir {args.workdir}, or train on with manifold train"
     )
   else:
+    _check_run_dir(args.workdir)
+    _check_output("--to-hf", args.to_hf)
     count = deepseek_v3.export_checkpoint(args.workdir, args.to_hf)
     print(f"wrote {count} tensors and config.json to {args.to_hf} (DeepseekV3ForCausalLM layout)")
   return 0
@@ -268,6 +364,7 @@ def cmd_tokenizer_train(args, overrides) -> int:
   from manifold.data import resolve_sources, split_files, train_bpe
 
   cfg = load_config(args.config, overrides)
+  _check_output("--out", os.path.expanduser(args.out), directory=False)
   train_files, _ = split_files(resolve_sources(cfg.data.sources), cfg.data.val_fraction)
   tokenizer = train_bpe(train_files, args.vocab_size, args.out, jsonl_field=cfg.data.jsonl_field)
   print(
@@ -278,10 +375,15 @@ def cmd_tokenizer_train(args, overrides) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="manifold", description=__doc__)
+  parser = _Parser(prog="manifold", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("train", help="train (or resume) a run; overrides: --config.a.b=value")
+  p = sub.add_parser(
+    "train",
+    help="train (or resume) a run; overrides: --config.a.b=value",
+    epilog=_fields_help(),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   _config_args(p)
   p.add_argument("--workdir", required=True)
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -290,18 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-  p.add_argument("--num-batches", type=int, default=0, help="default: eval.num_batches")
+  p.add_argument("--num-batches", type=int, default=None, help="default: eval.num_batches")
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("generate", help="sample a continuation with the KV cache")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", required=True)
   p.add_argument("--step", type=int, default=None)
-  p.add_argument("--max-new-tokens", type=int, default=None)
+  p.add_argument("--max-new-tokens", type=int, default=None, help="default: sample.max_new_tokens")
   p.add_argument("--temperature", type=float, default=None, help="0 is greedy")
   p.add_argument("--top-k", type=int, default=None, help="0 disables")
   p.add_argument("--top-p", type=float, default=None, help="1 disables")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=None, help="default: sample.seed")
   p.add_argument(
     "--speculative", action="store_true", help="greedy, drafting with the MTP modules; prints the acceptance rate"
   )
@@ -317,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--from-hf", default="", help="HF checkpoint folder (config.json + *.safetensors) to import")
   p.add_argument("--to-hf", default="", help="folder to write the run's newest checkpoint to, in HF layout")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--config", default="experiments/quickstart.py", help="--from-hf: data/train/sample settings")
+  p.add_argument(
+    "--config",
+    default=str(SOURCE_ROOT / "experiments" / "quickstart.py"),
+    help="--from-hf: data/train/sample settings (default: this checkout's experiments/quickstart.py)",
+  )
   p.set_defaults(fn=cmd_convert)
 
   p = sub.add_parser("params", help="parameter counts and training FLOPs per token")

@@ -1,14 +1,62 @@
 """Commands that start one training job on many hosts: a Cloud TPU VM slice, a SLURM GPU
 cluster, or a list of SSH-reachable GPU nodes. Each process runs `manifold train`, which
 joins the job through `jax.distributed.initialize` (manifold/parallel/distributed.py).
+
+Every argument is checked here (a bad one is one `ConfigError` naming its flag) and every
+command is an argv list: remote command strings quote each value with `shlex`, and nothing
+runs through a local shell.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import pathlib
+import re
 import shlex
 from typing import Sequence
 
+from manifold.schema import require
+
 REPO_DIR = "~/manifold"  # where the code lives on every host
+SOURCE_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout this package runs from
+SHIPPED = ("src", "kernels", "pyproject.toml", "requirements.txt", "README.md")  # what `pip install -e .` reads
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_TPU_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+_PROJECT = re.compile(r"(?:[a-z0-9.-]+:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")
+_PARTITION = re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*")
+
+
+def _match(flag: str, value: str, pattern: re.Pattern, allowed: str) -> None:
+  require(pattern.fullmatch(value) is not None, f"{flag} {value!r}: must be {allowed}")
+
+
+def _positive(flag: str, value: int) -> None:
+  require(value > 0, f"{flag} {value}: must be a positive integer")
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+  try:
+    return ipaddress.ip_address(host) if "%" not in host else None  # no IPv6 zone: it may hold any text
+  except ValueError:
+    return None
+
+
+def host_name(host: str) -> str:
+  """The host of `[user@]host`: a host name or an IPv4 / IPv6 address; anything else is refused."""
+  user, _, name = host.rpartition("@")
+  ok = (not user or _USER.fullmatch(user)) and (_ip(name) is not None or _HOST_NAME.fullmatch(name))
+  require(bool(ok), f"--hosts: {host!r} is not a host name; give [user@]name, IPv4 or IPv6 addresses, comma-separated")
+  return name
+
+
+def _common(config: str, workdir: str) -> None:
+  require(config.split(":", 1)[0] != "", "--config: empty; pass e.g. experiments/quickstart.py[:variant]")
+  require(workdir != "", "--workdir: empty; pass the directory every host shares")
 
 
 def _train(config: str, workdir: str, overrides: Sequence[str]) -> str:
@@ -18,20 +66,36 @@ def _train(config: str, workdir: str, overrides: Sequence[str]) -> str:
 def tpu_commands(
   name: str, zone: str, config: str, workdir: str, overrides: Sequence[str] = (), project: str = ""
 ) -> list[list[str]]:
-  """gcloud invocations for a TPU VM slice `name`: copy the repository to every worker,
-  install it with jax[tpu], then start `manifold train` on all workers at once.
+  """gcloud invocations for a TPU VM slice `name`: copy the package (`SHIPPED`, from the
+  checkout this module runs from) and the experiment file to every worker, install them with
+  jax[tpu], then start `manifold train` on all workers at once.
 
   `MANIFOLD_DISTRIBUTED=1` makes each process call `jax.distributed.initialize()`, which
   finds its peers from the TPU VM metadata. `workdir` should be a bucket (gs://...) or a
   disk every worker shares; checkpoints are written by all processes together.
   """
+  _match("--name", name, _TPU_NAME, "a TPU VM name: lowercase letters, digits and hyphens, from a letter")
+  _match("--zone", zone, _ZONE, "a zone such as us-east5-a")
+  if project:
+    _match("--project", project, _PROJECT, "a project ID: 6-30 lowercase letters, digits and hyphens")
+  _common(config, workdir)
+  path, sep, arg = config.partition(":")
   target = ["--zone", zone, "--worker", "all"] + (["--project", project] if project else [])
-  install = f"cd {REPO_DIR} && make .venv/.installed && .venv/bin/pip install -q 'jax[tpu]'"
-  run = f"cd {REPO_DIR} && MANIFOLD_DISTRIBUTED=1 {_train(config, workdir, overrides)}"
+  gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
+  prepare = f"rm -rf {REPO_DIR}/src {REPO_DIR}/kernels && mkdir -p {REPO_DIR}/experiments"
+  install = (
+    f"cd {REPO_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]' "
+    "&& .venv/bin/pip install -q --no-deps -e ."
+  )
+  remote_config = f"experiments/{os.path.basename(path)}{sep}{arg}"
+  run = f"cd {REPO_DIR} && MANIFOLD_DISTRIBUTED=1 {_train(remote_config, workdir, overrides)}"
+  sources = [str(SOURCE_ROOT / p) for p in SHIPPED]
   return [
-    ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", ".", f"{name}:{REPO_DIR}", *target],
-    ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *target, "--command", install],
-    ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *target, "--command", run],
+    [*gcloud, "ssh", name, *target, "--command", prepare],
+    [*gcloud, "scp", "--recurse", *sources, f"{name}:{REPO_DIR}", *target],
+    [*gcloud, "scp", os.path.abspath(path), f"{name}:{REPO_DIR}/experiments/", *target],
+    [*gcloud, "ssh", name, *target, "--command", install],
+    [*gcloud, "ssh", name, *target, "--command", run],
   ]
 
 
@@ -40,6 +104,11 @@ def slurm_script(
 ) -> str:
   """An sbatch script: one process per node owning all its GPUs. JAX reads the job's
   layout from SLURM's environment (SLURM_NTASKS > 1 triggers the initialisation)."""
+  _positive("--nodes", nodes)
+  _positive("--gpus-per-node", gpus_per_node)
+  if partition:
+    _match("--partition", partition, _PARTITION, "partition names (letters, digits, _ . -), comma-separated")
+  _common(config, workdir)
   lines = [
     "#!/bin/bash",
     "#SBATCH --job-name=manifold",
@@ -57,11 +126,17 @@ def slurm_script(
 
 def ssh_commands(
   hosts: Sequence[str], port: int, config: str, workdir: str, overrides: Sequence[str] = ()
-) -> list[str]:
-  """One `ssh` command per node (without a scheduler): the first host coordinates."""
-  coordinator = f"{hosts[0]}:{port}"
+) -> list[list[str]]:
+  """One `ssh` argv per node (without a scheduler): the first host coordinates."""
+  names = [host_name(host) for host in hosts]
+  require(bool(names), "--hosts: empty; give the nodes' names, comma-separated")
+  require(0 < port < 65536, f"--port {port}: must be a port number in 1..65535")
+  _common(config, workdir)
+  first = names[0]
+  coordinator = f"[{first}]:{port}" if isinstance(_ip(first), ipaddress.IPv6Address) else f"{first}:{port}"
   commands = []
   for index, host in enumerate(hosts):
-    env = f"JAX_COORDINATOR_ADDRESS={coordinator} JAX_NUM_PROCESSES={len(hosts)} JAX_PROCESS_ID={index}"
-    commands.append(shlex.join(["ssh", host, f"cd {REPO_DIR} && {env} {_train(config, workdir, overrides)}"]))
+    env = {"JAX_COORDINATOR_ADDRESS": coordinator, "JAX_NUM_PROCESSES": len(hosts), "JAX_PROCESS_ID": index}
+    assignments = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
+    commands.append(["ssh", host, f"cd {REPO_DIR} && {assignments} {_train(config, workdir, overrides)}"])
   return commands

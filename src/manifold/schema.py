@@ -105,6 +105,7 @@ class Section:
   def from_mapping(cls, values: Mapping[str, Any], renamed: Mapping[str, str] | None = None) -> Section:
     """Builds and validates from a mapping of field values (a ConfigDict section or JSON);
     missing fields take their defaults, unknown ones are refused (renamed ones name the new name)."""
+    require(hasattr(values, "keys"), f"{cls.SECTION}={values!r}: must be a mapping of {cls.SECTION}'s fields")
     kinds = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -115,7 +116,7 @@ class Section:
       require(key in names, f"{dotted}: unknown field; see manifold/config.py for the fields")
       kind = kinds[key]
       if isinstance(kind, type) and issubclass(kind, Section):
-        value = kind.from_mapping(value if isinstance(value, Mapping) else dict(value), renamed)
+        value = kind.from_mapping(value, renamed)
       kwargs[key] = value
     return cls(**kwargs)
 

@@ -23,6 +23,8 @@ def generate(
   top_p: float = 1.0,
 ) -> jax.Array:
   """Returns [B, P + max_new_tokens] tokens: the prompt followed by samples."""
+  if prompt_bp.shape[1] == 0:
+    raise ValueError("the prompt is empty; generation continues at least one token")
   total = prompt_bp.shape[1] + max_new_tokens
   if total > model.cfg.max_seq_len:
     raise ValueError(

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 
 def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
   """Samples [B] tokens from logits [B, V]. `temperature == 0` is greedy;
-  `top_k == 0` and `top_p == 1` disable those filters."""
+  `top_k == 0` (or >= V) and `top_p == 1` disable those filters."""
   if temperature == 0:
     return jnp.argmax(logits_bv, axis=-1)
   logits = logits_bv.astype(jnp.float32) / temperature
-  if top_k > 0:
+  if 0 < top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1:

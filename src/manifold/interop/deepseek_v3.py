@@ -37,8 +37,52 @@ INDEX = "model.safetensors.index.json"
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn}
 
 
+_NUMBER, _INT = (int, float), int
+# The config.json keys the import reads: (JSON type, presence). "required" keys must hold a
+# value; "optional" ones may be left out, "nullable" ones also set to null (both take a default).
+_SETTINGS: dict[str, tuple[Any, str]] = {
+  **dict.fromkeys(
+    "vocab_size hidden_size num_hidden_layers num_attention_heads qk_nope_head_dim qk_rope_head_dim "
+    "intermediate_size max_position_embeddings kv_lora_rank v_head_dim".split(),
+    (_INT, "required"),
+  ),
+  "rms_norm_eps": (_NUMBER, "required"),
+  **dict.fromkeys(
+    "q_lora_rank n_routed_experts n_shared_experts num_experts_per_tok moe_intermediate_size n_group topk_group".split(),
+    (_INT, "nullable"),
+  ),
+  "first_k_dense_replace": (_INT, "optional"),
+  **dict.fromkeys("rope_theta initializer_range routed_scaling_factor".split(), (_NUMBER, "optional")),
+  **dict.fromkeys("norm_topk_prob rope_interleave".split(), (bool, "optional")),
+  "attention_bias": (bool, "nullable"),
+  **dict.fromkeys("model_type hidden_act".split(), (str, "optional")),
+  **dict.fromkeys("rope_parameters rope_scaling quantization_config".split(), (dict, "nullable")),
+}
+_ROPE_SETTINGS = {"rope_theta": (_NUMBER, "optional"), "rope_type": (str, "optional"), "type": (str, "optional")}
+_YARN_SETTINGS = {
+  "original_max_position_embeddings": (_INT, "required"),
+  **dict.fromkeys("factor beta_fast beta_slow mscale mscale_all_dim".split(), (_NUMBER, "nullable")),
+}
+_KIND_NAMES = {_INT: "an integer", _NUMBER: "a number", bool: "true or false", str: "a string", dict: "an object"}
+
+
+def _check_settings(where: str, values: dict[str, Any], settings: dict[str, tuple[Any, str]]) -> None:
+  """Refuses a missing required key or a value of the wrong JSON type, naming the key."""
+  for key, (kind, presence) in settings.items():
+    if key not in values:
+      if presence == "required":
+        raise ConfigError(f"--from-hf: {where} has no {key!r}; a DeepSeek-V3 config.json sets it")
+      continue
+    value = values[key]
+    if value is None and presence == "nullable":
+      continue
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+      raise ConfigError(f"--from-hf: {where} {key}={value!r}: must be {_KIND_NAMES[kind]}")
+
+
 def _yarn_overrides(hf: dict[str, Any], rope: dict[str, Any]) -> dict[str, Any]:
   """`model.rope_*` fields for HF's YaRN parameters, with transformers' defaults."""
+  _check_settings("config.json's YaRN rope_scaling", rope, _YARN_SETTINGS)
   if rope.get("attention_factor") is not None or not rope.get("truncate", True):
     raise ConfigError(
       "--from-hf: YaRN with attention_factor or truncate=false is not supported (DeepSeek sets neither)"
@@ -78,8 +122,10 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
   """`config.model` fields for an HF DeepSeek-V3 `config.json`."""
   if hf.get("model_type") != "deepseek_v3":
     raise ConfigError(f"--from-hf: model_type={hf.get('model_type')!r}; only 'deepseek_v3' checkpoints convert")
+  _check_settings("config.json", hf, _SETTINGS)
   fp8_block(hf)
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  _check_settings("config.json's RoPE parameters", rope, _ROPE_SETTINGS)
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in ("default", "yarn"):
     raise ConfigError(f"--from-hf: RoPE scaling {rope_type!r} is not implemented; default RoPE and 'yarn' convert")
@@ -375,11 +421,39 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
-  """(tensor name -> {dtype, shape, data_offsets}, offset of the data) of a safetensors file."""
+  """(tensor name -> {dtype, shape, data_offsets}, offset of the data) of a safetensors file;
+  a file that is empty, truncated or of another format is one ConfigError naming it."""
+
+  def fail(reason: str):
+    raise ConfigError(f"--from-hf: {path}: not a safetensors file ({reason}); download it again")
+
+  file_size = os.path.getsize(path)
   with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
+    head = f.read(8)
+    if len(head) < 8:
+      fail(f"{file_size} bytes")
+    (size,) = struct.unpack("<Q", head)
+    if 8 + size > file_size:
+      fail("its header runs past the end of the file: truncated")
+    try:
+      header = json.loads(f.read(size))
+    except ValueError:
+      fail("its header is not JSON")
+  if not isinstance(header, dict) or not all(isinstance(e, dict) for e in header.values()):
+    fail("its header is not a JSON object of tensor entries")
   header.pop("__metadata__", None)
+  data_size = file_size - 8 - size
+  ints = lambda v: isinstance(v, list) and all(type(i) is int for i in v)  # noqa: E731
+  for name, entry in header.items():
+    dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets"))
+    if not (isinstance(dtype, str) and ints(shape) and ints(offsets) and len(offsets) == 2):
+      fail(f"the header entry of {name!r} lacks a dtype, shape or data_offsets")
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+      fail(f"{name!r} ends at byte {end} of {data_size} data bytes: truncated")
+    expected = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize if dtype in _DTYPES else end - start
+    if end - start != expected:
+      fail(f"{name!r} spans {end - start} bytes, not the {expected} its dtype and shape take")
   return header, 8 + size
 
 
@@ -394,16 +468,27 @@ def read_hf_checkpoint(directory: str) -> tuple[dict[str, Any], HFTensors]:
   def fail(message: str):
     raise ConfigError(f"--from-hf {directory}: {message}")
 
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.exists(config_path):
+  def read_json(name: str):
+    try:
+      with open(os.path.join(directory, name), encoding="utf-8") as f:
+        return json.load(f)
+    except json.JSONDecodeError as e:
+      fail(f"{name} is not JSON ({e.msg} at line {e.lineno} column {e.colno}); restore the checkpoint's own {name}")
+    except (OSError, UnicodeDecodeError) as e:
+      fail(f"cannot read {name} ({e}); restore the checkpoint's own {name}")
+
+  if not os.path.isdir(directory):
+    fail("no such folder; pass a Hugging Face checkpoint folder (config.json + *.safetensors)")
+  if not os.path.exists(os.path.join(directory, "config.json")):
     fail("no config.json; pass a Hugging Face checkpoint folder")
-  with open(config_path) as f:
-    config = json.load(f)
+  config = read_json("config.json")
+  if not isinstance(config, dict):
+    fail(f"config.json holds a {type(config).__name__}, not an object of settings; restore the checkpoint's own")
   present = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
   weight_map: dict[str, str] | None = None
   if os.path.exists(os.path.join(directory, INDEX)):
-    with open(os.path.join(directory, INDEX)) as f:
-      weight_map = json.load(f).get("weight_map")
+    index = read_json(INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
       fail(f"{INDEX} has no weight_map")
     stray = [f for f in present if f not in set(weight_map.values())]
@@ -493,7 +578,10 @@ def import_checkpoint(hf_dir: str, workdir: str, base_cfg) -> int:
   cfg = base_cfg.copy_and_resolve_references()
   cfg.model.update(model_overrides_from_hf(hf))
   cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
-  validate(cfg)
+  try:
+    validate(cfg)
+  except ConfigError as e:
+    raise ConfigError(f"--from-hf {hf_dir}: config.json gives {e}") from None
   model_cfg = model_config(cfg)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   latest = checkpointer.latest_step()
