@@ -146,7 +146,7 @@ def set_up(cfg, workdir: str) -> Run:
     write_manifest(
       os.path.join(workdir, "manifest.json"),
       data.records,
-      tokenizer_name=data.tokenizer.name,
+      tokenizer=data.tokenizer,
       tokens={"train": len(data.train), "val": len(data.val)},
     )
   model_cfg = model_config(cfg)
