@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +14,12 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from manifold.config import ConfigError
+from manifold.config import ConfigError, TrainConfig
 from manifold.train.checkpoint import Checkpointer
+from manifold.train.divergence import DivergenceCheck
 from manifold.train.loop import TrainingDiverged, train
 from manifold.train.metrics import read_metrics
 
@@ -128,3 +132,67 @@ def test_workdir_trained_with_another_model_is_refused(tiny_config, tmp_path):
   with pytest.raises(ConfigError, match="model.d_model=32: .* was trained with 64"):
     train(tiny_config("--config.train.steps=3", "--config.model.d_model=32"), workdir, progress=False)
   assert os.path.exists(os.path.join(workdir, "checkpoints", "3"))
+
+
+def test_an_exploding_update_stops_the_run_before_it_is_checkpointed(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(
+    "--config.train.learning_rate=1e4",  # as reported: the loss then sat at ln(vocab) with no gradient
+    "--config.train.grad_clip=0",
+    "--config.train.checkpoint_every=1",
+    "--config.train.log_every=1",
+  )
+  with pytest.raises(
+    TrainingDiverged, match=r"^parameter norm .* at step 2: stopped; the newest checkpoint \(step 1\)"
+  ):
+    train(cfg, workdir, progress=False)
+  checkpointer = Checkpointer(workdir, keep=3)
+  assert sorted(os.listdir(checkpointer.directory)) == ["1"]
+  row = next(r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["step"] == 1)
+  state, _ = checkpointer.restore(1, train_state_spec(cfg).abstract)
+  np.testing.assert_allclose(float(optax.global_norm(state.params)), row["param_norm"], rtol=1e-6)
+
+
+def train_state_spec(cfg):
+  from manifold.config import model_config
+  from manifold.parallel.mesh import make_mesh
+  from manifold.train.optimizer import make_optimizer
+  from manifold.train.state import make_state_spec
+
+  return make_state_spec(model_config(cfg), make_optimizer(cfg.train), make_mesh(cfg.mesh))
+
+
+def divergence_check(**train_overrides) -> DivergenceCheck:
+  return DivergenceCheck(dataclasses.replace(TrainConfig(), **train_overrides))
+
+
+def test_divergence_check_flags_a_loss_spike_over_the_running_median():
+  check = divergence_check(spike_factor=3.0, divergence_window=4)
+  assert [check.update(loss, 1.0, 10.0) for loss in (5.0, 4.0, 12.0, 3.5)] == [None] * 4  # 12 <= 3 x 4.5
+  assert re.match(r"loss 14 > train\.spike_factor=3 x its median 4\.5", check.update(14.0, 1.0, 10.0))
+
+
+def test_divergence_check_flags_an_exploding_parameter_norm():
+  check = divergence_check(param_norm_factor=10.0)
+  assert [check.update(5.0, 1.0, norm) for norm in (19.0, 20.0, 150.0)] == [None] * 3
+  assert re.match(r"parameter norm 1\.38e\+06 > train\.param_norm_factor=10", check.update(5.0, 1.0, 1.38e6))
+
+
+def test_divergence_check_flags_gradients_that_collapse_while_the_loss_stays_flat():
+  check = divergence_check(grad_norm_floor=1e-6, collapse_steps=3)
+  assert [check.update(loss, 0.0, 20.0) for loss in (5.0, 4.0, 3.0)] == [None] * 3  # falling: still learning
+  assert check.before_save() is not None  # but a step below the floor is never checkpointed
+  assert check.update(2.0, 0.5, 20.0) is None and check.before_save() is None
+  assert [check.update(5.77, 0.0, 20.0) for _ in range(2)] == [None] * 2
+  assert re.match(r"collapsed gradients: .* for 3 steps while the loss did not fall", check.update(5.77, 0.0, 20.0))
+
+
+def test_divergence_check_passes_a_noisy_healthy_run_and_each_check_turns_off_at_zero():
+  rng = np.random.default_rng(0)
+  losses = 5.5 * np.exp(-np.arange(300) / 100) + 1 + rng.uniform(-0.3, 0.3, 300)
+  norms = 19 + np.arange(300) / 10
+  check = divergence_check()
+  assert all(check.update(loss, 0.5, norm) is None for loss, norm in zip(losses, norms))
+  off = divergence_check(spike_factor=0, param_norm_factor=0, grad_norm_floor=0)
+  assert all(off.update(loss, 0.0, norm) is None for loss, norm in zip([5.0, 1e6, 5.0, 5.0], [20.0, 1e14, 1e15, 1e16]))
+  assert off.update(float("nan"), 0.0, 20.0).startswith("non-finite")

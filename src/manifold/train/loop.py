@@ -10,17 +10,17 @@ import os
 import signal
 
 import jax
-import numpy as np
 import tqdm
 
 from manifold.data import Data
 from manifold.train import plot
+from manifold.train.divergence import DivergenceCheck
 from manifold.train.run import Run, Throughput, set_up
 from manifold.train.state import StateSpec, TrainState
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; no checkpoint was written past the last finite step."""
+  """The run diverged (`DivergenceCheck`); no checkpoint was written past the last healthy step."""
 
 
 @dataclasses.dataclass
@@ -50,15 +50,33 @@ class _StopRequest:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(run: Run, metrics, step: int) -> None:
-  """Loss, gradient norm and the updated parameters' norm must all be finite."""
-  values = {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm")}
-  bad = {k: v for k, v in values.items() if not np.isfinite(v)}
-  if bad:
-    run.checkpointer.wait()
+class _Guard:
+  """Runs `DivergenceCheck` on every step's metrics once, in step order, and stops the run
+  with `TrainingDiverged` before a diverged state is checkpointed."""
+
+  def __init__(self, run: Run):
+    self.run = run
+    self.check = DivergenceCheck(run.cfg.train)
+    self.checked = run.start  # the last step whose metrics passed
+
+  def __call__(self, metrics, step: int, *, saving: bool = False) -> None:
+    if step > self.checked:
+      self.checked = step
+      self._stop_if(self.check.update(*(float(metrics[k]) for k in ("loss", "grad_norm", "param_norm"))), step)
+    if saving:
+      self._stop_if(self.check.before_save(), step)
+
+  def _stop_if(self, reason: str | None, step: int) -> None:
+    if reason is None:
+      return
+    checkpointer = self.run.checkpointer
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    kept = f"the newest checkpoint (step {latest}) in {checkpointer.directory} is intact"
+    kept = kept if latest is not None else "no checkpoint was written"
     raise TrainingDiverged(
-      f"non-finite {bad} at step {step}: stopped; the newest checkpoint (step {run.checkpointer.latest_step()}) "
-      f"in {run.checkpointer.directory} is intact. Lower train.learning_rate or raise train.warmup_steps, then rerun"
+      f"{reason} at step {step}: stopped; {kept}. Lower train.learning_rate or raise train.warmup_steps, then rerun "
+      "(train.spike_factor, train.param_norm_factor and train.grad_norm_floor set the checks; 0 turns one off)"
     )
 
 
@@ -88,7 +106,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
     mininterval=1.0,
   )  # fmt: skip
   state, step, pending, stopped_early = run.state, run.start, None, False
-  meter = Throughput(run)
+  guard, meter = _Guard(run), Throughput(run)
   try:
     with _StopRequest() as stop:
       while step < tc.steps:
@@ -96,11 +114,11 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
         step += 1
         meter.steps += 1
         if pending is not None:  # one step late, so the host never stalls the device queue
-          _check_finite(run, *pending)
+          guard(*pending)
         pending = (metrics, step)
         values = {}
         if step == run.start + 1:  # the first step includes compilation: time throughput from here on
-          _check_finite(run, *pending)
+          guard(*pending)
           values["compile_and_first_step_s"] = meter.elapsed()
           meter.restart()
         if step % tc.log_every == 0 or step == tc.steps:
@@ -113,7 +131,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
         if values:
           run.writer.write(step, values)
         if step % tc.eval_every == 0 or step == tc.steps:
-          _check_finite(run, *pending)
+          guard(*pending)
           val = run.evaluate(state, step)
           gain = f"  amax_gain {val['residual/amax_gain']:.3f}" if run.residual_stats is not None else ""
           run.say(
@@ -121,7 +139,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
           )
           meter.restart()  # keep evaluation out of the throughput figures
         if step % tc.checkpoint_every == 0 or step == tc.steps or stop.requested:
-          _check_finite(run, *pending)
+          guard(*pending, saving=True)
           run.checkpointer.save(step, state, run.iterator.state_dict())
         bar.update(1)
         if stop.requested:
