@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from manifold.config import ConfigError, TrainConfig
+from manifold.config import ConfigError, TrainConfig, config_from_json, load_config
+from manifold.data import DataError
 from manifold.train.checkpoint import Checkpointer
 from manifold.train.divergence import DivergenceCheck
 from manifold.train.loop import TrainingDiverged, train
@@ -132,6 +134,196 @@ def test_workdir_trained_with_another_model_is_refused(tiny_config, tmp_path):
   with pytest.raises(ConfigError, match="model.d_model=32: .* was trained with 64"):
     train(tiny_config("--config.train.steps=3", "--config.model.d_model=32"), workdir, progress=False)
   assert os.path.exists(os.path.join(workdir, "checkpoints", "3"))
+
+
+# Reliability: corrupt checkpoints, run directories that failed commands leave alone, interrupts, divergence.
+
+
+def corrupt(step_dir, how: str) -> None:
+  """Damages one checkpoint the way a crash or a full disk does."""
+  state = step_dir / "state"
+  if how == "truncated data file":
+    data_file = max((state / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+  elif how == "emptied manifest.ocdbt":
+    (state / "manifest.ocdbt").write_bytes(b"")
+  else:  # torn data/metadata
+    metadata = step_dir / "data" / "metadata"
+    metadata.write_bytes(metadata.read_bytes()[:12])
+
+
+def tree_digest(root) -> dict[str, str]:
+  return {
+    os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+    for d, _, files in os.walk(root)
+    for f in files
+  }
+
+
+@pytest.mark.parametrize("how", ["truncated data file", "emptied manifest.ocdbt", "torn data/metadata"])
+def test_load_trained_falls_back_past_a_corrupt_newest_checkpoint_and_leaves_it(trained_workdir, tmp_path, how):
+  from manifold.train.restore import load_trained
+
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  corrupt(workdir / "checkpoints" / "20", how)
+  before = tree_digest(workdir)
+  said = []
+  run = load_trained(str(workdir), data=False, say=said.append)
+  assert run.step == 10
+  assert len(said) == 1 and re.match(
+    r"checkpoint 20 does not restore \(\w+: .+\); skipped it .* using step 10$", said[0]
+  )
+  assert tree_digest(workdir) == before
+
+
+def test_an_explicit_corrupt_step_is_refused_in_one_line(trained_workdir, tmp_path, capsys):
+  from manifold.cli import main
+
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  corrupt(workdir / "checkpoints" / "20", "truncated data file")
+  assert main(["eval", "--workdir", str(workdir), "--step", "20"]) == 2
+  err = capsys.readouterr().err
+  assert re.fullmatch(
+    r"manifold: error: --step 20: checkpoint 20 in \S+ does not restore: .+; pick another step.*\n", err
+  )
+
+
+def test_resume_sets_a_corrupt_checkpoint_aside_and_keep_n_then_keeps_only_good_ones(trained_workdir, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  corrupt(workdir / "checkpoints" / "20", "truncated data file")
+  bad = tree_digest(workdir / "checkpoints" / "20")
+  cfg = config_from_json((workdir / "config.json").read_text())
+  cfg.train.update(steps=40, keep_checkpoints=2)
+  result = train(cfg, str(workdir), progress=False)
+  assert result.start == 10 and result.step == 40
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["30", "40"]  # the new 20 was saved, then rotated out
+  assert tree_digest(workdir / "checkpoints_unreadable" / "20") == bad
+
+
+def test_failed_checks_write_nothing_so_the_corrected_retry_trains(tiny_config, corpus_dir, tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match="model.vocab_size=100"):
+    train(tiny_config("--config.model.vocab_size=100"), str(workdir), progress=False)
+  with pytest.raises(DataError, match="data.sources"):
+    train(tiny_config(f"--config.data.sources={corpus_dir}/m00.py"), str(workdir), progress=False)
+  with pytest.raises(ConfigError, match="mesh"):
+    train(tiny_config("--config.mesh.data=2"), str(workdir), progress=False)
+  assert not workdir.exists()
+  assert (
+    train(tiny_config("--config.train.steps=1", "--config.train.warmup_steps=0"), str(workdir), progress=False).step
+    == 1
+  )
+
+
+def test_resume_refuses_turning_clipping_off_and_leaves_the_run_unchanged(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  train(tiny_config("--config.train.steps=2", "--config.train.warmup_steps=0"), str(workdir), progress=False)
+  before = tree_digest(workdir)
+  cfg = tiny_config("--config.train.steps=4", "--config.train.warmup_steps=0", "--config.train.grad_clip=0")
+  with pytest.raises(
+    ConfigError, match=r"^train\.grad_clip=0\.0: \S+ was trained with 1\.0; clipping on \(> 0\) or off"
+  ):
+    train(cfg, str(workdir), progress=False)
+  assert tree_digest(workdir) == before
+
+
+def test_resume_accepts_and_records_changes_to_the_schedule_and_cadence(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  base = ["--config.train.warmup_steps=0", "--config.train.eval_every=100"]
+  train(tiny_config("--config.train.steps=2", *base), str(workdir), progress=False)
+  changed = ["--config.train.steps=3", "--config.train.learning_rate=0.001", "--config.train.checkpoint_every=1"]
+  assert train(tiny_config(*base, *changed), str(workdir), progress=False).step == 3
+  history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
+  assert [(h["step"], h["changes"]) for h in history] == [
+    (2, {"train.steps": [2, 3], "train.learning_rate": [0.003, 0.001], "train.checkpoint_every": [10, 1]})
+  ]
+  saved = json.loads((workdir / "config.json").read_text())["train"]
+  assert (saved["steps"], saved["learning_rate"], saved["checkpoint_every"]) == (3, 0.001, 1)
+
+
+def test_resume_refuses_a_file_added_under_the_same_glob(corpus_dir, tiny_config, tmp_path):
+  corpus = tmp_path / "corpus"
+  shutil.copytree(corpus_dir, corpus)
+  workdir = tmp_path / "run"
+  overrides = [f"--config.data.sources={corpus}/*.py", "--config.train.steps=1", "--config.train.warmup_steps=0"]
+  train(tiny_config(*overrides), str(workdir), progress=False)
+  manifest = (workdir / "manifest.json").read_text()
+  (corpus / "zz_new.py").write_text("print('a file that was not there')\n")
+  with pytest.raises(DataError, match=r"^data\.sources: \S+zz_new\.py is new since \S+ was trained"):
+    train(tiny_config(*overrides), str(workdir), progress=False)
+  assert (workdir / "manifest.json").read_text() == manifest
+
+
+def test_a_tokenizer_retrained_in_place_is_refused_on_resume_and_by_eval(corpus_dir, tiny_config, tmp_path):
+  from manifold.data import resolve_sources, train_bpe
+  from manifold.train.restore import load_trained
+
+  files = resolve_sources(f"{corpus_dir}/*.py")
+  tok = tmp_path / "tok.json"
+  train_bpe(files[:10], 300, str(tok))
+  workdir = tmp_path / "run"
+  overrides = [f"--config.data.tokenizer={tok}", "--config.train.steps=1", "--config.train.warmup_steps=0"]
+  train(tiny_config(*overrides), str(workdir), progress=False)
+  train_bpe(files[10:20], 300, str(tok))
+  with pytest.raises(DataError, match=r"^data\.tokenizer: \S+tok\.json changed since \S+ was trained with it"):
+    train(tiny_config(*overrides), str(workdir), progress=False)
+  with pytest.raises(DataError, match=r"^data\.tokenizer: \S+tok\.json changed since"):
+    load_trained(str(workdir))
+
+
+def test_relative_data_paths_are_recorded_absolute_so_eval_works_from_elsewhere(corpus_dir, tmp_path, monkeypatch):
+  from manifold.data import resolve_sources, train_bpe
+  from manifold.train.restore import load_trained
+
+  here = tmp_path / "here"
+  here.mkdir()
+  cfg = load_config(
+    TINY,
+    [
+      f"--config.data.sources={os.path.relpath(corpus_dir, here)}/*.py",
+      "--config.data.tokenizer=tok.json",
+      "--config.data.cache_dir=cache",
+      "--config.data.val_fraction=0.2",
+      "--config.train.steps=1",
+      "--config.train.warmup_steps=0",
+    ],
+  )
+  monkeypatch.chdir(here)
+  train_bpe(resolve_sources(f"{corpus_dir}/*.py")[:10], 300, "tok.json")
+  train(cfg, "run", progress=False)
+  data = json.loads((here / "run" / "config.json").read_text())["data"]
+  assert data["sources"] == f"{corpus_dir}/*.py"
+  assert (data["tokenizer"], data["cache_dir"]) == (str(here / "tok.json"), str(here / "cache"))
+  monkeypatch.chdir(tmp_path)
+  assert load_trained(str(here / "run")).data.tokenizer.vocab_size == 300
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(tiny_config, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  base = ["--config.train.warmup_steps=0", "--config.train.log_every=1", "--config.train.eval_every=100"]
+  train(tiny_config("--config.train.steps=2", *base), str(workdir), progress=False)
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "loss": 4.')
+  capsys.readouterr()
+  train(tiny_config("--config.train.steps=3", *base), str(workdir), progress=False)
+  assert re.search(
+    r"metrics\.jsonl: dropped 1 line\(s\) cut short by an earlier crash \(line \d+\)", capsys.readouterr().out
+  )
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_a_rerun_after_an_early_kill_writes_each_metrics_row_once(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  cfg = tiny_config("--config.train.steps=2", "--config.train.warmup_steps=0", "--config.train.log_every=1")
+  train(cfg, str(workdir), progress=False)
+  shutil.rmtree(workdir / "checkpoints")  # killed before its first checkpoint: metrics rows, no checkpoint
+  train(cfg, str(workdir), progress=False)
+  keys = [(r["step"], "val" if "val_loss" in r else "train") for r in read_metrics(workdir / "metrics.jsonl")]
+  assert sorted(keys) == [(0, "val"), (1, "train"), (2, "train"), (2, "val")]
 
 
 def test_an_exploding_update_stops_the_run_before_it_is_checkpointed(tiny_config, tmp_path):

@@ -97,8 +97,9 @@ def _announce(run: Run) -> None:
 
 
 def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
-  """Trains `cfg` in `workdir`, resuming from its newest checkpoint if there is one."""
-  run = set_up(cfg, workdir)
+  """Trains `cfg` in `workdir`, resuming from its newest checkpoint that restores, if any."""
+  is_main = jax.process_index() == 0
+  run = set_up(cfg, workdir, say=lambda text: tqdm.tqdm.write(text) if is_main else None)
   tc = cfg.train
   _announce(run)
   bar = tqdm.tqdm(
