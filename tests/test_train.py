@@ -107,6 +107,7 @@ def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(tiny_conf
   assert "SIGTERM: saved step" in output
   stopped_at = Checkpointer(str(workdir), keep=3).latest_step()
   assert 3 <= stopped_at < 150
+  assert f"stopped at step {stopped_at} of 150 by SIGTERM" in output
 
   resumed = train(cfg, str(workdir), progress=False)
   assert resumed.step == 150
@@ -324,6 +325,37 @@ def test_a_rerun_after_an_early_kill_writes_each_metrics_row_once(tiny_config, t
   train(cfg, str(workdir), progress=False)
   keys = [(r["step"], "val" if "val_loss" in r else "train") for r in read_metrics(workdir / "metrics.jsonl")]
   assert sorted(keys) == [(0, "val"), (1, "train"), (2, "train"), (2, "val")]
+
+
+def test_ctrl_c_before_compilation_saves_at_the_next_step_and_exits_130(tiny_config, corpus_dir, tmp_path):
+  cfg = tiny_config()
+  workdir = tmp_path / "run"
+  command = [
+    sys.executable,
+    "-m",
+    "manifold.cli",
+    "train",
+    "--config",
+    TINY,
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+    f"--config.data.sources={corpus_dir}/*.py",
+    "--config.data.val_fraction=0.2",
+    f"--config.data.cache_dir={cfg.data.cache_dir}",
+    "--config.train.steps=150",
+  ]
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  lines = []
+  while not lines or "process(es)" not in lines[-1]:  # announced: the step-0 evaluation compiles next
+    lines.append(proc.stdout.readline())
+    assert lines[-1], "".join(lines)
+  proc.send_signal(signal.SIGINT)
+  output = "".join(lines) + proc.communicate(timeout=240)[0]
+  assert proc.returncode == 130, output
+  assert "stopped at step 1 of 150 by SIGINT" in output and "Traceback" not in output
+  assert Checkpointer(str(workdir), keep=3).latest_step() == 1
 
 
 def test_an_exploding_update_stops_the_run_before_it_is_checkpointed(tiny_config, tmp_path):

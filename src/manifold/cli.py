@@ -64,15 +64,10 @@ def cmd_train(args, overrides) -> int:
   cfg = load_config(args.config, overrides)
   from manifold.train.loop import train  # heavy imports after the config is known to be good
 
-  started = time.perf_counter()
   result = train(cfg, args.workdir, progress=not args.no_progress)
-  minutes = (time.perf_counter() - started) / 60
-  print(
-    f"trained to step {result.step} in {minutes:.1f} min; metrics: {os.path.join(args.workdir, 'metrics.jsonl')}, "
-    f"curve: {os.path.join(args.workdir, 'loss.png')}"
-  )
-  if result.stopped_early or cfg.sample.max_new_tokens == 0:
-    return 0
+  print(result.summary())
+  if result.interrupted_by is not None or cfg.sample.max_new_tokens == 0:
+    return result.exit_code
   s = cfg.sample
   max_new = min(s.max_new_tokens, cfg.model.max_seq_len - len(result.data.tokenizer.encode(s.prompt)))
   text = _sample_text(
@@ -389,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingDiverged as e:
     print(f"manifold: training diverged: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print("manifold: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
