@@ -125,6 +125,16 @@ def test_jsonl_yields_one_document_per_line_from_the_configured_field(tmp_path):
     read_documents(SourceFile(str(bad), "bad.jsonl"), "text")
 
 
+def test_binary_files_are_refused_by_content_naming_them(tmp_path):
+  write(tmp_path / "ok.txt", "plain text")
+  (tmp_path / "blob.txt").write_bytes(b"valid UTF-8 \x00 with a NUL")
+  with pytest.raises(
+    DataError, match=r"^data\.sources: 1 binary file\(s\) \(NUL bytes\): \S*blob\.txt; drop them"
+  ) as e:
+    resolve_sources(f"{tmp_path}/*.txt")
+  assert "ok.txt" not in str(e.value)
+
+
 def test_undecodable_file_error_names_the_file(tmp_path):
   path = tmp_path / "latin1.txt"
   path.write_bytes("café".encode("latin-1"))
@@ -216,7 +226,7 @@ def test_load_data_builds_disjoint_splits_and_writes_manifest(tmp_path, corpus):
   assert len(data.train) + len(data.val) == sum(len(p.read_bytes()) + 1 for p in corpus)
   path = tmp_path / "run" / "data.json"
   tokens = {"train": len(data.train), "val": len(data.val)}
-  write_manifest(str(path), data.records, tokenizer_name=data.tokenizer.name, tokens=tokens)
+  write_manifest(str(path), data.records, tokenizer=data.tokenizer, tokens=tokens)
   manifest = json.loads(path.read_text())
   assert manifest["tokenizer"] == "byte" and manifest["tokens"]["val"] == len(data.val)
   assert {f["name"]: f["split"] for f in manifest["files"]} == splits

@@ -129,15 +129,10 @@ def cmd_train(args, overrides) -> int:
 
   _check_output("--config.data.cache_dir", cfg.data.cache_dir or default_cache_dir())
 
-  started = time.perf_counter()
   result = train(cfg, args.workdir, progress=not args.no_progress)
-  minutes = (time.perf_counter() - started) / 60
-  print(
-    f"trained to step {result.step} in {minutes:.1f} min; metrics: {os.path.join(args.workdir, 'metrics.jsonl')}, "
-    f"curve: {os.path.join(args.workdir, 'loss.png')}"
-  )
-  if result.stopped_early or cfg.sample.max_new_tokens == 0:
-    return 0
+  print(result.summary())
+  if result.interrupted_by is not None or cfg.sample.max_new_tokens == 0:
+    return result.exit_code
   s = cfg.sample
   prompt_tokens = len(result.data.tokenizer.encode(s.prompt))
   if prompt_tokens >= cfg.model.max_seq_len:
@@ -495,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingDiverged as e:
     print(f"manifold: training diverged: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print("manifold: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

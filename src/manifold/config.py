@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -23,6 +24,8 @@ from ml_collections import config_flags
 
 from manifold.model.config import ModelConfig
 from manifold.schema import (
+  FIXED,
+  FREE,
   NONEMPTY,
   NONNEGATIVE,
   NONNEGATIVE_FLOAT,
@@ -32,6 +35,7 @@ from manifold.schema import (
   UNIT,
   Check,
   ConfigError,
+  Resume,
   Section,
   field,
   floats,
@@ -60,6 +64,7 @@ _MULTIPLES = Check(
   "comma-separated multiples in [0, 1], e.g. '0.316,0.1'",
 )
 _MESH_AXIS = Check(lambda v: v > 0 or v == -1, "a positive integer or -1")
+_FACTOR = Check(lambda v: v == 0 or (math.isfinite(v) and v > 1), "0 (off) or a finite number > 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +75,21 @@ class DataConfig(Section):
   tokenizer: str = field("byte", '"byte" or a tokenizer.json from `manifold tokenizer train`', NONEMPTY)
   jsonl_field: str = field("text", "the field of each .jsonl line that holds a document", NONEMPTY)
   val_fraction: float = field(0.02, "share of files held out for validation (split by file hash)", OPEN_UNIT)
-  cache_dir: str = field("", 'tokenized-data cache; "" means $MANIFOLD_CACHE or ~/.cache/manifold')
+  cache_dir: str = field("", 'tokenized-data cache; "" means $MANIFOLD_CACHE or ~/.cache/manifold', resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Section):
-  SECTION = "train"
+  """A resumed run may change every field but those whose `resume` says otherwise: the data
+  order (`seed`, `seq_len`) and clipping on or off (it is part of the optimizer state)."""
 
-  seed: int = field(0, "parameter initialisation and data order", NONNEGATIVE)
+  SECTION = "train"
+  RESUME = FREE
+
+  seed: int = field(0, "parameter initialisation and data order", NONNEGATIVE, resume=FIXED)
   steps: int = field(1000, "optimizer steps", POSITIVE)
   batch_size: int = field(32, "global batch, in sequences", POSITIVE)
-  seq_len: int = field(256, "tokens per sequence; <= model.max_seq_len", POSITIVE)
+  seq_len: int = field(256, "tokens per sequence; <= model.max_seq_len", POSITIVE, resume=FIXED)
   microbatches: int = field(1, "gradient accumulation: the batch runs as this many equal slices", POSITIVE)
   learning_rate: float = field(3e-3, "peak learning rate", POSITIVE_FLOAT)
   warmup_steps: int = field(100, "linear warmup steps", NONNEGATIVE)
@@ -94,7 +103,12 @@ class TrainConfig(Section):
   b1: float = field(0.9, "AdamW beta1", _BELOW_ONE)
   b2: float = field(0.95, "AdamW beta2", _BELOW_ONE)
   eps: float = field(1e-8, "AdamW epsilon (the mHC paper: 1e-20)", POSITIVE_FLOAT)
-  grad_clip: float = field(1.0, "global-norm clip; 0 disables", NONNEGATIVE_FLOAT)
+  grad_clip: float = field(
+    1.0,
+    "global-norm clip; 0 disables",
+    NONNEGATIVE_FLOAT,
+    resume=Resume(lambda v: v > 0, "clipping on (> 0) or off (0) is part of the optimizer state"),
+  )
   log_every: int = field(10, "steps between metrics rows", POSITIVE)
   eval_every: int = field(200, "steps between validation runs", POSITIVE)
   checkpoint_every: int = field(200, "steps between checkpoints", POSITIVE)
@@ -103,6 +117,19 @@ class TrainConfig(Section):
   router_bias_rate: float = field(0.001, "moe: gamma of auxiliary-loss-free balancing", NONNEGATIVE_FLOAT)
   mtp_weight: float = field(0.3, "lambda: the MTP loss term is lambda / D * sum_k CE_k", NONNEGATIVE_FLOAT)
   balance_loss_weight: float = field(1e-4, "moe: alpha of the sequence-wise balance loss", NONNEGATIVE_FLOAT)
+  spike_factor: float = field(
+    3.0, "divergence: stop if the loss tops this multiple of its median over divergence_window steps; 0: off", _FACTOR
+  )
+  param_norm_factor: float = field(
+    10.0, "divergence: stop if the parameter norm tops this multiple of its median, likewise; 0: off", _FACTOR
+  )
+  divergence_window: int = field(20, "steps of history the loss-spike and parameter-norm checks use", POSITIVE)
+  grad_norm_floor: float = field(
+    1e-6,
+    "divergence: stop if the gradient norm stays below this while the loss does not fall; 0: off",
+    NONNEGATIVE_FLOAT,
+  )
+  collapse_steps: int = field(3, "steps below grad_norm_floor that stop a run (a checkpoint step: one)", POSITIVE)
 
   def check(self) -> None:
     require(
@@ -126,6 +153,7 @@ class TrainConfig(Section):
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(Section):
   SECTION = "eval"
+  RESUME = FREE
 
   batch_size: int = field(32, "validation batch, in sequences", POSITIVE)
   num_batches: int = field(8, "validation batches per evaluation", POSITIVE)
@@ -136,6 +164,7 @@ class DcnConfig(Section):
   """Factors of each axis across TPU slices / GPU nodes (see manifold/parallel/mesh.py)."""
 
   SECTION = "mesh.dcn"
+  RESUME = FREE
 
   data: int = field(1, "data-parallel factor across slices / nodes", POSITIVE)
   fsdp: int = field(1, "fsdp factor across slices / nodes", POSITIVE)
@@ -148,6 +177,7 @@ class MeshConfig(Section):
   """Axis sizes within a slice / node (-1 takes the remaining devices)."""
 
   SECTION = "mesh"
+  RESUME = FREE  # checkpoints restore onto any mesh
 
   data: int = field(-1, "data parallelism", _MESH_AXIS)
   fsdp: int = field(1, "ZeRO-3 parameter and optimizer sharding", _MESH_AXIS)
@@ -163,6 +193,7 @@ class MeshConfig(Section):
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(Section):
   SECTION = "sample"
+  RESUME = FREE
 
   prompt: str = field("def ", "the text generation continues", NONEMPTY)
   max_new_tokens: int = field(200, "tokens to generate", NONNEGATIVE)

@@ -12,6 +12,10 @@ a one-line doc and a check, validated on construction.
 Types come from the annotations (`int`, `float`, `bool`, `str` or a nested `Section`):
 a value of another type is refused (a bool is no number; an int is a fine float). Every
 failure is one `ConfigError` line that names the field, the value and what is allowed.
+
+Each field also says whether a resumed run may change it (`resume=FREE`, or a `Resume`
+rule such as "clipping stays on or off"); the section's `RESUME` is the default, `FIXED`
+unless the section says otherwise. `differences` lists the fields two sections disagree on.
 """
 
 from __future__ import annotations
@@ -34,11 +38,26 @@ class Check:
   allowed: str
 
 
-def field(default: Any, doc: str, check: Check | None = None) -> Any:
-  """A section field: its default, its one-line doc and (optionally) its check."""
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """Whether a resumed run may change a field: only if `key(saved) == key(new)`; `why` says
+  what must stay (empty when the field may not change at all)."""
+
+  key: Callable[[Any], Any]
+  why: str = ""
+
+
+FIXED = Resume(lambda v: v)  # a resumed run must keep the value
+FREE = Resume(lambda v: None)  # a resumed run may change it (recorded in the run's config history)
+
+
+def field(default: Any, doc: str, check: Check | None = None, *, resume: Resume | None = None) -> Any:
+  """A section field: its default, its one-line doc, (optionally) its check, and whether a
+  resumed run may change it (default: the section's `RESUME`)."""
+  metadata = {"doc": doc, "check": check, "resume": resume}
   if dataclasses.is_dataclass(default):
-    return dataclasses.field(default_factory=lambda: default, metadata={"doc": doc, "check": check})
-  return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
+    return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
 
 
 def require(ok: bool, message: str) -> None:
@@ -82,6 +101,7 @@ class Section:
   """Base of every config section: checks each field, then `check()` for cross-field rules."""
 
   SECTION: ClassVar[str]  # the dotted name in the ConfigDict, e.g. "model" or "mesh.dcn"
+  RESUME: ClassVar[Resume] = FIXED  # the resume rule of fields that declare none
 
   def __post_init__(self):
     kinds = typing.get_type_hints(type(self))
@@ -135,3 +155,17 @@ class Section:
       else:
         out[f.name] = f.metadata.get("doc", "")
     return out
+
+
+def differences(saved: Section, new: Section) -> list[tuple[str, Any, Any, Resume]]:
+  """(dotted name, saved value, new value, resume rule) of every field where `new` differs
+  from `saved` (nested sections field by field)."""
+  out = []
+  kinds = typing.get_type_hints(type(new))
+  for f in dataclasses.fields(new):
+    old, value = getattr(saved, f.name), getattr(new, f.name)
+    if isinstance(kinds[f.name], type) and issubclass(kinds[f.name], Section):
+      out += differences(old, value)
+    elif old != value:
+      out.append((f"{new.SECTION}.{f.name}", old, value, f.metadata.get("resume") or new.RESUME))
+  return out

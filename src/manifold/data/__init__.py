@@ -4,8 +4,15 @@ import dataclasses
 
 from manifold.data.errors import DataError
 from manifold.data.loader import BatchIterator, eval_batches
-from manifold.data.manifest import write_manifest
-from manifold.data.sources import SourceFile, read_documents, resolve_sources, split_files, stdlib_files
+from manifold.data.manifest import check_manifest, write_manifest
+from manifold.data.sources import (
+  SourceFile,
+  absolute_sources,
+  read_documents,
+  resolve_sources,
+  split_files,
+  stdlib_files,
+)
 from manifold.data.token_store import FileRecord, TokenStore, build_token_store
 from manifold.data.tokenizer import EOS, BpeTokenizer, ByteTokenizer, Tokenizer, load_tokenizer, train_bpe
 
@@ -20,7 +27,9 @@ __all__ = [
   "SourceFile",
   "TokenStore",
   "Tokenizer",
+  "absolute_sources",
   "build_token_store",
+  "check_manifest",
   "eval_batches",
   "load_data",
   "load_tokenizer",

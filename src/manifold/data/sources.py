@@ -49,20 +49,44 @@ def _expand(pattern: str) -> list[SourceFile]:
   return [SourceFile(os.path.abspath(p), os.path.relpath(os.path.abspath(p), base)) for p in paths]
 
 
-def resolve_sources(spec: str) -> list[SourceFile]:
-  """Files named by `data.sources`: "stdlib", or comma-separated paths and globs (`**`, `~`)."""
+def absolute_sources(spec: str) -> str:
+  """`data.sources` with every path and glob made absolute (`~` expanded); "stdlib" stays."""
   if spec.strip() == "stdlib":
-    return stdlib_files()
-  by_path: dict[str, SourceFile] = {}
-  for pattern in filter(None, (p.strip() for p in spec.split(","))):
-    matches = _expand(pattern)
-    if not matches:
-      raise DataError(f"data.sources: {pattern!r} matches no files; fix the path or glob")
-    for f in matches:
-      by_path.setdefault(f.path, f)
-  if not by_path:
-    raise DataError(f"data.sources: {spec!r} names no files; give 'stdlib' or paths/globs separated by commas")
-  return sorted(by_path.values(), key=_by_name)
+    return spec
+  return ",".join(os.path.abspath(os.path.expanduser(p.strip())) for p in spec.split(",") if p.strip())
+
+
+def resolve_sources(spec: str) -> list[SourceFile]:
+  """Files named by `data.sources`: "stdlib", or comma-separated paths and globs (`**`, `~`).
+  A binary file (one holding a NUL byte) is refused, by name."""
+  if spec.strip() == "stdlib":
+    files = stdlib_files()
+  else:
+    by_path: dict[str, SourceFile] = {}
+    for pattern in filter(None, (p.strip() for p in spec.split(","))):
+      matches = _expand(pattern)
+      if not matches:
+        raise DataError(f"data.sources: {pattern!r} matches no files; fix the path or glob")
+      for f in matches:
+        by_path.setdefault(f.path, f)
+    if not by_path:
+      raise DataError(f"data.sources: {spec!r} names no files; give 'stdlib' or paths/globs separated by commas")
+    files = sorted(by_path.values(), key=_by_name)
+  binary = [f.path for f in files if _has_nul(f.path)]
+  if binary:
+    shown = ", ".join(binary[:3]) + (f" and {len(binary) - 3} more" if len(binary) > 3 else "")
+    raise DataError(
+      f"data.sources: {len(binary)} binary file(s) (NUL bytes): {shown}; drop them from data.sources or narrow the glob"
+    )
+  return files
+
+
+def _has_nul(path: str, chunk: int = 1 << 20) -> bool:
+  with open(path, "rb") as fh:
+    while block := fh.read(chunk):
+      if b"\0" in block:
+        return True
+  return False
 
 
 def read_documents(f: SourceFile, jsonl_field: str) -> list[str]:

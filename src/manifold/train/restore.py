@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from typing import Callable
 
 from manifold.config import ConfigError, config_from_json, model_config
-from manifold.data import Data
+from manifold.data import Data, check_manifest
 from manifold.model import Transformer
 from manifold.parallel.mesh import make_mesh
-from manifold.train.checkpoint import Checkpointer
+from manifold.train.checkpoint import Checkpointer, UnreadableCheckpoint
 from manifold.train.optimizer import make_optimizer
 from manifold.train.run import load_run_data
 from manifold.train.state import StateSpec, TrainState, make_state_spec
@@ -28,28 +30,51 @@ class TrainedRun:
     return self.spec.merge(self.state.params, self.state.extra)
 
 
-def load_trained(workdir: str, step: int | None = None, *, data: bool = True) -> TrainedRun:
-  """The run in `workdir` at checkpoint `step` (default: the newest); `data=False` skips
-  building its tokenizer and token streams. The state is sharded over the run's mesh
-  where it fits the devices here, else data-parallel over them."""
+def _warn(text: str) -> None:
+  print(f"manifold: warning: {text}", file=sys.stderr)
+
+
+def load_trained(
+  workdir: str, step: int | None = None, *, data: bool = True, say: Callable[[str], None] = _warn
+) -> TrainedRun:
+  """The run in `workdir` at checkpoint `step`, or the newest that restores (each newer one
+  that does not is skipped, and left in place, with one line through `say`); `data=False`
+  skips building its tokenizer and token streams, which must otherwise match the run's
+  manifest. The state is sharded over the run's mesh where it fits the devices here, else
+  data-parallel over them."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise ConfigError(f"--workdir {workdir}: no config.json; train there first with `manifold train`")
   with open(config_path) as f:
     cfg = config_from_json(f.read())
-  checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise ConfigError(f"--workdir {workdir}: no checkpoint yet; train longer than train.checkpoint_every steps")
+  run_data = None
+  if data:
+    run_data = load_run_data(cfg)
+    check_manifest(os.path.join(workdir, "manifest.json"), run_data.tokenizer)
   try:
     mesh = make_mesh(cfg.mesh)
   except ConfigError:  # trained on another topology: spread the restored state over the devices here
     mesh = make_mesh(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
   spec = make_state_spec(model_config(cfg), make_optimizer(cfg.train), mesh)
+  checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, create=False)
   try:
-    state, _ = checkpointer.restore(step, spec.abstract)
-  except FileNotFoundError:
-    raise ConfigError(f"--step {step}: no such checkpoint in {checkpointer.directory}") from None
+    if step is None:
+      restored = checkpointer.restore_newest(spec.abstract)
+      if restored is None:
+        raise ConfigError(f"--workdir {workdir}: no checkpoint yet; train longer than train.checkpoint_every steps")
+      for skipped, why in restored.skipped.items():
+        say(f"checkpoint {skipped} does not restore ({why}); skipped it (left in place), using step {restored.step}")
+      step, state = restored.step, restored.state
+    elif step not in checkpointer.steps():
+      steps = ", ".join(map(str, checkpointer.steps())) or "none"
+      raise ConfigError(f"--step {step}: no such checkpoint in {checkpointer.directory} (it has: {steps})")
+    else:
+      try:
+        state, _ = checkpointer.restore(step, spec.abstract)
+      except UnreadableCheckpoint as e:
+        raise ConfigError(
+          f"--step {step}: {e}; pick another step, or omit --step for the newest that restores"
+        ) from None
   finally:
     checkpointer.close()
-  return TrainedRun(cfg=cfg, spec=spec, state=state, data=load_run_data(cfg) if data else None, step=step)
+  return TrainedRun(cfg=cfg, spec=spec, state=state, data=run_data, step=step)

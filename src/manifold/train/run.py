@@ -13,14 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from manifold.config import ConfigError, model_config, validate
-from manifold.data import Data, eval_batches, load_data, write_manifest
+from manifold.config import ConfigError, config_from_json, model_config, validate
+from manifold.data import Data, absolute_sources, check_manifest, eval_batches, load_data, write_manifest
 from manifold.data.loader import BatchIterator
 from manifold.files import write_atomic
 from manifold.model import ModelConfig
 from manifold.model.accounting import training_flops_per_token
 from manifold.parallel import sharding
 from manifold.parallel.mesh import check_fits, make_mesh
+from manifold.schema import differences
 from manifold.train.checkpoint import Checkpointer
 from manifold.train.hardware import peak_tflops
 from manifold.train.metrics import MetricsWriter
@@ -33,21 +34,60 @@ def default_cache_dir() -> str:
   return os.environ.get("MANIFOLD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "manifold")
 
 
-def prepare_workdir(cfg, workdir: str) -> None:
-  """Creates `workdir` and records the config; refuses a workdir trained with another model or data."""
-  os.makedirs(workdir, exist_ok=True)
+def with_absolute_paths(cfg):
+  """A copy of `cfg` whose data.sources entries, data.tokenizer and data.cache_dir are absolute
+  (as a run records them, so `eval` and `generate` work from any directory)."""
+  cfg = cfg.copy_and_resolve_references()
+  d = cfg.data
+  d.sources = absolute_sources(d.sources)
+  if d.tokenizer != "byte":
+    d.tokenizer = os.path.abspath(os.path.expanduser(d.tokenizer))
+  if d.cache_dir:
+    d.cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir))
+  return cfg
+
+
+def resume_changes(cfg, workdir: str) -> dict[str, list]:
+  """`{field: [saved, new]}` for each field `cfg` changes from the run in `workdir` ({} for a
+  new run). Raises `ConfigError` naming the first field a resumed run may not change
+  (`manifold.schema.Resume`: the model, the data, the data order, clipping on or off)."""
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    for section in ("model", "data"):
-      for key, value in saved.get(section, {}).items():
-        if cfg[section].get(key) != value:
-          raise ConfigError(
-            f"{section}.{key}={cfg[section].get(key)!r}: {workdir} was trained with {value!r}; "
-            f"use the same value to resume, or a new --workdir"
-          )
-  write_atomic(path, cfg.to_json(indent=2))  # every process of a job writes it
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    saved = validate(with_absolute_paths(config_from_json(f.read())))
+  new = validate(cfg)
+  changes = {}
+  for name, section in new.sections.items():
+    for dotted, old, value, rule in differences(saved.sections[name], section):
+      if rule.key(old) != rule.key(value):
+        why = f"; {rule.why}" if rule.why else ""
+        raise ConfigError(
+          f"{dotted}={value!r}: {workdir} was trained with {old!r}{why}; use the same value to resume, or a new --workdir"
+        )
+      changes[dotted] = [old, value]
+  return changes
+
+
+def record_run(cfg, workdir: str, *, step: int, changes: dict[str, list], data: Data | None = None) -> None:
+  """Writes config.json (the config of the newest `train` in `workdir`), manifest.json (with
+  `data`), and appends `{step, changes}` to config_history.jsonl when a resume changed fields."""
+  os.makedirs(workdir, exist_ok=True)
+  write_atomic(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))  # every process of a job writes it
+  if jax.process_index() != 0:
+    return
+  if data is not None:
+    tokens = {"train": len(data.train), "val": len(data.val)}
+    write_manifest(os.path.join(workdir, "manifest.json"), data.records, tokenizer=data.tokenizer, tokens=tokens)
+  if changes:
+    with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}) + "\n")
+
+
+def prepare_workdir(cfg, workdir: str) -> None:
+  """Checks `cfg` against the run in `workdir` (`resume_changes`) and records it (`record_run`)."""
+  cfg = with_absolute_paths(cfg)
+  record_run(cfg, workdir, step=0, changes=resume_changes(cfg, workdir))
 
 
 def load_run_data(cfg) -> Data:
@@ -134,24 +174,21 @@ class Run:
     return values
 
 
-def set_up(cfg, workdir: str) -> Run:
-  """Validates `cfg`, prepares `workdir`, loads the data, builds the mesh and the jitted
-  steps, and restores the newest checkpoint (or initialises step 0)."""
+def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
+  """Checks `cfg` (config, mesh fit, the run already in `workdir`, data, vocabulary), builds the
+  jitted steps, restores the newest checkpoint that restores (or initialises step 0), and only
+  then writes to `workdir`. Checkpoints newer than the one restored that do not restore are
+  moved to `checkpoints_unreadable/`, unchanged, each with one line through `say`."""
+  cfg = with_absolute_paths(cfg)
   validate(cfg)
-  prepare_workdir(cfg, workdir)
   tc = cfg.train
   is_main = jax.process_index() == 0
-  data = load_run_data(cfg)
-  if is_main:
-    write_manifest(
-      os.path.join(workdir, "manifest.json"),
-      data.records,
-      tokenizer_name=data.tokenizer.name,
-      tokens={"train": len(data.train), "val": len(data.val)},
-    )
   model_cfg = model_config(cfg)
   mesh = make_mesh(cfg.mesh)
   check_fits(cfg, mesh)
+  changes = resume_changes(cfg, workdir)
+  data = load_run_data(cfg)
+  check_manifest(os.path.join(workdir, "manifest.json"), data.tokenizer, data.records)
   tx = make_optimizer(tc)
   spec = make_state_spec(model_cfg, tx, mesh)
   token_bytes = token_byte_table(data, model_cfg.vocab_size)
@@ -163,13 +200,23 @@ def set_up(cfg, workdir: str) -> Run:
     shard_index=jax.process_index(),
     shard_count=jax.process_count(),
   )
+  val_batches = eval_batches(
+    data.val, batch_size=cfg.eval.batch_size, seq_len=tc.seq_len, num_batches=cfg.eval.num_batches
+  )
+  reader = Checkpointer(workdir, keep=tc.keep_checkpoints, create=False)
+  try:
+    restored = reader.restore_newest(spec.abstract)
+  finally:
+    reader.close()
+  start, state = (0, spec.init(jax.random.key(tc.seed))) if restored is None else (restored.step, restored.state)
+  if restored is not None:
+    iterator.load_state_dict(restored.data)
+  record_run(cfg, workdir, step=start, changes=changes, data=data)  # every check has passed
   checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
-  start = checkpointer.latest_step()
-  if start is None:
-    start, state = 0, spec.init(jax.random.key(tc.seed))
-  else:
-    state, data_state = checkpointer.restore(start, spec.abstract)
-    iterator.load_state_dict(data_state)
+  for step, why in (restored.skipped if restored else {}).items():
+    where = checkpointer.set_aside(step)
+    if is_main:
+      say(f"checkpoint {step} does not restore ({why}); resuming from step {start}; moved it, unchanged, to {where}")
   return Run(
     cfg=cfg,
     workdir=workdir,
@@ -182,11 +229,9 @@ def set_up(cfg, workdir: str) -> Run:
     residual_stats=make_residual_stats_step(spec, mesh) if model_cfg.residual != "plain" else None,
     schedule=learning_rate_schedule(tc),
     iterator=iterator,
-    val_batches=eval_batches(
-      data.val, batch_size=cfg.eval.batch_size, seq_len=tc.seq_len, num_batches=cfg.eval.num_batches
-    ),
+    val_batches=val_batches,
     checkpointer=checkpointer,
-    writer=MetricsWriter(workdir, resume_step=start, enabled=is_main),
+    writer=MetricsWriter(workdir, resume_step=start, enabled=is_main, say=say),
     state=state,
     start=start,
     is_main=is_main,
