@@ -35,6 +35,15 @@ def assert_trees_bit_identical(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def train_command(workdir, corpus_dir, cache_dir, *overrides: str) -> list[str]:
+  """`manifold train` of quickstart:tiny on the test corpus, as a separate process would run it."""
+  return [
+    sys.executable, "-m", "manifold.cli", "train", "--config", TINY, "--workdir", str(workdir), "--no-progress",
+    f"--config.data.sources={corpus_dir}/*.py", "--config.data.val_fraction=0.2",
+    f"--config.data.cache_dir={cache_dir}", *overrides,
+  ]  # fmt: skip
+
+
 def test_tiny_run_learns_and_writes_its_artifacts(trained_workdir):
   rows = read_metrics(trained_workdir / "metrics.jsonl")
   val = [r["val_bits_per_byte"] for r in rows if "val_bits_per_byte" in r]
@@ -81,21 +90,7 @@ def test_resume_after_sigterm_is_bit_identical_to_an_uninterrupted_run(tiny_conf
   reference = train(cfg, str(tmp_path / "straight"), progress=False)
 
   workdir = tmp_path / "interrupted"
-  command = [
-    sys.executable,
-    "-m",
-    "manifold.cli",
-    "train",
-    "--config",
-    TINY,
-    "--workdir",
-    str(workdir),
-    "--no-progress",
-    f"--config.data.sources={corpus_dir}/*.py",
-    "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={cfg.data.cache_dir}",
-    *overrides,
-  ]
+  command = train_command(workdir, corpus_dir, cfg.data.cache_dir, *overrides)
   proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while not any(r.get("step", 0) >= 3 for r in read_metrics(workdir / "metrics.jsonl")):
@@ -330,21 +325,7 @@ def test_a_rerun_after_an_early_kill_writes_each_metrics_row_once(tiny_config, t
 def test_ctrl_c_before_compilation_saves_at_the_next_step_and_exits_130(tiny_config, corpus_dir, tmp_path):
   cfg = tiny_config()
   workdir = tmp_path / "run"
-  command = [
-    sys.executable,
-    "-m",
-    "manifold.cli",
-    "train",
-    "--config",
-    TINY,
-    "--workdir",
-    str(workdir),
-    "--no-progress",
-    f"--config.data.sources={corpus_dir}/*.py",
-    "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={cfg.data.cache_dir}",
-    "--config.train.steps=150",
-  ]
+  command = train_command(workdir, corpus_dir, cfg.data.cache_dir, "--config.train.steps=150")
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   lines = []
