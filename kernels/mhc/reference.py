@@ -14,7 +14,8 @@ columns j D .. j D + D - 1), exactly `[B, T, n, D]` reshaped. One layer is
     h       = sum_j pre_j x_j                           the sub-block's input [N, D]
     x_next  = res @ x + post^T y                        [N, n D], y = F(norm(h)) [N, D]
 
-All coefficient arithmetic is float32; h and x_next take x's dtype.
+All coefficient arithmetic is float32; h and x_next take x's dtype. The Sinkhorn is
+`sinkhorn.sinkhorn`: its backward pass recomputes the iterations from the logits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.mhc.sinkhorn import SINKHORN, SINKHORN_EPS, birkhoff_combination, permutation_matrices
+from kernels.mhc.sinkhorn import SINKHORN_EPS, birkhoff_combination, permutation_matrices, sinkhorn
 
 
 def gate_affine(alpha: jax.Array, bias: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -40,7 +41,7 @@ def activate(a: jax.Array, n: int, iters: int, kind: str, lite: bool = False) ->
   if lite:
     res_in_out = birkhoff_combination(a[:, 2 * n :], permutation_matrices(n))
   else:
-    res_in_out = SINKHORN[kind](a[:, 2 * n :].reshape(-1, n, n), iters)
+    res_in_out = sinkhorn(a[:, 2 * n :].reshape(-1, n, n), iters, kind)
   return pre, post, jnp.swapaxes(res_in_out, -1, -2)
 
 
