@@ -52,6 +52,11 @@ def gcs(tmp_path):
       os.environ["STORAGE_EMULATOR_HOST"] = before
 
 
+def _discard(pipe) -> None:
+  with open(os.devnull, "wb") as sink:
+    shutil.copyfileobj(pipe, sink)
+
+
 def _manifold(env, cwd, *args: str) -> subprocess.CompletedProcess:
   command = [sys.executable, "-m", "manifold.cli", *args]
   return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
