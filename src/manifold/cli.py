@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from manifold import files
 from manifold.config import SECTIONS, ConfigError, EvalConfig, SampleConfig, load_config, model_config
 from manifold.data import DataError
 from manifold.launch import SOURCE_ROOT
@@ -45,10 +46,14 @@ def _fields_help() -> str:
 
 
 def _check_output(flag: str, path: str, *, directory: bool = True) -> None:
-  """Refuses an output path before any work: a file where a directory goes (or the reverse),
-  a path under a file, or one whose nearest existing directory is not writable."""
+  """Refuses an output path before any work: a URL of a store other than gs:// (orbax cannot
+  checkpoint there), a file where a directory goes (or the reverse), a path under a file, or one
+  whose nearest existing directory is not writable (checked on local paths only)."""
   if not path:
     raise ConfigError(f"{flag}: empty; pass a path")
+  if files.is_remote(path):
+    _check_remote(flag, path)
+    return
   if os.path.exists(path) and os.path.isdir(path) != directory:
     kind, wanted = ("file", "a directory (it is created if missing)") if directory else ("directory", "a file path")
     raise ConfigError(f"{flag} {path}: is a {kind}; pass {wanted}")
@@ -61,8 +66,18 @@ def _check_output(flag: str, path: str, *, directory: bool = True) -> None:
     raise ConfigError(f"{flag} {path}: {existing} is not writable; pass a path you can write to")
 
 
+def _check_remote(flag: str, path: str) -> None:
+  if not path.startswith(files.REMOTE):
+    raise ConfigError(
+      f"{flag} {path}: orbax checkpoints support local paths and gs:// only; "
+      "use a gs:// bucket, or a local path (a mounted bucket works as one)"
+    )
+
+
 def _check_run_dir(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if files.is_remote(workdir):
+    _check_remote("--workdir", workdir)
+  if files.path(workdir).is_file():
     raise ConfigError(f"--workdir {workdir}: is a file; pass the directory of a run")
 
 
@@ -127,7 +142,10 @@ def cmd_train(args, overrides) -> int:
   from manifold.train.loop import train  # heavy imports after the config is known to be good
   from manifold.train.run import default_cache_dir
 
-  _check_output("--config.data.cache_dir", cfg.data.cache_dir or default_cache_dir())
+  cache_dir = cfg.data.cache_dir or default_cache_dir()
+  if files.is_remote(cache_dir):
+    raise ConfigError(f"--config.data.cache_dir={cache_dir}: the token cache is local; pass a local folder")
+  _check_output("--config.data.cache_dir", cache_dir)
 
   result = train(cfg, args.workdir, progress=not args.no_progress)
   print(result.summary())
@@ -327,8 +345,7 @@ def cmd_sweep(args, overrides) -> int:
   _check_output("--workdir", args.workdir)
   _check_output("--results", results)
   if run_sweep(args.config, args.workdir, results, overrides) is not None:
-    with open(os.path.join(results, "results.md")) as f:
-      print(f.read())
+    print(files.read_text(files.path(results) / "results.md"))
   return 0
 
 
@@ -337,6 +354,9 @@ def cmd_convert(args, overrides) -> int:
 
   if bool(args.from_hf) == bool(args.to_hf):
     raise ConfigError("convert: pass exactly one of --from-hf DIR or --to-hf DIR")
+  for flag, path in (("--workdir", args.workdir), ("--from-hf", args.from_hf), ("--to-hf", args.to_hf)):
+    if files.is_remote(path):
+      raise ConfigError(f"{flag} {path}: convert reads and writes local folders only; copy the run or checkpoint first")
   if args.from_hf:
     hf, _ = deepseek_v3.read_hf_checkpoint(args.from_hf)  # the checkpoint's problems first, whatever --config
     deepseek_v3.model_overrides_from_hf(hf)

@@ -7,10 +7,9 @@ and how a row becomes its cell, and write them here, so every table is made the 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Sequence
 
-from manifold.files import write_atomic
+from manifold import files
 
 Column = tuple[str, Callable[[dict], str]]  # (header, row -> cell text)
 
@@ -37,11 +36,11 @@ def write_results(
   With `key`, rows already in results.json stay unless a new row has the same value of
   `key` (the new one replaces it), so runs of a few configs add to one table.
   """
-  path = os.path.join(results_dir, "results.json")
-  if key is not None and os.path.exists(path):
-    with open(path) as f:
-      new = {r[key] for r in rows}
-      rows = [r for r in json.load(f) if r[key] not in new] + list(rows)
-  write_atomic(path, json.dumps(rows, indent=1) + "\n")
-  write_atomic(os.path.join(results_dir, "results.md"), markdown_table(rows, columns))
+  root = files.path(results_dir)
+  saved = files.read_text(root / "results.json") if key is not None else None
+  if saved is not None:
+    new = {r[key] for r in rows}
+    rows = [r for r in json.loads(saved) if r[key] not in new] + list(rows)
+  files.write_atomic(root / "results.json", json.dumps(rows, indent=1) + "\n")
+  files.write_atomic(root / "results.md", markdown_table(rows, columns))
   return rows

@@ -14,8 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from manifold import files  # noqa: E402
 from manifold.config import ConfigError, load_config  # noqa: E402
-from manifold.files import write_atomic  # noqa: E402
 from manifold.results import fmt, write_results  # noqa: E402
 from manifold.train.loop import train  # noqa: E402
 from manifold.train.metrics import read_metrics  # noqa: E402
@@ -37,7 +37,7 @@ def run_name(arg: str) -> str:
 
 def summarize(run_dir: str, cfg, *, name: str, command: str, wall_time_s: float) -> dict[str, Any]:
   """The results-table row of one finished run."""
-  rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+  rows = read_metrics(files.path(run_dir) / "metrics.jsonl")
   val = [r for r in rows if "val_loss" in r]
   gains = [r["residual/amax_gain"] for r in val if r.get("residual/amax_gain") is not None]
   tokens = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") is not None]
@@ -65,16 +65,15 @@ def run_sweep(
 
   Returns the results rows, or None if SIGTERM stopped a run (saved; rerunning resumes).
   """
-  os.makedirs(results_dir, exist_ok=True)
+  files.path(results_dir).mkdir(parents=True, exist_ok=True)
   summaries = []
   for arg in sweep_args(config_path):
     spec = f"{config_path}:{arg}"
     cfg = load_config(spec, overrides)
     run_dir = os.path.join(workdir, run_name(arg))
-    summary_path = os.path.join(run_dir, "summary.json")
-    if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        summaries.append(json.load(f))
+    summary_path = files.path(run_dir) / "summary.json"
+    if (saved := files.read_text(summary_path)) is not None:
+      summaries.append(json.loads(saved))
       continue
     print(f"=== {spec} -> {run_dir}")
     started = time.perf_counter()
@@ -83,10 +82,10 @@ def run_sweep(
       return None
     command = " ".join(["manifold train", f"--config {spec}", f"--workdir {run_dir}", *overrides])
     summary = summarize(run_dir, cfg, name=arg, command=command, wall_time_s=time.perf_counter() - started)
-    write_atomic(summary_path, json.dumps(summary, indent=2))
+    files.write_atomic(summary_path, json.dumps(summary, indent=2))
     summaries.append(summary)
   write_results(results_dir, summaries, COLUMNS)
-  plot_sweep(summaries, os.path.join(results_dir, "curves.png"))
+  plot_sweep(summaries, files.path(results_dir) / "curves.png")
   return summaries
 
 
@@ -104,7 +103,7 @@ COLUMNS = [
 ]
 
 
-def plot_sweep(summaries: list[dict[str, Any]], out_path: str) -> None:
+def plot_sweep(summaries: list[dict[str, Any]], out_path: str | os.PathLike) -> None:
   """Validation loss (after step 0, so the runs' differences show) against step, and the
   composite Amax gain where runs have residual streams; one colour per run."""
   with_gain = any(s["validation"][0]["amax_gain"] is not None for s in summaries)
@@ -127,5 +126,6 @@ def plot_sweep(summaries: list[dict[str, Any]], out_path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=120)
+  with files.atomic_path(out_path) as tmp:
+    fig.savefig(tmp, dpi=120, format="png")
   plt.close(fig)

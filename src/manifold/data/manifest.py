@@ -5,13 +5,15 @@ import dataclasses
 import json
 import os
 
+from manifold import files
 from manifold.data.errors import DataError
 from manifold.data.token_store import FileRecord
 from manifold.data.tokenizer import Tokenizer
-from manifold.files import write_atomic
 
 
-def write_manifest(path: str, records: list[FileRecord], *, tokenizer: Tokenizer, tokens: dict[str, int]) -> None:
+def write_manifest(
+  path: str | os.PathLike, records: list[FileRecord], *, tokenizer: Tokenizer, tokens: dict[str, int]
+) -> None:
   """Atomically writes `{"tokenizer", "tokenizer_fingerprint", "tokens": {split: count}, "files": [record, ...]}`
   as JSON; the fingerprint is the sha256 of a tokenizer file ("byte" for bytes)."""
   manifest = {
@@ -20,18 +22,18 @@ def write_manifest(path: str, records: list[FileRecord], *, tokenizer: Tokenizer
     "tokens": tokens,
     "files": [dataclasses.asdict(r) for r in records],
   }
-  write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+  files.write_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
-def check_manifest(path: str, tokenizer: Tokenizer, records: list[FileRecord] | None = None) -> None:
+def check_manifest(path: str | os.PathLike, tokenizer: Tokenizer, records: list[FileRecord] | None = None) -> None:
   """Raises `DataError` naming the tokenizer, or the first source file of `records`, that
   differs from the manifest at `path` (files are not compared without `records`; nothing is
   when there is no manifest yet)."""
-  if not os.path.exists(path):
+  text = files.read_text(path)
+  if text is None:
     return
-  with open(path) as f:
-    saved = json.load(f)
-  workdir = os.path.dirname(os.path.abspath(path))
+  saved = json.loads(text)
+  workdir = files.path(path).parent
   fingerprint = saved.get("tokenizer_fingerprint", tokenizer.fingerprint)  # older manifests have none
   if fingerprint != tokenizer.fingerprint:
     raise DataError(

@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from manifold.data.errors import DataError
 from manifold.data.sources import SourceFile, read_documents
 from manifold.files import atomic_path
+from manifold.files import path as file_path
 
 EOS = "<|endoftext|>"
 
@@ -73,9 +74,8 @@ class BpeTokenizer:
   """Byte-level BPE loaded from a Hugging Face `tokenizers` JSON file."""
 
   def __init__(self, path: str):
-    self.path = os.path.abspath(path)
-    with open(self.path, "rb") as fh:
-      raw = fh.read()
+    self.path = os.fspath(file_path(path))
+    raw = file_path(self.path).read_bytes()
     try:
       self._tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:
@@ -87,7 +87,7 @@ class BpeTokenizer:
     eos_id = self._tokenizer.token_to_id(EOS)
     if eos_id is None:
       raise DataError(f"data.tokenizer: {path} has no {EOS} token; train one with `manifold tokenizer train`")
-    self.name = f"bpe:{os.path.basename(self.path)}"
+    self.name = f"bpe:{file_path(self.path).name}"
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_id = eos_id
     self.fingerprint = hashlib.sha256(raw).hexdigest()
@@ -136,7 +136,7 @@ def train_bpe(files: list[SourceFile], vocab_size: int, out_path: str, jsonl_fie
     show_progress=False,
   )
   tokenizer.train_from_iterator((doc for f in files for doc in read_documents(f, jsonl_field)), trainer=trainer)
-  out_path = os.path.abspath(os.path.expanduser(out_path))
+  out_path = os.fspath(file_path(out_path))
   with atomic_path(out_path) as tmp_path:
     tokenizer.save(tmp_path)
   return BpeTokenizer(out_path)
@@ -146,9 +146,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
   """`data.tokenizer`: "byte", or the path of a byte-level BPE JSON file."""
   if spec == "byte":
     return ByteTokenizer()
-  path = os.path.expanduser(spec)
-  if not os.path.isfile(path):
+  found = file_path(spec)
+  if not found.is_file():
     raise DataError(
       f"data.tokenizer: {spec!r} is neither 'byte' nor an existing file; train one with `manifold tokenizer train`"
     )
-  return BpeTokenizer(path)
+  return BpeTokenizer(os.fspath(found))

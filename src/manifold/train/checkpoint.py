@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from manifold import files
 from manifold.config import ConfigError
 from manifold.train.state import TrainState
 
@@ -41,8 +40,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int, create: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.workdir = files.path(workdir)  # a local path made absolute, or a gs:// URL as it is
+    self.directory = self.workdir / "checkpoints"
     self._manager = ocp.CheckpointManager(
       self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     )
@@ -106,16 +105,15 @@ class Checkpointer:
     """Moves checkpoint `step` (one that does not restore) unchanged to
     `<workdir>/checkpoints_unreadable/<step>[.n]`, out of keep-N's sight; returns where."""
     names = itertools.chain([str(step)], (f"{step}.{n}" for n in itertools.count(1)))  # set aside before: .1, .2
-    target = next(p for p in (os.path.join(self.workdir, UNREADABLE, name) for name in names) if not os.path.exists(p))
+    target = next(p for p in (self.workdir / UNREADABLE / name for name in names) if not p.exists())
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      files.move(self.directory / str(step), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices(f"manifold: set aside checkpoint {step}")
     self._manager.reload()
-    return target
+    return str(target)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

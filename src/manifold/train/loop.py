@@ -13,6 +13,7 @@ import time
 import jax
 import tqdm
 
+from manifold import files
 from manifold.data import Data
 from manifold.train import plot
 from manifold.train.divergence import DivergenceCheck
@@ -177,10 +178,12 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
           run.say(
             f"step {step}: val_loss {val['val_loss']:.4f}  val_bits_per_byte {val['val_bits_per_byte']:.3f}{gain}"
           )
+          run.writer.flush()
           meter.restart()  # keep evaluation out of the throughput figures
         if step % tc.checkpoint_every == 0 or step == tc.steps or stop.signal:
           guard(*pending, saving=True)
           run.checkpointer.save(step, state, run.iterator.state_dict())
+          run.writer.flush()
         bar.update(1)
         if stop.signal:
           run.say(f"{stop.signal}: saved step {step} to {run.checkpointer.directory}; rerun the same command to resume")
@@ -191,7 +194,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
     run.checkpointer.close()
     run.writer.close()
   if run.is_main:
-    plot.loss_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
+    plot.loss_curves(files.path(workdir) / "metrics.jsonl", files.path(workdir) / "loss.png")
   return TrainResult(
     state=state,
     spec=run.spec,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from manifold.files import atomic_path  # noqa: E402
 from manifold.train.metrics import read_metrics  # noqa: E402
 
 
-def loss_curves(metrics_path: str, out_path: str) -> None:
+def loss_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
   """Training loss and validation bits per byte against step."""
   rows = read_metrics(metrics_path)
   train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
@@ -25,5 +28,6 @@ def loss_curves(metrics_path: str, out_path: str) -> None:
   for ax in (ax_train, ax_val):
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(out_path, dpi=120)
+  with atomic_path(out_path) as tmp:
+    fig.savefig(tmp, dpi=120, format="png")
   plt.close(fig)

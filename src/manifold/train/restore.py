@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Callable
 
+from manifold import files
 from manifold.config import ConfigError, config_from_json, model_config
 from manifold.data import Data, check_manifest
 from manifold.model import Transformer
@@ -42,15 +42,14 @@ def load_trained(
   skips building its tokenizer and token streams, which must otherwise match the run's
   manifest. The state is sharded over the run's mesh where it fits the devices here, else
   data-parallel over them."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
+  text = files.read_text(files.path(workdir) / "config.json")
+  if text is None:
     raise ConfigError(f"--workdir {workdir}: no config.json; train there first with `manifold train`")
-  with open(config_path) as f:
-    cfg = config_from_json(f.read())
+  cfg = config_from_json(text)
   run_data = None
   if data:
     run_data = load_run_data(cfg)
-    check_manifest(os.path.join(workdir, "manifest.json"), run_data.tokenizer)
+    check_manifest(files.path(workdir) / "manifest.json", run_data.tokenizer)
   try:
     mesh = make_mesh(cfg.mesh)
   except ConfigError:  # trained on another topology: spread the restored state over the devices here

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from manifold import files
 from manifold.config import ConfigError, config_from_json, model_config, validate
 from manifold.data import Data, absolute_sources, check_manifest, eval_batches, load_data, write_manifest
 from manifold.data.loader import BatchIterator
-from manifold.files import write_atomic
 from manifold.model import ModelConfig
 from manifold.model.accounting import training_flops_per_token
 from manifold.parallel import sharding
@@ -34,6 +34,15 @@ def default_cache_dir() -> str:
   return os.environ.get("MANIFOLD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "manifold")
 
 
+def tensorboard_dir(workdir: str, cache_dir: str = "") -> str:
+  """Where TensorBoard event files are written as the run goes: `<workdir>/tensorboard`, or for a
+  bucket workdir (TensorBoard writes local files) `<cache>/tensorboard/<bucket>/<path>`, copied
+  into `<workdir>/tensorboard` when the run ends."""
+  if not files.is_remote(workdir):
+    return os.path.join(workdir, "tensorboard")
+  return os.path.join(cache_dir or default_cache_dir(), "tensorboard", workdir.split("://", 1)[1].strip("/"))
+
+
 def with_absolute_paths(cfg):
   """A copy of `cfg` whose data.sources entries, data.tokenizer and data.cache_dir are absolute
   (as a run records them, so `eval` and `generate` work from any directory)."""
@@ -41,7 +50,7 @@ def with_absolute_paths(cfg):
   d = cfg.data
   d.sources = absolute_sources(d.sources)
   if d.tokenizer != "byte":
-    d.tokenizer = os.path.abspath(os.path.expanduser(d.tokenizer))
+    d.tokenizer = os.fspath(files.path(d.tokenizer))
   if d.cache_dir:
     d.cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir))
   return cfg
@@ -51,11 +60,10 @@ def resume_changes(cfg, workdir: str) -> dict[str, list]:
   """`{field: [saved, new]}` for each field `cfg` changes from the run in `workdir` ({} for a
   new run). Raises `ConfigError` naming the first field a resumed run may not change
   (`manifold.schema.Resume`: the model, the data, the data order, clipping on or off)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  text = files.read_text(files.path(workdir) / "config.json")
+  if text is None:
     return {}
-  with open(path) as f:
-    saved = validate(with_absolute_paths(config_from_json(f.read())))
+  saved = validate(with_absolute_paths(config_from_json(text)))
   new = validate(cfg)
   changes = {}
   for name, section in new.sections.items():
@@ -72,16 +80,17 @@ def resume_changes(cfg, workdir: str) -> dict[str, list]:
 def record_run(cfg, workdir: str, *, step: int, changes: dict[str, list], data: Data | None = None) -> None:
   """Writes config.json (the config of the newest `train` in `workdir`), manifest.json (with
   `data`), and appends `{step, changes}` to config_history.jsonl when a resume changed fields."""
-  os.makedirs(workdir, exist_ok=True)
-  write_atomic(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))  # every process of a job writes it
+  root = files.path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  files.write_atomic(root / "config.json", cfg.to_json(indent=2))  # every process of a job writes it
   if jax.process_index() != 0:
     return
   if data is not None:
     tokens = {"train": len(data.train), "val": len(data.val)}
-    write_manifest(os.path.join(workdir, "manifest.json"), data.records, tokenizer=data.tokenizer, tokens=tokens)
+    write_manifest(root / "manifest.json", data.records, tokenizer=data.tokenizer, tokens=tokens)
   if changes:
-    with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}) + "\n")
+    row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}
+    files.append_text(root / "config_history.jsonl", json.dumps(row) + "\n")
 
 
 def prepare_workdir(cfg, workdir: str) -> None:
@@ -188,7 +197,7 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
   check_fits(cfg, mesh)
   changes = resume_changes(cfg, workdir)
   data = load_run_data(cfg)
-  check_manifest(os.path.join(workdir, "manifest.json"), data.tokenizer, data.records)
+  check_manifest(files.path(workdir) / "manifest.json", data.tokenizer, data.records)
   tx = make_optimizer(tc)
   spec = make_state_spec(model_cfg, tx, mesh)
   token_bytes = token_byte_table(data, model_cfg.vocab_size)
@@ -231,7 +240,9 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     iterator=iterator,
     val_batches=val_batches,
     checkpointer=checkpointer,
-    writer=MetricsWriter(workdir, resume_step=start, enabled=is_main, say=say),
+    writer=MetricsWriter(
+      workdir, resume_step=start, enabled=is_main, say=say, tensorboard_dir=tensorboard_dir(workdir, cfg.data.cache_dir)
+    ),
     state=state,
     start=start,
     is_main=is_main,
