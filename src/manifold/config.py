@@ -203,6 +203,60 @@ class SampleConfig(Section):
   seed: int = field(0, "sampling seed", NONNEGATIVE)
 
 
+_BITS = Check(lambda v: v in (4, 8, 32), "4, 8 or 32 (int4, int8 or float32 outer gradients)")
+
+
+@dataclasses.dataclass(frozen=True)
+class IslandsConfig(Section):
+  """DiLoCo across islands (manifold/islands): groups of devices that each run `inner_steps`
+  AdamW steps on their own data, then meet through an outer step. Inside one job the islands
+  are the `mesh.island` axis; as independent jobs they share only `store`. Every island of a
+  run must agree on these fields but `id` (and the store refuses one that does not)."""
+
+  SECTION = "islands"
+
+  count: int = field(
+    1, "islands of an independent-jobs run (store set); in one job, mesh.island is the count", POSITIVE
+  )
+  store: str = field(
+    "", 'the store URL islands meet through (file:///..., gs://..., s3://...); "": one job', resume=FREE
+  )
+  id: int = field(-1, "this island's id in [0, count) (store set)", resume=FREE)
+  inner_steps: int = field(100, "H: inner AdamW steps between outer steps of a fragment", POSITIVE)
+  outer_learning_rate: float = field(0.7, "outer Nesterov SGD learning rate (DiLoCo paper: 0.7)", POSITIVE_FLOAT)
+  outer_momentum: float = field(0.9, "outer Nesterov momentum (DiLoCo paper: 0.9)", _BELOW_ONE)
+  fragments: int = field(1, "P: Streaming DiLoCo fragments of layers, synced at staggered steps; 1: DiLoCo", POSITIVE)
+  fragment_pattern: str = field(
+    "strided", "layers to fragments: strided (i mod P) or sequential", one_of("strided", "sequential")
+  )
+  overlap_steps: int = field(
+    0, "tau: a fragment's outer update lands this many inner steps after it is sent", NONNEGATIVE
+  )
+  mix_alpha: float = field(0.5, "with overlap: params <- alpha * local + (1 - alpha) * outer", UNIT)
+  bits: int = field(32, "outer-gradient quantisation: 4, 8 or 32", _BITS)
+  quant_block: int = field(128, "values per absmax scale when quantising", POSITIVE)
+  error_feedback: bool = field(False, "carry each island's quantisation error into its next outer gradient")
+  heartbeat_s: float = field(2.0, "store: seconds between an island's heartbeats", POSITIVE_FLOAT, resume=FREE)
+  deadline_s: float = field(
+    60.0, "store: an island silent this long is dropped from the round", POSITIVE_FLOAT, resume=FREE
+  )
+
+  def check(self) -> None:
+    require(
+      self.store == "" or 0 <= self.id < self.count,
+      f"islands.id={self.id}: must be in [0, islands.count={self.count}) when islands.store is set",
+    )
+    require(
+      self.overlap_steps < self.inner_steps // self.fragments,
+      f"islands.overlap_steps={self.overlap_steps}: must be < islands.inner_steps / islands.fragments "
+      f"= {self.inner_steps // self.fragments} (a fragment's update lands before its next send)",
+    )
+    require(
+      self.inner_steps % self.fragments == 0,
+      f"islands.fragments={self.fragments}: must divide islands.inner_steps={self.inner_steps} (staggered offsets)",
+    )
+
+
 SECTIONS: dict[str, type[Section]] = {
   "model": ModelConfig,
   "data": DataConfig,
@@ -210,6 +264,7 @@ SECTIONS: dict[str, type[Section]] = {
   "eval": EvalConfig,
   "mesh": MeshConfig,
   "sample": SampleConfig,
+  "islands": IslandsConfig,
 }
 
 # Fields that were renamed: using the old name is an error that names the new one.

@@ -158,6 +158,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
           guard(*pending)
         pending = (metrics, step)
         values = {}
+        if run.islands is not None:
+          state, values = run.islands.after_step(state, step)
         if step == run.start + 1:  # the first step includes compilation: time throughput from here on
           guard(*pending)
           values["compile_and_first_step_s"] = meter.elapsed()
@@ -190,6 +192,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
           break
   finally:
     bar.close()
+    if run.islands is not None:
+      run.islands.close()
     run.checkpointer.wait()
     run.checkpointer.close()
     run.writer.close()

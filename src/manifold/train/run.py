@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +142,17 @@ def evaluate(eval_step, state: TrainState, batches: list[np.ndarray], mesh) -> d
   }
 
 
+class IslandSync(Protocol):
+  """How a run meets other islands between steps (manifold.islands builds one)."""
+
+  def after_step(self, state: TrainState, step: int) -> tuple[TrainState, dict[str, float]]:
+    """Called after every inner step `step` (1-based); returns the state to continue from
+    and metrics to log (bytes sent and received, members, ...)."""
+
+  def close(self) -> None:
+    """Stops background work (heartbeats) and waits for writes in flight."""
+
+
 @dataclasses.dataclass
 class Run:
   """Everything the training loop uses, built by `set_up`."""
@@ -163,6 +174,7 @@ class Run:
   state: TrainState  # restored or freshly initialised
   start: int  # the step `state` is at
   is_main: bool  # process 0 writes metrics and files
+  islands: IslandSync | None = None  # set when the run is one of several islands (manifold.islands)
 
   def say(self, text: str) -> None:
     if self.is_main:
