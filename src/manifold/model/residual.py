@@ -149,7 +149,7 @@ class ManifoldHyperConnection(Connection):
     self.phi = param(rngs, normal(cfg.init_std), (n * cfg.d_model, width), (None, None))
     self.alpha = param(rngs, jax.nn.initializers.constant(cfg.mhc_alpha_init), (3,), (None,))
     self.bias = param(rngs, jax.nn.initializers.zeros, (width,), (None,))
-    self.streams, self.norm_eps = n, cfg.norm_eps
+    self.norm_eps = cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
     self.impl = cfg.mhc_impl if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "xla"
     self.tiles = parse_tiles(cfg.mhc_tiles)
