@@ -112,9 +112,11 @@ def run_islands(
   kills: dict[int, float] | None = None,
   joins: dict[int, float] | None = None,
   echo: Callable[[str], None] = print,
+  timeout_s: float | None = None,
 ) -> int:
   """Starts the islands, runs the drills, waits; 0 if every island ended well (a killed island
-  that is not restarted counts as intended), else the first failure's exit code (130 after Ctrl-C)."""
+  that is not restarted counts as intended), else the first failure's exit code (130 after Ctrl-C,
+  124 past `timeout_s`)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   store = store or "file://" + os.path.join(workdir, "store")
@@ -162,11 +164,17 @@ def run_islands(
       if not start_at and all(c is not None for c in codes.values()):
         say(f"all islands done; metrics and membership.jsonl in {workdir}/island-*")
         return 0
+      if timeout_s is not None and now - began > timeout_s:
+        say(f"past {timeout_s:.0f} s: stopping the islands")
+        _stop(islands)
+        return 124
       time.sleep(0.1)
   except KeyboardInterrupt:
     say("interrupted: stopping the islands (each saves a checkpoint)")
     _stop(islands)
     return 130
+  finally:
+    _stop(islands, grace_s=10)  # nothing outlives the launcher
 
 
 def _stop(islands: list[_Island], grace_s: float = 60) -> None:

@@ -311,8 +311,9 @@ class StoreSync:
     self.store, self.identity, self.fingerprint = store, identity, fingerprint
     self.say = say
     self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    self.total_steps = cfg.train.steps
     self.tx = diloco.outer_optimizer(ic.outer_learning_rate, ic.outer_momentum, nesterov=True)
-    self.poll_s = min(0.1, ic.heartbeat_s / 4)
+    self.poll_s = min(0.25, ic.heartbeat_s / 4)  # the longest pause between looks at the store while waiting
     self.layout: Layout | None = None
     self.held: list[Held] = []
     self.next_round: list[int] = []
@@ -374,7 +375,18 @@ class StoreSync:
     self._heartbeat()
     self.beat = threading.Thread(target=self._beat, name=f"island-{self.id}-heartbeat", daemon=True)
     self.beat.start()
+    if all(r == 1 for r in self.next_round):
+      self._wait_for_islands()
     return state.replace(params=params)
+
+  def _wait_for_islands(self) -> None:
+    """A run that has not had a round yet starts when all its islands are there (heartbeats), or,
+    past HUNG_FACTOR x deadline_s, with those that are."""
+    limit, started = HUNG_FACTOR * self.ic.deadline_s, _now()
+    while len(live := self._live(refresh=True)) < self.count and _now() - started < limit:
+      time.sleep(self.poll_s)
+    if len(live) < self.count:
+      self.say(f"island {self.id}: starting with islands {sorted(live)} of {self.count} after {limit:.0f} s")
 
   def _first(self, p: int) -> int:
     return self.offsets[p] or self.H
@@ -503,7 +515,10 @@ class StoreSync:
     params = state.params
     waited = time.perf_counter()
     try:
-      for item in [x for x in self.pending if x[0] <= v]:
+      for p in diloco.fragments_due(v, self.H, self.P) if v > 0 else []:
+        params = self._sync(params, p, self._round_at(p, v), v)
+      last = step >= self.total_steps  # the run's last step takes every outer update still on its way
+      for item in sorted(x for x in self.pending if x[0] <= v or last):
         self.pending.remove(item)
         _, p, r = item
         if self.held[p].round >= r:  # taken already (late)
@@ -511,8 +526,6 @@ class StoreSync:
         held = self._await_global(p, r)
         outer = diloco.mix(self.layout.take(params, p), held.arrays, self.ic.mix_alpha)
         params = self.layout.put(params, p, [np.asarray(a) for a in outer])
-      for p in diloco.fragments_due(v, self.H, self.P) if v > 0 else []:
-        params = self._sync(params, p, self._round_at(p, v), v)
     except StoreUnavailable as e:
       raise IslandsError(f"island {self.id}: the store failed past its retries: {e}") from None
     self.wait_s = time.perf_counter() - waited
@@ -622,7 +635,7 @@ class StoreSync:
     """Global parameters of fragment p after round r: read when they appear, led by this island when
     it is the round's leader; an `IslandsError` when no island makes them in time."""
     limit = HUNG_FACTOR * self.ic.deadline_s
-    started = _now()
+    started, pause = _now(), 0.005
     with self.lock:
       self.waiting = [p, r]
     try:
@@ -655,7 +668,8 @@ class StoreSync:
             f"island {self.id}: no global parameters for fragment {p} round {r} after {waited:.0f} s "
             f"(reported: {sorted(reporters)}; live: {sorted(live)}); is the store shared by every island?"
           )
-        time.sleep(self.poll_s)
+        time.sleep(pause)
+        pause = min(self.poll_s, 1.5 * pause)
     finally:
       with self.lock:
         self.waiting = None
