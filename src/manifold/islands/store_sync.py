@@ -375,18 +375,7 @@ class StoreSync:
     self._heartbeat()
     self.beat = threading.Thread(target=self._beat, name=f"island-{self.id}-heartbeat", daemon=True)
     self.beat.start()
-    if all(r == 1 for r in self.next_round):
-      self._wait_for_islands()
     return state.replace(params=params)
-
-  def _wait_for_islands(self) -> None:
-    """A run that has not had a round yet starts when all its islands are there (heartbeats), or,
-    past HUNG_FACTOR x deadline_s, with those that are."""
-    limit, started = HUNG_FACTOR * self.ic.deadline_s, _now()
-    while len(live := self._live(refresh=True)) < self.count and _now() - started < limit:
-      time.sleep(self.poll_s)
-    if len(live) < self.count:
-      self.say(f"island {self.id}: starting with islands {sorted(live)} of {self.count} after {limit:.0f} s")
 
   def _first(self, p: int) -> int:
     return self.offsets[p] or self.H
@@ -652,11 +641,9 @@ class StoreSync:
         leaders = sorted(k for k in reporters if k in live)
         waited = _now() - started
         if leaders and leaders[0] == self.id:
-          expected = {k for k, m in live.items() if m["next_round"][p] <= r} | {self.id}
-          missing = expected - reporters
-          if missing and waited <= limit:
-            live = self._live(refresh=True)  # be sure before dropping
-            missing = {k for k in missing if k in live and live[k]["next_round"][p] <= r}
+          missing = self._missing(p, r, live, reporters)
+          if not missing and waited <= limit:  # about to lead: first make sure no island has just come
+            missing = self._missing(p, r, self._live(refresh=True), reporters)
           if not missing or waited > limit:
             held = self._lead(p, r, reporters, missing)
             if held is not None:  # this island wrote the round: no need to read it back
@@ -673,6 +660,14 @@ class StoreSync:
     finally:
       with self.lock:
         self.waiting = None
+
+  def _missing(self, p: int, r: int, live: dict[int, dict], reporters: set[int]) -> set[int]:
+    """The islands round r of fragment p still waits for: the live ones that will report it (their
+    heartbeat's next round is not past it); in a run's first round, every island."""
+    expected = {k for k, m in live.items() if m["next_round"][p] <= r} | {self.id}
+    if r == 1:  # the first round waits for the islands still starting up too
+      expected |= set(range(self.count))
+    return expected - reporters
 
   def _outer_state(self, p: int, r: int):
     """The outer optimizer state after round r of fragment p."""
