@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -61,6 +63,29 @@ def warm_cache(overrides: list[str]) -> None:
   load_run_data(with_absolute_paths(load_config(EXPERIMENT, overrides)))
 
 
+class Outage:
+  """A `file://` store behind a symlink: `down()` points it at a plain file (every write and
+  listing fails: the store is unavailable), `up()` back at its folder; each switch is atomic."""
+
+  def __init__(self, root):
+    self.root, self.link, self.folder, self.blocker = root, root / "store", root / "store_folder", root / "blocker"
+    self.folder.mkdir()
+    self.blocker.write_text("")
+    self.link.symlink_to(self.folder)
+    self.url = f"file://{self.link}"
+
+  def _point(self, target) -> None:
+    tmp = self.root / f".store-{time.monotonic_ns()}"
+    tmp.symlink_to(target)
+    os.replace(tmp, self.link)
+
+  def down(self) -> None:
+    self._point(self.blocker)
+
+  def up(self) -> None:
+    self._point(self.folder)
+
+
 def membership(workdir) -> list[dict]:
   path = os.path.join(workdir, "membership.jsonl")
   if not os.path.exists(path):
@@ -87,11 +112,31 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
     "--config.islands.overlap_steps=1",
   ]
   warm_cache(overrides)
-  lines = []
-  code = run_islands(EXPERIMENT, str(tmp_path / "run"), 2, overrides, echo=lines.append, timeout_s=240)
-  assert code == 0, "\n".join(lines[-60:])
+  outage, stop, outages = Outage(tmp_path), threading.Event(), []
 
-  store = Store.open(f"file://{tmp_path}/run/store")
+  def go_down_for_a_moment():  # the store is away for 1.5 s mid-run: every island retries with backoff and goes on
+    while not stop.is_set() and len(membership(tmp_path / "run" / "island-0")) < 2:
+      time.sleep(0.01)
+    if not stop.is_set():
+      outage.down()
+      time.sleep(1.5)
+      outage.up()
+      outages.append(len(membership(tmp_path / "run" / "island-0")))
+
+  lines, thread = [], threading.Thread(target=go_down_for_a_moment)
+  thread.start()
+  try:
+    code = run_islands(
+      EXPERIMENT, str(tmp_path / "run"), 2, overrides, store=outage.url, echo=lines.append, timeout_s=240
+    )
+  finally:
+    stop.set()
+    thread.join()
+    outage.up()
+  assert code == 0, "\n".join(lines[-60:])
+  assert outages and outages[0] < 12, outages  # it happened before the last round
+
+  store = Store.open(outage.url)
   rows = membership(tmp_path / "run" / "island-0")
   assert {(r["fragment"], r["round"]) for r in rows} == {(p, r) for p in (0, 1) for r in range(1, 7)}  # 24 / H=4
   assert all(r["members"] == [0, 1] and not r["dropped"] for r in rows), rows
@@ -120,6 +165,10 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
   assert sent == sum(row["islands/bytes_sent"] for row in logged)
   assert received == sum(row["islands/bytes_received"] for row in logged) > 0
   assert last["islands/dp_allreduce_bytes"] == diloco.allreduce_bytes(num_params, 2, 24)
+  retries = [
+    read_metrics(tmp_path / "run" / f"island-{k}" / "metrics.jsonl")[-2]["islands/store_retries"] for k in (0, 1)
+  ]
+  assert min(retries) > 0, retries  # both islands met the outage
   ratio = 2 * last["islands/dp_allreduce_bytes"] / (sent + received)
   assert last["islands/dp_ratio"] == pytest.approx(ratio) and ratio > 1, (sent, received, ratio)
 
@@ -160,7 +209,8 @@ def test_islands_survive_a_kill_a_corrupt_delta_and_a_restart(corpus_dir, tmp_pa
     "--config.train.log_every=50",
   ]
   warm_cache(data_overrides(corpus_dir, cache) + extra)
-  url, root = f"file://{tmp_path}/store", tmp_path / "store"
+  outage = Outage(tmp_path)
+  url, root = outage.url, outage.folder
   dirs = {k: tmp_path / f"island-{k}" for k in range(3)}
   procs = {}
   deadline = time.time() + 240
@@ -207,11 +257,18 @@ def test_islands_survive_a_kill_a_corrupt_delta_and_a_restart(corpus_dir, tmp_pa
     assert all(r["members"] == [0, 1] for r in membership(dirs[0]) if without <= r["round"] < rejoined()[0]["round"])
     assert "resuming from step" in _log(dirs[2])
     assert _log(dirs[2]).count("island 2 of 3 joined") == 2
-    for p in procs.values():
-      p.send_signal(signal.SIGTERM)
-    for k, p in procs.items():
-      assert p.wait(timeout=120) == 0, _log(dirs[k])[-3000:]
+    for k in (0, 1):  # the others stop cleanly (SIGTERM: a checkpoint, exit 0) ...
+      procs[k].send_signal(signal.SIGTERM)
+    for k in (0, 1):
+      assert procs[k].wait(timeout=120) == 0, _log(dirs[k])[-3000:]
       assert "stopped at step" in _log(dirs[k])
+    # ... and island 2, alone, loses the store for good: past the retries, one clear line and exit 1.
+    outage.down()
+    assert procs[2].wait(timeout=120) == 1, _log(dirs[2])[-3000:]
+    last = _log(dirs[2]).strip().splitlines()[-1]
+    assert re.fullmatch(
+      r"manifold: islands: island 2: the store failed past its retries: .* failed after 6 attempts: .*", last
+    )
   finally:
     for p in procs.values():
       if p.poll() is None:

@@ -1,6 +1,9 @@
 """`manifold islands`: M islands of an independent-jobs run on this machine, one `manifold train`
 process each (ids 0..M-1, workdirs `<workdir>/island-<k>`, store `file://<workdir>/store` unless
 given), each one's output in `<workdir>/island-<k>/log.txt` and on the console behind `island k |`.
+The islands share one XLA compilation cache (`<workdir>/xla_cache`, unless JAX_COMPILATION_CACHE_DIR
+is set): the first island starts alone, the others once it has compiled and taken its first step, so
+the machine compiles the programs once (the run's first round waits for every island).
 
 Fault drills: `--kill K@STEP` sends SIGKILL to island K once its metrics reach STEP; `--join K@S`
 starts island K S seconds after the others, or, after a `--kill`, restarts it S seconds after the
@@ -122,6 +125,12 @@ def run_islands(
   store = store or "file://" + os.path.join(workdir, "store")
   kills, joins = dict(kills or {}), dict(joins or {})
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+  if "JAX_COMPILATION_CACHE_DIR" not in env:  # one machine: the islands compile their (identical) programs once
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "xla_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   lock = threading.Lock()
 
   def say(text: str) -> None:
@@ -134,13 +143,17 @@ def run_islands(
   ]
   began = time.monotonic()
   start_at = {k: began + joins.get(k, 0.0) if k not in kills else began for k in range(count)}
+  first = min(start_at, key=start_at.get)
+  held_back = set(start_at) - {first}  # until the first island has compiled (its first metrics row)
   say(f"{count} islands, store {store}, workdirs {island_dir(workdir, 0)} ... {island_dir(workdir, count - 1)}")
   try:
     while True:
       now = time.monotonic()
+      if held_back and (last_step(islands[first].workdir) >= 1 or islands[first].poll() is not None):
+        held_back = set()
       for island in islands:
         k = island.k
-        if k in start_at and now >= start_at[k]:
+        if k in start_at and now >= start_at[k] and k not in held_back:
           del start_at[k]
           say(f"starting island {k}" + (" (restart from its checkpoint)" if island.killed else ""))
           island.start(env)

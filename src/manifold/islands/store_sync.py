@@ -343,6 +343,12 @@ class StoreSync:
     """Starts this island from the newest global parameters of each fragment (publishing its own as
     round 0 when the run has none yet), sets its clock to join the next round, starts heartbeats;
     returns the state to train from."""
+    try:
+      return self._join(spec, state, start)
+    except StoreUnavailable as e:
+      raise IslandsError(f"island {self.id}: the store failed past its retries: {e}") from None
+
+  def _join(self, spec, state, start: int):
     self.layout = layout = Layout.of(spec.abstract.params, self.ic)
     self.start = self.step = start
     params = state.params
@@ -395,7 +401,8 @@ class StoreSync:
   def _claim_key(self, island: int) -> str | None:
     if island not in self.claims:
       try:
-        obj = fetch(self.store, f"claims/{island}", kind="claim", config_fingerprint=self.fingerprint)
+        listed = f"claims/{island}" in self.store.list(f"claims/{island}")
+        obj = self._fetch(f"claims/{island}", "claim", None, listed=listed)
       except BadObject as e:
         self.say(f"island {self.id}: island {island}'s claim is unusable ({e}); ignoring that island")
         obj = None
@@ -414,8 +421,18 @@ class StoreSync:
           self._claim_key(k)
     return list(self.claims.values())
 
-  def _fetch(self, key: str, kind: str, trusted: list[str]):
-    return fetch(self.store, key, kind=kind, config_fingerprint=self.fingerprint, trusted_keys=trusted)
+  def _fetch(self, key: str, kind: str, trusted: list[str] | None, *, listed: bool = False):
+    """The verified object under `key` (None if absent). `listed`: the key is known to exist, so an
+    absent read is the store failing for a moment (a file store whose folder is away reads as
+    empty): it is retried with the store's backoff, then a `StoreUnavailable`."""
+    for attempt in range(self.store.retries + 1 if listed else 1):
+      obj = fetch(self.store, key, kind=kind, config_fingerprint=self.fingerprint, trusted_keys=trusted)
+      if obj is not None or not listed:
+        return obj
+      time.sleep(self.store.backoff_s * 2**attempt)
+    raise StoreUnavailable(
+      f"{self.store.url}: {key} is listed but does not read after {self.store.retries + 1} attempts"
+    )
 
   def _read_global(self, p: int, r: int) -> Held | None:
     try:
@@ -476,11 +493,11 @@ class StoreSync:
       beats = {}
       for key in self.store.list("heartbeats/"):
         k = _last_int(key)
-        trusted = self._claim_key(k) if k is not None else None
-        if trusted is None or k == self.id:
+        trusted = self._claim_key(k) if k is not None and k != self.id else None
+        if trusted is None:
           continue
         try:
-          obj = self._fetch(key, "heartbeat", [trusted])
+          obj = self._fetch(key, "heartbeat", [trusted], listed=True)
         except BadObject as e:
           self.say(f"island {self.id}: island {k}'s heartbeat rejected: {e}")
           continue
@@ -516,6 +533,7 @@ class StoreSync:
         outer = diloco.mix(self.layout.take(params, p), held.arrays, self.ic.mix_alpha)
         params = self.layout.put(params, p, [np.asarray(a) for a in outer])
     except StoreUnavailable as e:
+      self.error = e
       raise IslandsError(f"island {self.id}: the store failed past its retries: {e}") from None
     self.wait_s = time.perf_counter() - waited
     return state.replace(params=params), self._metrics(step)
@@ -533,6 +551,7 @@ class StoreSync:
       "islands/round": self.last["round"],
       "islands/dropped": self.last["dropped"],
       "islands/sync_s": self.wait_s,
+      "islands/store_retries": self.store.transient_failures,
     }
     # A ring all-reduce receives what it sends: the data-parallel traffic per party is twice its sends.
     values["islands/dp_ratio"] = 2 * values["islands/dp_allreduce_bytes"] / max(1, sent_total + received_total)
@@ -680,7 +699,7 @@ class StoreSync:
     treedef = jax.tree_util.tree_structure(self.tx.init(template))
     key = self.held[p].meta.get("outer")
     try:
-      obj = self._fetch(key, "outer", self._trusted()) if key else None
+      obj = self._fetch(key, "outer", self._trusted(), listed=True) if key else None
     except BadObject as e:
       self.say(f"island {self.id}: {e}")
       obj = None
@@ -697,9 +716,7 @@ class StoreSync:
     if trusted is None:
       raise BadObject(f"island {k} has no claim in the store")
     key = delta_key(p, r, k)
-    obj = self._fetch(key, "delta", [trusted])
-    if obj is None:
-      raise BadObject(f"{self.store.url}{key}: gone")
+    obj = self._fetch(key, "delta", [trusted], listed=True)
     m = obj.meta
     if m.get("fragment") != p or m.get("round") != r or m.get("island") != k:
       raise BadObject(f"{self.store.url}{key}: says fragment {m.get('fragment')} round {m.get('round')}")
@@ -773,6 +790,8 @@ class StoreSync:
     self.stop.set()
     if self.beat is not None:
       self.beat.join(timeout=max(5.0, 2 * self.ic.heartbeat_s))
+      if self.error is not None:  # the store is gone: no goodbye (the others drop this island at its deadline)
+        return
       try:
         self._heartbeat(done=True)
       except StoreError as e:
@@ -789,9 +808,14 @@ def connect(cfg, workdir: str, say: Callable[[str], None]) -> StoreSync:
     )
   ic = validate(cfg).islands
   store = open_store(ic.store)
-  identity = Identity.load_or_create(identity_path(workdir))
-  fingerprint = check_config(store, identity, cfg)
-  claim(store, identity, ic.id, ic.count, fingerprint)
+  try:
+    identity = Identity.load_or_create(identity_path(workdir))
+    fingerprint = check_config(store, identity, cfg)
+    claim(store, identity, ic.id, ic.count, fingerprint)
+  except StoreUnavailable as e:
+    raise IslandsError(f"island {ic.id}: the store failed past its retries: {e}") from None
+  except StoreError as e:  # the identity key file
+    raise ConfigError(str(e)) from None
   return StoreSync(cfg, workdir, store, identity, fingerprint, say)
 
 
