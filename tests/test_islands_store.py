@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from manifold import cli
 from manifold.config import ConfigError, load_config
 from manifold.islands import diloco
 from manifold.islands.local import run_islands
@@ -276,7 +277,7 @@ def test_islands_survive_a_kill_a_corrupt_delta_and_a_restart(corpus_dir, tmp_pa
         p.wait()
 
 
-def test_refusals_are_one_line(tiny_config, tmp_path):
+def test_refusals_are_one_line(tiny_config, corpus_dir, tmp_path, capsys):
   base = ("--config.islands.count=2", "--config.islands.store=file:///unused", "--config.islands.id=0")
   cfg = tiny_config(*base)
   store = open_store(f"file://{tmp_path}/store")
@@ -299,10 +300,9 @@ def test_refusals_are_one_line(tiny_config, tmp_path):
 
   blocker = tmp_path / "a-file"
   blocker.write_text("")
-  for url in ("nosuch://bucket/run", f"file://{blocker}/store"):
-    with pytest.raises(ConfigError, match=r"^islands\.store=") as e:
-      open_store(url)
-    assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match=r"^islands\.store='nosuch://bucket/run': unsupported store scheme") as e:
+    open_store("nosuch://bucket/run")
+  assert "\n" not in str(e.value)
 
   for bad, message in (
     ("--config.islands.id=2", r"islands\.id=2: must be in \[0, islands\.count=2\)"),
@@ -313,3 +313,18 @@ def test_refusals_are_one_line(tiny_config, tmp_path):
       tiny_config(*base, bad)
   with pytest.raises(ConfigError, match=r"islands\.fragments=2: must divide model\.n_layers=1"):
     tiny_config(*base, "--config.islands.fragments=2", "--config.model.n_layers=1")
+
+  train = ["train", "--config", EXPERIMENT, "--workdir", str(tmp_path / "run"), "--no-progress"]
+  train += data_overrides(corpus_dir, tmp_path / "cache")
+  for flags, message in (
+    (
+      ["--islands.store", "nosuch://bucket/run", "--islands.id", "0"],
+      "islands.store='nosuch://bucket/run': unsupported",
+    ),
+    (["--islands.store", f"file://{blocker}/store", "--islands.id", "0"], "cannot write"),
+    (["--islands.store", store.url, "--islands.id", "2"], "islands.id=2: must be in [0, islands.count=2)"),
+    (["--islands.store", store.url, "--islands.id", "-1"], "--islands.id -1: must be an integer in [0, islands.count)"),
+  ):
+    assert cli.main(train + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("manifold: error: ") and message in err and err.count("\n") == 1, err

@@ -350,6 +350,7 @@ class StoreSync:
 
   def _join(self, spec, state, start: int):
     self.layout = layout = Layout.of(spec.abstract.params, self.ic)
+    self.num_params = layout.size()
     self.start = self.step = start
     params = state.params
     events = []
@@ -357,7 +358,7 @@ class StoreSync:
       mine = layout.take(params, p)
       held = self._newest_global(p)
       if held is None:
-        data, digest = self._encode(
+        data, _ = self._encode(
           "global", global_key(p, 0), layout.named(p, mine), {"round": 0, "fragment": p, "members": [],
                                                               "params_sha256": _digest(mine)})  # fmt: skip
         self.store.put_new(global_key(p, 0), data)
@@ -546,7 +547,7 @@ class StoreSync:
       "islands/bytes_received": received - self.counted[1],
       "islands/bytes_sent_cumulative": sent_total,
       "islands/bytes_received_cumulative": received_total,
-      "islands/dp_allreduce_bytes": diloco.allreduce_bytes(self.layout.size(), self.count, step - self.start),
+      "islands/dp_allreduce_bytes": diloco.allreduce_bytes(self.num_params, self.count, step - self.start),
       "islands/members": self.last["members"],
       "islands/round": self.last["round"],
       "islands/dropped": self.last["dropped"],
@@ -684,8 +685,8 @@ class StoreSync:
     """The islands round r of fragment p still waits for: the live ones that will report it (their
     heartbeat's next round is not past it); in a run's first round, every island."""
     expected = {k for k, m in live.items() if m["next_round"][p] <= r} | {self.id}
-    if r == 1:  # the first round waits for the islands still starting up too
-      expected |= set(range(self.count))
+    if r == 1:  # the first round waits for the islands still starting up too (not for one that is done)
+      expected |= {k for k in range(self.count) if not self.heartbeats.get(k, {}).get("done")}
     return expected - reporters
 
   def _outer_state(self, p: int, r: int):
