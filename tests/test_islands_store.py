@@ -159,6 +159,11 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
         np.testing.assert_allclose(new.arrays[name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} round {r}")
       prev = new
 
+  first_loss = [
+    next(r["loss"] for r in read_metrics(tmp_path / "run" / f"island-{k}" / "metrics.jsonl") if "loss" in r)
+    for k in (0, 1)
+  ]
+  assert first_loss[0] != first_loss[1]  # both start from round 0: only their own data can tell them apart
   logged = [row for row in read_metrics(tmp_path / "run" / "island-0" / "metrics.jsonl") if "islands/bytes_sent" in row]
   assert len(logged) == 24 and sum(row["islands/bytes_sent"] for row in logged) > 0
   last = logged[-1]
