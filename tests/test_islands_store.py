@@ -239,6 +239,8 @@ def test_islands_survive_a_kill_a_corrupt_delta_and_a_restart(corpus_dir, tmp_pa
     _wait("a round without island 2", lambda: any(r["members"] == [0, 1] for r in after()), procs, deadline)
     without = min(r["round"] for r in after() if r["members"] == [0, 1])
     assert without <= last_with_2 + 2  # island 2 may have sent one more delta before it died
+    row = next(r for r in after() if r["round"] == without)
+    assert row["dropped"] == {"2": "no heartbeat within islands.deadline_s"}, row
 
     # A copy of a real delta with bytes flipped, planted as island 2's for a round ahead: rejected by its hash.
     newest = max(r["round"] for r in membership(dirs[0]))

@@ -624,7 +624,7 @@ class StoreSync:
     for key in [k for k in self.sent if k[0] == p and k[1] <= held.round]:
       del self.sent[key]
     m = held.meta
-    dropped = {**m.get("rejected", {}), **{str(k): "no delta before the deadline" for k in m.get("missing", [])}}
+    dropped = m.get("dropped", {})
     self.last = {"members": len(m.get("members", [])), "round": held.round, "dropped": len(dropped)}
     row = {
       "round": held.round,
@@ -739,6 +739,22 @@ class StoreSync:
       raise BadObject(f"{self.store.url}{key}: tokens {tokens!r}")
     return arrays, tokens, obj.content_hash
 
+  def _dropped(self, p: int, members: list[int], rejected: dict[str, str], missing: set[int]) -> dict[str, str]:
+    """{island: why} for each island of the previous round (or that this round waited for) that is
+    not a member of this one."""
+    out = dict(rejected)
+    for k in sorted(set(self.held[p].meta.get("members", [])) | missing):
+      if k in members or str(k) in out:
+        continue
+      beat = self.heartbeats.get(k, {})
+      if k in missing:
+        out[str(k)] = f"no delta within {HUNG_FACTOR} x islands.deadline_s"
+      elif beat.get("done"):
+        out[str(k)] = "left the run (done)"
+      else:
+        out[str(k)] = "no heartbeat within islands.deadline_s"
+    return out
+
   def _lead(self, p: int, r: int, reporters: set[int], missing: set[int]) -> Held | None:
     """Computes round r of fragment p from every valid delta and writes outer/ then global/ (once);
     the new global parameters, or None if another island wrote the round first."""
@@ -771,8 +787,7 @@ class StoreSync:
       "fragment": p,
       "members": members,
       "tokens": weights,
-      "rejected": rejected,
-      "missing": sorted(missing - set(reporters)),
+      "dropped": self._dropped(p, members, rejected, missing),
       "leader": self.id,
       "outer": okey,
       "params_sha256": _digest(new_global),
