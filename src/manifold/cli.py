@@ -1,4 +1,4 @@
-"""`manifold` command line: train, eval, generate, sweep, convert, params, compile, launch, tokenizer."""
+"""`manifold` command line: train, eval, generate, sweep, convert, params, compile, launch, islands, tokenizer."""
 
 from __future__ import annotations
 
@@ -136,8 +136,21 @@ def _continuation(tokenizer, prompt: str, new_tokens) -> str:
   return prompt + tokenizer.decode(new)
 
 
+def _island_overrides(args: argparse.Namespace) -> list[str]:
+  """`--islands.store URL --islands.id K` as config overrides (the config check then holds K to
+  [0, islands.count))."""
+  out = []
+  if args.islands_store is not None:
+    out.append(f"--config.islands.store={args.islands_store}")
+  if args.islands_id is not None:
+    if args.islands_id < 0:
+      raise ConfigError(f"--islands.id {args.islands_id}: must be an integer in [0, islands.count)")
+    out.append(f"--config.islands.id={args.islands_id}")
+  return out
+
+
 def cmd_train(args, overrides) -> int:
-  cfg = load_config(args.config, overrides)
+  cfg = load_config(args.config, [*overrides, *_island_overrides(args)])
   _check_output("--workdir", args.workdir)
   from manifold.train.loop import train  # heavy imports after the config is known to be good
   from manifold.train.run import default_cache_dir
@@ -334,6 +347,20 @@ def cmd_launch(args, overrides) -> int:
   return max(w.wait() for w in workers)
 
 
+def cmd_islands(args, overrides) -> int:
+  from manifold.islands.local import parse_drill, run_islands
+
+  if args.count < 1:
+    raise ConfigError(f"--count {args.count}: must be a positive integer")
+  per_island = ("--config.islands.count", "--config.islands.id", "--config.islands.store")  # the launcher sets them
+  overrides = [o for o in overrides if not o.startswith(per_island)]
+  load_config(args.config, [*overrides, f"--config.islands.count={args.count}"])  # a bad config fails once, here
+  _check_output("--workdir", args.workdir)
+  kills = parse_drill("--kill", args.kill, args.count, int)
+  joins = parse_drill("--join", args.join, args.count, float)
+  return run_islands(args.config, args.workdir, args.count, overrides, store=args.store, kills=kills, joins=joins)
+
+
 def cmd_sweep(args, overrides) -> int:
   from manifold.sweep import run_sweep
 
@@ -402,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
   _config_args(p)
   p.add_argument("--workdir", required=True)
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument(
+    "--islands.store", dest="islands_store", default=None, help="this run is one island; the store URL islands share"
+  )
+  p.add_argument(
+    "--islands.id", dest="islands_id", type=int, default=None, help="this island's id in [0, islands.count)"
+  )
   p.set_defaults(fn=cmd_train)
 
   p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
@@ -478,6 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
       t.add_argument("--hosts", required=True, help="comma-separated; the first coordinates")
       t.add_argument("--port", type=int, default=8476, help="the coordinator's port on the first host")
 
+  p = sub.add_parser("islands", help="start M islands of an independent-jobs run on this machine (one train each)")
+  _config_args(p)
+  p.add_argument("--workdir", required=True, help="island k trains in <workdir>/island-<k>")
+  p.add_argument("--count", type=int, required=True, help="M: islands to start (sets islands.count)")
+  p.add_argument("--store", default="", help="the store URL (default: file://<workdir>/store)")
+  p.add_argument("--kill", action="append", default=[], metavar="ISLAND@STEP", help="SIGKILL an island at a step")
+  p.add_argument(
+    "--join", action="append", default=[], metavar="ISLAND@SECONDS",
+    help="start an island late; after --kill, restart it this long after the kill",
+  )  # fmt: skip
+  p.set_defaults(fn=cmd_islands)
+
   p = sub.add_parser("tokenizer", help="tokenizer tools")
   tsub = p.add_subparsers(dest="tokenizer_command", required=True)
   t = tsub.add_parser("train", help="train a byte-level BPE on the config's training files")
@@ -489,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from manifold.islands.store_sync import IslandsError
   from manifold.train.loop import TrainingDiverged
 
   argv = sys.argv[1:] if argv is None else argv
@@ -496,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
-  if overrides and args.command not in ("train", "params", "tokenizer", "sweep", "convert", "compile", "launch"):
+  if overrides and args.command not in (
+    "train", "params", "tokenizer", "sweep", "convert", "compile", "launch", "islands"
+  ):  # fmt: skip
     build_parser().error(f"{args.command} takes no --config.* overrides (it reads the run's config.json)")
   try:
     if args.command in ("train", "eval", "generate", "convert", "sweep"):
@@ -509,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except TrainingDiverged as e:
     print(f"manifold: training diverged: {e}", file=sys.stderr)
+    return 1
+  except IslandsError as e:
+    print(f"manifold: islands: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("manifold: interrupted", file=sys.stderr)

@@ -299,6 +299,11 @@ def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
   m, t = sections["model"], sections["train"]
   require(m.mtp_depth < t.seq_len, f"model.mtp_depth={m.mtp_depth}: must be < train.seq_len={t.seq_len}")
   require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len}: must be <= model.max_seq_len={m.max_seq_len}")
+  i = sections["islands"]
+  require(
+    m.n_layers % i.fragments == 0,
+    f"islands.fragments={i.fragments}: must divide model.n_layers={m.n_layers} (each fragment is a group of layers)",
+  )
   return Config(sections)
 
 

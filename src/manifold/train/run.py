@@ -208,18 +208,24 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
   mesh = make_mesh(cfg.mesh)
   check_fits(cfg, mesh)
   changes = resume_changes(cfg, workdir)
+  islands = None
+  if cfg.islands.store:  # one island of an independent-jobs run: store, config and id checked here
+    from manifold.islands.store_sync import connect
+
+    islands = connect(cfg, workdir, say)
   data = load_run_data(cfg)
   check_manifest(files.path(workdir) / "manifest.json", data.tokenizer, data.records)
   tx = make_optimizer(tc)
   spec = make_state_spec(model_cfg, tx, mesh)
   token_bytes = token_byte_table(data, model_cfg.vocab_size)
+  island, count = (cfg.islands.id, cfg.islands.count) if islands else (0, 1)  # islands read disjoint shards
   iterator = BatchIterator(
     data.train,
-    batch_size=tc.batch_size,
+    batch_size=tc.batch_size * count,
     seq_len=tc.seq_len,
     seed=tc.seed,
-    shard_index=jax.process_index(),
-    shard_count=jax.process_count(),
+    shard_index=island * jax.process_count() + jax.process_index(),
+    shard_count=count * jax.process_count(),
   )
   val_batches = eval_batches(
     data.val, batch_size=cfg.eval.batch_size, seq_len=tc.seq_len, num_batches=cfg.eval.num_batches
@@ -232,6 +238,8 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
   start, state = (0, spec.init(jax.random.key(tc.seed))) if restored is None else (restored.step, restored.state)
   if restored is not None:
     iterator.load_state_dict(restored.data)
+  if islands is not None:  # from the run's newest global parameters, into its next round
+    state = islands.join(spec, state, start)
   record_run(cfg, workdir, step=start, changes=changes, data=data)  # every check has passed
   checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
   for step, why in (restored.skipped if restored else {}).items():
@@ -258,6 +266,7 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     state=state,
     start=start,
     is_main=is_main,
+    islands=islands,
   )
 
 

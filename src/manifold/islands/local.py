@@ -1,0 +1,205 @@
+"""`manifold islands`: M islands of an independent-jobs run on this machine, one `manifold train`
+process each (ids 0..M-1, workdirs `<workdir>/island-<k>`, store `file://<workdir>/store` unless
+given), each one's output in `<workdir>/island-<k>/log.txt` and on the console behind `island k |`.
+The islands share one XLA compilation cache (`<workdir>/xla_cache`, unless JAX_COMPILATION_CACHE_DIR
+is set): the first island starts alone, the others once it has compiled and taken its first step, so
+the machine compiles the programs once (the run's first round waits for every island).
+
+Fault drills: `--kill K@STEP` sends SIGKILL to island K once its metrics reach STEP; `--join K@S`
+starts island K S seconds after the others, or, after a `--kill`, restarts it S seconds after the
+kill (from its own checkpoint). The launcher waits for every island; a failure or Ctrl-C stops the
+others (SIGTERM: each saves a checkpoint), and the exit code is non-zero if any island failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+from manifold.config import ConfigError
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # .../src
+
+
+def parse_drill(flag: str, values: Sequence[str], count: int, kind: type) -> dict[int, float]:
+  """`["K@X", ...]` -> {K: X}; one ConfigError line naming `flag` for a malformed item."""
+  out = {}
+  for item in values:
+    island, sep, at = item.partition("@")
+    try:
+      k, x = int(island), kind(at)
+    except ValueError:
+      k, x, sep = -1, 0, ""
+    if not sep or not 0 <= k < count or x < 0:
+      raise ConfigError(f"{flag} {item!r}: must be ISLAND@{kind.__name__.upper()} with ISLAND in [0, {count})")
+    out[k] = x
+  return out
+
+
+def island_dir(workdir: str, k: int) -> str:
+  return os.path.join(workdir, f"island-{k}")
+
+
+def train_command(config: str, workdir: str, store: str, k: int, count: int, overrides: Sequence[str]) -> list[str]:
+  """The `manifold train` command line of island k."""
+  return [
+    sys.executable, "-m", "manifold.cli", "train", "--config", config, "--workdir", island_dir(workdir, k),
+    "--no-progress", "--islands.store", store, "--islands.id", str(k), *overrides, f"--config.islands.count={count}",
+  ]  # fmt: skip
+
+
+def last_step(workdir: str) -> int:
+  """The step of the last row of `<workdir>/metrics.jsonl` (0 if none)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+      f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+      lines = f.read().decode("utf-8", "replace").splitlines()
+  except OSError:
+    return 0
+  for line in reversed(lines):
+    try:
+      return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      continue
+  return 0
+
+
+class _Island:
+  def __init__(self, k: int, command: list[str], workdir: str, echo: Callable[[str], None]):
+    self.k, self.command, self.workdir, self.echo = k, command, workdir, echo
+    self.proc: subprocess.Popen | None = None
+    self.killed = False
+    self.code: int | None = None
+    self._pump: threading.Thread | None = None
+
+  def start(self, env: dict) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    self.killed, self.code = False, None
+    self.proc = subprocess.Popen(
+      self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    self._pump = threading.Thread(target=self._copy, args=(self.proc,), daemon=True)
+    self._pump.start()
+
+  def _copy(self, proc: subprocess.Popen) -> None:
+    with open(os.path.join(self.workdir, "log.txt"), "a", encoding="utf-8") as log:
+      for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        self.echo(f"island {self.k} | {line.rstrip()}")
+
+  def poll(self) -> int | None:
+    if self.proc is not None and self.code is None and self.proc.poll() is not None:
+      self._pump.join(timeout=5)
+      self.code = self.proc.returncode
+    return self.code
+
+  def signal(self, sig: int) -> None:
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.send_signal(sig)
+
+
+def run_islands(
+  config: str,
+  workdir: str,
+  count: int,
+  overrides: Sequence[str] = (),
+  *,
+  store: str = "",
+  kills: dict[int, float] | None = None,
+  joins: dict[int, float] | None = None,
+  echo: Callable[[str], None] = print,
+  timeout_s: float | None = None,
+) -> int:
+  """Starts the islands, runs the drills, waits; 0 if every island ended well (a killed island
+  that is not restarted counts as intended), else the first failure's exit code (130 after Ctrl-C,
+  124 past `timeout_s`)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  store = store or "file://" + os.path.join(workdir, "store")
+  kills, joins = dict(kills or {}), dict(joins or {})
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+  if "JAX_COMPILATION_CACHE_DIR" not in env:  # one machine: the islands compile their (identical) programs once
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "xla_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+  lock = threading.Lock()
+
+  def say(text: str) -> None:
+    with lock:
+      echo(text)
+
+  islands = [
+    _Island(k, train_command(config, workdir, store, k, count, overrides), island_dir(workdir, k), say)
+    for k in range(count)
+  ]
+  began = time.monotonic()
+  start_at = {k: began + joins.get(k, 0.0) if k not in kills else began for k in range(count)}
+  first = min(start_at, key=start_at.get)
+  held_back = set(start_at) - {first}  # until the first island has compiled (its first metrics row)
+  say(f"{count} islands, store {store}, workdirs {island_dir(workdir, 0)} ... {island_dir(workdir, count - 1)}")
+  try:
+    while True:
+      now = time.monotonic()
+      if held_back and (last_step(islands[first].workdir) >= 1 or islands[first].poll() is not None):
+        held_back = set()
+      for island in islands:
+        k = island.k
+        if k in start_at and now >= start_at[k] and k not in held_back:
+          del start_at[k]
+          say(f"starting island {k}" + (" (restart from its checkpoint)" if island.killed else ""))
+          island.start(env)
+        if k in kills and island.proc is not None and island.poll() is None and last_step(island.workdir) >= kills[k]:
+          island.signal(signal.SIGKILL)
+          island.proc.wait()
+          island.killed = True
+          say(f"killed island {k} (SIGKILL) at step {last_step(island.workdir)}")
+          del kills[k]
+          if k in joins:
+            start_at[k] = time.monotonic() + joins[k]
+      codes = {island.k: island.poll() for island in islands}
+      failed = [(k, c) for k, c in codes.items() if c not in (None, 0) and not islands[k].killed and k not in start_at]
+      if failed:
+        k, code = failed[0]
+        say(
+          f"island {k} failed (exit code {code}; see {os.path.join(island_dir(workdir, k), 'log.txt')}); stopping the others"
+        )
+        _stop(islands)
+        return code if code > 0 else 1
+      if not start_at and all(c is not None for c in codes.values()):
+        say(f"all islands done; metrics and membership.jsonl in {workdir}/island-*")
+        return 0
+      if timeout_s is not None and now - began > timeout_s:
+        say(f"past {timeout_s:.0f} s: stopping the islands")
+        _stop(islands)
+        return 124
+      time.sleep(0.1)
+  except KeyboardInterrupt:
+    say("interrupted: stopping the islands (each saves a checkpoint)")
+    _stop(islands)
+    return 130
+  finally:
+    _stop(islands, grace_s=10)  # nothing outlives the launcher
+
+
+def _stop(islands: list[_Island], grace_s: float = 60) -> None:
+  for island in islands:
+    island.signal(signal.SIGTERM)
+  deadline = time.monotonic() + grace_s
+  for island in islands:
+    if island.proc is None:
+      continue
+    try:
+      island.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      island.signal(signal.SIGKILL)
+      island.proc.wait()
+    island.poll()
