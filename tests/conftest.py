@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from manifold.config import load_config
 from manifold.data import stdlib_files
+
+REPO = pathlib.Path(__file__).parents[1]
 
 TINY = "experiments/quickstart.py:tiny"
 
@@ -104,3 +109,17 @@ def tiny_sweep(corpus_dir, tmp_path_factory):
   ]
   run_sweep(str(experiment), str(root / "runs"), str(root / "results"), overrides)
   return root / "results", root / "runs" / "residual-mhc"
+
+
+@pytest.fixture(scope="session")
+def tiny_islands(corpus_dir, tmp_path_factory):
+  """The workdir of a finished two-island `manifold islands` run (experiments/islands.py:tiny)."""
+  root = tmp_path_factory.mktemp("islands")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH", "")]))}
+  command = [
+    sys.executable, "-m", "manifold.cli", "islands", "--config", "experiments/islands.py:tiny", "--count", "2",
+    "--workdir", str(root / "run"), f"--config.data.sources={corpus_dir}/*.py", "--config.data.val_fraction=0.2",
+    f"--config.data.cache_dir={root / 'cache'}",
+  ]  # fmt: skip
+  subprocess.run(command, check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
+  return root / "run"

@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom against real (tiny) runs: a plain / mhc sweep and its mhc run."""
+"""Every notebook runs top to bottom against real (tiny) runs: a plain / mhc sweep and its mhc run, and a
+two-island run for the islands notebook."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob("*.ipy
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, tiny_sweep, monkeypatch):
+def test_notebook_executes(path, tiny_sweep, request, monkeypatch):
   results, mhc_run = tiny_sweep
+  if path.name == "islands.ipynb":
+    monkeypatch.setenv("MANIFOLD_ISLANDS_RUN", str(request.getfixturevalue("tiny_islands")))
   monkeypatch.setenv("MANIFOLD_RESULTS", str(results))
   monkeypatch.setenv("MANIFOLD_WORKDIR", str(mhc_run))
   notebook = nbformat.read(path, as_version=4)
