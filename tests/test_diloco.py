@@ -148,6 +148,18 @@ def test_round_trip_error_is_at_most_half_a_scale_and_codes_match_numpy(bits, sh
 
 
 @pytest.mark.parametrize("bits", [4, 8, 32])
+@pytest.mark.parametrize("shape, block", [((37, 29), 64), ((1,), 128), ((5, 3), 7)])
+def test_dequantize_numpy_makes_the_same_bits_as_dequantize(bits, shape, block):
+  x = np.random.default_rng(bits).standard_normal(shape).astype(np.float32)
+  codes, scales = diloco.quantize(x, bits, block)
+  host = diloco.dequantize_numpy(np.asarray(codes), np.asarray(scales), shape)
+  assert isinstance(host, np.ndarray) and host.dtype == np.float32 and host.shape == shape
+  np.testing.assert_array_equal(host, np.asarray(diloco.dequantize(codes, scales, shape)))
+  with pytest.raises(ValueError, match="do not describe shape|float32 codes for shape"):
+    diloco.dequantize_numpy(np.asarray(codes), np.asarray(scales), (x.size + 2 * block,))
+
+
+@pytest.mark.parametrize("bits", [4, 8, 32])
 def test_packed_nbytes_and_quantized_nbytes_match_the_arrays(bits):
   # (1, 1) and (7, 3) pad to an odd count: int4 then spends half a byte on nothing.
   for n, block in [(1, 1), (7, 3), (129, 64), (0, 16)]:

@@ -29,6 +29,7 @@ from manifold.islands.store_sync import (
   global_key,
   open_store,
   shared_config,
+  update_key,
 )
 from manifold.store import Identity, Store, fetch
 from manifold.train.metrics import read_metrics
@@ -144,20 +145,27 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
   num_params = 0
   for p in (0, 1):
     prev, momentum = fetch(store, global_key(p, 0)), {}
+    prev_id = prev.content_hash  # a round's id: round 0's global, then each round's update
     num_params += sum(a.size for a in prev.arrays.values())
     for r in range(1, 7):
-      new = fetch(store, global_key(p, r))
-      deltas = [fetch(store, delta_key(p, r, k)) for k in new.meta["members"]]
-      assert new.parents == [prev.content_hash] + [d.content_hash for d in deltas]  # what the mean was made of
+      update, new = fetch(store, update_key(p, r)), fetch(store, global_key(p, r))
+      deltas = [fetch(store, delta_key(p, r, k)) for k in update.meta["members"]]
+      assert update.parents == [prev_id] + [d.content_hash for d in deltas]  # what the mean was made of
+      assert new.parents == [update.content_hash] and new.meta["members"] == update.meta["members"]
       tokens = np.array([d.meta["tokens"] for d in deltas], np.float64)
-      assert list(tokens) == new.meta["tokens"]
+      assert list(tokens) == update.meta["tokens"] == new.meta["tokens"]
       for name, before in prev.arrays.items():
         grads = [dequantize(d.arrays[f"{name}:codes"], d.arrays[f"{name}:scales"], before.shape, block) for d in deltas]
         mean = sum(w / tokens.sum() * g.astype(np.float64) for w, g in zip(tokens, grads))
         momentum[name] = mu * momentum.get(name, 0.0) + mean
-        expected = before - lr * (mean + mu * momentum[name])  # Nesterov SGD
-        np.testing.assert_allclose(new.arrays[name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} round {r}")
-      prev = new
+        step = -lr * (mean + mu * momentum[name])  # Nesterov SGD, published quantised like the deltas (8 bits)
+        scales = update.arrays[f"{name}:scales"]
+        applied = dequantize(update.arrays[f"{name}:codes"], scales, before.shape, block)
+        half_scale = np.repeat(scales, block)[: before.size].reshape(before.shape) / 2
+        assert np.all(np.abs(applied - step) <= half_scale * (1 + 1e-3) + 1e-6), f"{name} round {r}"
+        np.testing.assert_allclose(scales, np.abs(np.pad(step.ravel(), (0, -before.size % block))).reshape(-1, block).max(1) / 127, rtol=1e-4, atol=1e-9)  # fmt: skip
+        np.testing.assert_array_equal(new.arrays[name], before + applied, err_msg=f"{name} round {r}")  # every island's
+      prev, prev_id = new, update.content_hash
 
   first_loss = [
     next(r["loss"] for r in read_metrics(tmp_path / "run" / f"island-{k}" / "metrics.jsonl") if "loss" in r)

@@ -213,6 +213,36 @@ def dequantize(codes: jax.Array, scales: jax.Array, shape: Sequence[int]) -> jax
   return _dequantize(codes, scales, shape, block)
 
 
+def dequantize_numpy(codes: np.ndarray, scales: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """`dequantize` in numpy on the host: float32 code x scale, one IEEE multiplication per element, so
+  every machine makes the same bits from the same codes (no device, no fused or flushed arithmetic)."""
+  codes, scales = np.asarray(codes), np.asarray(scales, np.float32)
+  shape = tuple(int(s) for s in shape)
+  n, blocks = math.prod(shape), scales.size
+  if codes.dtype == np.float32:
+    if codes.size != n:
+      raise ValueError(f"dequantize: {codes.size} float32 codes for shape {shape}")
+    return codes.reshape(shape).copy()
+  if codes.dtype == np.int8:
+    values = codes.reshape(-1).astype(np.int32)
+  elif codes.dtype == np.uint8:
+    packed = codes.reshape(-1)
+    nibbles = np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1).astype(np.int32)
+    values = (nibbles ^ 8) - 8
+  else:
+    raise ValueError(f"dequantize: codes of dtype {codes.dtype}; expected float32, int8 or uint8 (packed int4)")
+  if blocks == 0:
+    if n or codes.size:
+      raise ValueError(f"dequantize: no scales for {codes.size} codes of shape {shape}")
+    return np.zeros(shape, np.float32)
+  coded = values.size
+  block = coded // blocks if coded % blocks == 0 else (coded - 1) // blocks
+  if -(-n // block) != blocks or block * blocks > coded:
+    raise ValueError(f"dequantize: {codes.size} {codes.dtype} codes and {blocks} scales do not describe shape {shape}")
+  rows = values[: blocks * block].reshape(blocks, block).astype(np.float32) * scales[:, None]
+  return rows.reshape(-1)[:n].reshape(shape)
+
+
 def quantized_nbytes(n: int, bits: int, block: int) -> int:
   """`codes.nbytes + scales.nbytes` of `quantize` on an n-element array."""
   bits, block = _check_bits(bits), _check_block(block)

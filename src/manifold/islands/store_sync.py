@@ -9,7 +9,10 @@ fingerprint; a reader rejects one that fails any check):
     claims/<id>                      island id -> its Ed25519 public key (the key lives in its workdir)
     heartbeats/<id>                  step, virtual step, next round per fragment, time (rewritten every heartbeat_s)
     deltas/<p>/<round:08d>/<id>      island id's outer gradient of fragment p (quantised), its tokens and base round
-    global/<p>/<round:08d>           the global parameters of fragment p after that round (float32), members, weights
+    update/<p>/<round:08d>           the round's outer update of fragment p (quantised), members, weights, the
+                                     sha256 of the parameters it makes; the round's commit point
+    global/<p>/<round:08d>           the global parameters of fragment p after that round (float32), for islands
+                                     that join, restart or fall behind
     outer/<p>/<round:08d>/<leader>   the outer optimizer's momentum after that round (read by the next leader)
 
 The clock. Fragment p is synced at the steps `fragments_due` names (every H steps at its staggered
@@ -23,13 +26,20 @@ trains on and takes it tau steps later, mixed in. The leader of the round is the
 (fresh heartbeat) among those that reported it; it waits until every live island that will report the
 round has (an island silent for deadline_s is dropped; a hung one is dropped after 10 x deadline_s),
 checks every delta (hash, signature, producer, config, base round), takes the token-weighted mean of
-the valid ones in float32, applies the outer Nesterov step with the previous round's momentum, and
-writes `outer/...` and then `global/p/r` once (a conditional write: of two would-be leaders, one wins
-and both use its result). The global object is written only after the whole mean is computed, so no
-global is ever made from a partial mean. Nothing waits forever: past its limit a wait ends with one
-`IslandsError` line.
+the valid ones in float32 and computes the outer Nesterov update u with the previous round's
+momentum. u is quantised like the deltas (islands.bits, islands.quant_block), and the round's global
+parameters are defined as `global_{r-1} + dequantize(quantize(u))`, in float32 numpy from the update
+object's bytes, so the leader and every island make the same bits (with bits = 32 it is the plain
+outer step). The leader writes `update/p/r` once (a conditional write: of two would-be leaders, the
+one whose update lands wins, and only it writes `outer/...` and then the full `global/p/r`); its
+parents are round r - 1's id and the deltas used, and a round's id (what deltas name as their base)
+is its update object's hash (round 0's: its global's). It is written only after the whole mean is
+computed, so no round is ever made from a partial mean. An island holding round r - 1 reads only the
+small update and applies it to its own copy, checking the result's sha256 against the update's; an
+island that joins, restarts or falls behind (or whose check fails) reads the newest full global,
+then any newer updates. Nothing waits forever: past its limit a wait ends with one `IslandsError` line.
 
-Every byte through the store (deltas, globals, heartbeats, claims) is counted and logged beside the
+Every byte through the store (deltas, updates, globals, momentum, heartbeats, claims) is counted and logged beside the
 bytes a data-parallel all-reduce would have moved for the same model and steps.
 """
 
@@ -123,6 +133,10 @@ def delta_key(p: int, r: int, island: int) -> str:
 
 def global_key(p: int, r: int) -> str:
   return f"global/{p}/{r:08d}"
+
+
+def update_key(p: int, r: int) -> str:
+  return f"update/{p}/{r:08d}"
 
 
 def outer_key(p: int, r: int, leader: int) -> str:
@@ -283,6 +297,23 @@ def _digest(arrays: list[np.ndarray]) -> str:
   return h.hexdigest()
 
 
+def _apply(layout: Layout, p: int, base: list[np.ndarray], coded: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+  """Fragment p's canonical global parameters of a round: `base + dequantize(update)` leafwise, in
+  float32 numpy from the update object's bytes, so the leader and every island make the same bits."""
+  out = []
+  for i, b in zip(layout.fragments[p], base):
+    name, shape = layout.names[i], layout.shapes[i]
+    codes = coded.get(f"{name}:codes")
+    if codes is None:
+      raise BadObject(f"{what}: no {name}")
+    try:
+      u = diloco.dequantize_numpy(codes, coded.get(f"{name}:scales", np.zeros(0, np.float32)), shape)
+    except ValueError as e:
+      raise BadObject(f"{what}: {e}") from None
+    out.append(np.asarray(b, np.float32) + u)
+  return out
+
+
 # ----------------------------------------------------------------------------------------
 # One island
 
@@ -435,22 +466,63 @@ class StoreSync:
       f"{self.store.url}: {key} is listed but does not read after {self.store.retries + 1} attempts"
     )
 
-  def _read_global(self, p: int, r: int) -> Held | None:
+  def _read_led(self, key: str, kind: str):
+    """The verified object a leader wrote under `key` (None if absent)."""
     try:
-      obj = self._fetch(global_key(p, r), "global", self._trusted())
+      return self._fetch(key, kind, self._trusted())
     except RejectedObject as e:  # perhaps led by an island that claimed its id after the last listing
       if e.reason != "producer":
         raise
       self.claims_listed = -1e9
-      obj = self._fetch(global_key(p, r), "global", self._trusted())
+      return self._fetch(key, kind, self._trusted())
+
+  def _read_global(self, p: int, r: int) -> Held | None:
+    """Round r's full global parameters. A round's id (the parent of the deltas based on it) is its
+    update object's hash, the global's only parent (round 0, which has no update: the global's own)."""
+    key = global_key(p, r)
+    obj = self._read_led(key, "global")
     if obj is None:
       return None
-    arrays = self.layout.unnamed(p, obj.arrays, f"{self.store.url}{global_key(p, r)}")
+    if r > 0 and len(obj.parents) != 1:
+      raise BadObject(f"{self.store.url}{key}: {len(obj.parents)} parents; expected its round's update")
+    arrays = self.layout.unnamed(p, obj.arrays, f"{self.store.url}{key}")
+    return Held(r, arrays, obj.parents[0] if r > 0 else obj.content_hash, dict(obj.meta))
+
+  def _read_update(self, p: int, r: int, base: Held) -> Held | str | None:
+    """Round r's global parameters made from `base` (round r - 1) and round r's update object: None
+    if there is no update yet, a reason (str) if it does not apply to `base` (read the full global)."""
+    key = update_key(p, r)
+    try:
+      obj = self._read_led(key, "update")
+    except BadObject as e:
+      return str(e)
+    if obj is None:
+      return None
+    if base.round != r - 1 or not obj.parents or obj.parents[0] != base.content_hash:
+      return f"{self.store.url}{key}: not based on this island's round {base.round}"
+    try:
+      arrays = _apply(self.layout, p, base.arrays, obj.arrays, f"{self.store.url}{key}")
+    except BadObject as e:
+      return str(e)
+    if obj.meta.get("params_sha256") != _digest(arrays):
+      return f"{self.store.url}{key}: applied to this island's round {base.round}, params_sha256 differs"
     return Held(r, arrays, obj.content_hash, dict(obj.meta))
 
-  def _newest_global(self, p: int) -> Held | None:
-    """The newest readable global of fragment p (a corrupt one is reported and skipped)."""
-    rounds = sorted((r for r in map(_last_int, self.store.list(f"global/{p}/")) if r is not None), reverse=True)
+  def _roll(self, p: int, held: Held) -> Held:
+    """`held` brought forward by every newer update that applies to it, one round after another."""
+    while True:
+      newer = self._read_update(p, held.round + 1, held)
+      if not isinstance(newer, Held):
+        if newer is not None:
+          self.say(f"island {self.id}: {newer}; reading full global parameters instead")
+        return held
+      held = newer
+
+  def _newest_global(self, p: int, after: int = -1) -> Held | None:
+    """The newest readable global of fragment p newer than round `after` (a corrupt one is reported
+    and skipped), brought forward by the updates written since."""
+    listed = map(_last_int, self.store.list(f"global/{p}/"))
+    rounds = sorted((r for r in listed if r is not None and r > after), reverse=True)
     for r in rounds:
       try:
         held = self._read_global(p, r)
@@ -458,7 +530,7 @@ class StoreSync:
         self.say(f"island {self.id}: {e}; trying the round before")
         continue
       if held is not None:
-        return held
+        return self._roll(p, held)
     return None
 
   # -- heartbeats ----------------------------------------------------------------------------
@@ -566,8 +638,9 @@ class StoreSync:
     if r <= held.round:
       return params
     if held.round < r - 1 or self._peek_global(p, r):  # behind, or the round closed without this island
-      newest = self._newest_global(p)
-      if newest is not None and newest.round > held.round:
+      newest = self._roll(p, held) if held.round == r - 1 else held  # by its update, else a full global
+      newest = self._newest_global(p, after=newest.round) or newest
+      if newest.round > held.round:
         self.say(f"island {self.id}: fragment {p} round {r}: late; taking the run's round {newest.round}")
         self._adopt(p, newest)
         params = self.layout.put(params, p, newest.arrays)
@@ -613,7 +686,8 @@ class StoreSync:
     return params
 
   def _peek_global(self, p: int, r: int) -> bool:
-    return bool(self.store.list(global_key(p, r)))
+    """Round r of fragment p is done (its update object, the round's commit point, is there)."""
+    return bool(self.store.list(update_key(p, r)))
 
   def _adopt(self, p: int, held: Held) -> None:
     """Takes `held` as fragment p's newest global parameters and records the round in membership.jsonl."""
@@ -641,16 +715,23 @@ class StoreSync:
   # -- waiting and leading -------------------------------------------------------------------
 
   def _await_global(self, p: int, r: int) -> Held:
-    """Global parameters of fragment p after round r: read when they appear, led by this island when
-    it is the round's leader; an `IslandsError` when no island makes them in time."""
+    """Global parameters of fragment p after round r: made from round r - 1's and round r's update
+    when it appears (the full global if the update does not apply), led by this island when it is
+    the round's leader; an `IslandsError` when no island makes them in time."""
     limit = HUNG_FACTOR * self.ic.deadline_s
-    started, pause = _now(), 0.005
+    started, pause, warned = _now(), 0.005, False
     with self.lock:
       self.waiting = [p, r]
     try:
       while True:
         try:
-          held = self._read_global(p, r)
+          held = self._read_update(p, r, self.held[p])
+          committed = isinstance(held, str)
+          if committed:  # the update does not apply here: the full global (written after it)
+            if not warned:
+              self.say(f"island {self.id}: {held}; reading full global parameters instead")
+              warned = True
+            held = self._newest_global(p, after=r - 1)
         except BadObject as e:
           raise IslandsError(f"island {self.id}: {e}; the run cannot go on past it (start a new store)") from None
         if held is not None:
@@ -660,7 +741,7 @@ class StoreSync:
         live = self._live()
         leaders = sorted(k for k in reporters if k in live)
         waited = _now() - started
-        if leaders and leaders[0] == self.id:
+        if leaders and leaders[0] == self.id and not committed:
           missing = self._missing(p, r, live, reporters)
           if not missing and waited <= limit:  # about to lead: first make sure no island has just come
             missing = self._missing(p, r, self._live(refresh=True), reporters)
@@ -699,8 +780,8 @@ class StoreSync:
       return cached[1]
     treedef = jax.tree_util.tree_structure(self.tx.init(template))
     key = self.held[p].meta.get("outer")
-    try:
-      obj = self._fetch(key, "outer", self._trusted(), listed=True) if key else None
+    try:  # absent if the round's leader stopped between its update and its momentum
+      obj = self._fetch(key, "outer", self._trusted(), listed=True) if key and self.store.list(key) else None
     except BadObject as e:
       self.say(f"island {self.id}: {e}")
       obj = None
@@ -756,8 +837,9 @@ class StoreSync:
     return out
 
   def _lead(self, p: int, r: int, reporters: set[int], missing: set[int]) -> Held | None:
-    """Computes round r of fragment p from every valid delta and writes outer/ then global/ (once);
-    the new global parameters, or None if another island wrote the round first."""
+    """Computes round r of fragment p from every valid delta, writes its update (once: the commit
+    point), then outer/ and global/; the new global parameters, or None if another island wrote the
+    round first."""
     deltas, rejected = {}, {}
     for k in sorted(reporters):
       try:
@@ -774,14 +856,18 @@ class StoreSync:
         sum(np.float32(w / total) * deltas[k][0][j] for k, w in zip(members, weights)).astype(np.float32)
         for j in range(len(held.arrays))
       ]
-      new_global, state = diloco.outer_step(self.tx, held.arrays, self._outer_state(p, r - 1), mean)
-      new_global = [np.asarray(a, np.float32) for a in new_global]
+      update, state = self.tx.update(mean, self._outer_state(p, r - 1), held.arrays)
+      update = [np.asarray(u, np.float32) for u in update]
     else:  # nothing valid arrived (or no tokens): the parameters and the momentum stay
-      new_global, state = held.arrays, self._outer_state(p, r - 1)
+      update, state = [np.zeros_like(a) for a in held.arrays], self._outer_state(p, r - 1)
+    coded = {}  # the update quantised like the deltas: what every island applies to its round r - 1
+    for i, u in zip(self.layout.fragments[p], update):
+      codes, scales = diloco.quantize(u, self.ic.bits, self.ic.quant_block)
+      coded[f"{self.layout.names[i]}:codes"] = np.asarray(codes)
+      if self.ic.bits != 32:
+        coded[f"{self.layout.names[i]}:scales"] = np.asarray(scales, np.float32)
+    new_global = _apply(self.layout, p, held.arrays, coded, "this island's update")
     okey = outer_key(p, r, self.id)
-    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(state)]
-    data, _ = self._encode("outer", okey, {str(i): a for i, a in enumerate(leaves)}, {"fragment": p, "round": r})
-    self.store.put(okey, data)
     meta = {
       "round": r,
       "fragment": p,
@@ -793,10 +879,15 @@ class StoreSync:
       "params_sha256": _digest(new_global),
     }
     parents = [held.content_hash] + [deltas[k][2] for k in members]
-    data, digest = self._encode("global", global_key(p, r), self.layout.named(p, new_global), meta, parents=parents)
-    if not self.store.put_new(global_key(p, r), data):
+    data, digest = self._encode("update", update_key(p, r), coded, {**meta, "bits": self.ic.bits}, parents=parents)
+    if not self.store.put_new(update_key(p, r), data):
       return None
     self.outer_cache[p] = (r, state)
+    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(state)]
+    data, _ = self._encode("outer", okey, {str(i): a for i, a in enumerate(leaves)}, {"fragment": p, "round": r})
+    self.store.put(okey, data)
+    data, _ = self._encode("global", global_key(p, r), self.layout.named(p, new_global), meta, parents=[digest])
+    self.store.put_new(global_key(p, r), data)  # for islands that join, restart or fall behind
     return Held(r, new_global, digest, meta)
 
   # -- the end -------------------------------------------------------------------------------
