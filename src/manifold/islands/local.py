@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from manifold.cli import GPU_MEMORY_FRACTION
 from manifold.config import ConfigError
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # .../src
@@ -125,6 +126,8 @@ def run_islands(
   store = store or "file://" + os.path.join(workdir, "store")
   kills, joins = dict(kills or {}), dict(joins or {})
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+  # islands on one machine share its GPUs (if any): each may take its share of their memory
+  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{float(GPU_MEMORY_FRACTION) / count:.3f}"
   if "JAX_COMPILATION_CACHE_DIR" not in env:  # one machine: the islands compile their (identical) programs once
     env.update(
       JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "xla_cache"),
