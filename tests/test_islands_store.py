@@ -112,6 +112,7 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
     f"--config.islands.quant_block={block}",
     "--config.islands.error_feedback=true",
     "--config.islands.overlap_steps=1",
+    "--config.islands.snapshot_every=4",  # full float32 globals and momentum after rounds 0 and 4 only
   ]
   warm_cache(overrides)
   outage, stop, outages = Outage(tmp_path), threading.Event(), []
@@ -144,17 +145,19 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
   assert all(r["members"] == [0, 1] and not r["dropped"] for r in rows), rows
   num_params = 0
   for p in (0, 1):
-    prev, momentum = fetch(store, global_key(p, 0)), {}
-    prev_id = prev.content_hash  # a round's id: round 0's global, then each round's update
-    num_params += sum(a.size for a in prev.arrays.values())
+    assert sorted(store.list(f"global/{p}/")) == [global_key(p, 0), global_key(p, 4)]
+    assert [k.rsplit("/", 1)[0] for k in store.list(f"outer/{p}/")] == [f"outer/{p}/{4:08d}"]
+    start = fetch(store, global_key(p, 0))
+    params, momentum = dict(start.arrays), {}  # each round's parameters, rebuilt from the update objects
+    prev_id = start.content_hash  # a round's id: round 0's global, then each round's update
+    num_params += sum(a.size for a in params.values())
     for r in range(1, 7):
-      update, new = fetch(store, update_key(p, r)), fetch(store, global_key(p, r))
+      update = fetch(store, update_key(p, r))
       deltas = [fetch(store, delta_key(p, r, k)) for k in update.meta["members"]]
       assert update.parents == [prev_id] + [d.content_hash for d in deltas]  # what the mean was made of
-      assert new.parents == [update.content_hash] and new.meta["members"] == update.meta["members"]
       tokens = np.array([d.meta["tokens"] for d in deltas], np.float64)
-      assert list(tokens) == update.meta["tokens"] == new.meta["tokens"]
-      for name, before in prev.arrays.items():
+      assert list(tokens) == update.meta["tokens"]
+      for name, before in params.items():
         grads = [dequantize(d.arrays[f"{name}:codes"], d.arrays[f"{name}:scales"], before.shape, block) for d in deltas]
         mean = sum(w / tokens.sum() * g.astype(np.float64) for w, g in zip(tokens, grads))
         momentum[name] = mu * momentum.get(name, 0.0) + mean
@@ -164,8 +167,15 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
         half_scale = np.repeat(scales, block)[: before.size].reshape(before.shape) / 2
         assert np.all(np.abs(applied - step) <= half_scale * (1 + 1e-3) + 1e-6), f"{name} round {r}"
         np.testing.assert_allclose(scales, np.abs(np.pad(step.ravel(), (0, -before.size % block))).reshape(-1, block).max(1) / 127, rtol=1e-4, atol=1e-9)  # fmt: skip
-        np.testing.assert_array_equal(new.arrays[name], before + applied, err_msg=f"{name} round {r}")  # every island's
-      prev, prev_id = new, update.content_hash
+        params[name] = before + applied  # what every island makes of round r - 1 and the update
+      if r == 4:  # the snapshot: bit for bit the parameters rebuilt from round 0 and updates 1..4
+        new = fetch(store, global_key(p, r))
+        assert new.parents == [update.content_hash] and new.meta["members"] == update.meta["members"]
+        for name, rebuilt in params.items():
+          np.testing.assert_array_equal(new.arrays[name], rebuilt, err_msg=f"{name} round {r}")
+        outer = fetch(store, store.list(f"outer/{p}/")[0])
+        assert outer.meta == {"fragment": p, "round": 4}
+      prev_id = update.content_hash
 
   first_loss = [
     next(r["loss"] for r in read_metrics(tmp_path / "run" / f"island-{k}" / "metrics.jsonl") if "loss" in r)
@@ -217,6 +227,7 @@ def test_islands_survive_a_kill_a_corrupt_delta_and_a_restart(corpus_dir, tmp_pa
     "--config.islands.fragments=1",
     "--config.islands.inner_steps=2",
     "--config.islands.bits=4",
+    "--config.islands.snapshot_every=3",  # a restarted island rebuilds the newest round from an older snapshot
     "--config.train.steps=100000",  # ended by SIGTERM once the restarted island is back
     "--config.train.checkpoint_every=10",
     "--config.train.eval_every=100000",
@@ -273,6 +284,18 @@ def test_islands_survive_a_kill_a_corrupt_delta_and_a_restart(corpus_dir, tmp_pa
     assert all(r["members"] == [0, 1] for r in membership(dirs[0]) if without <= r["round"] < rejoined()[0]["round"])
     assert "resuming from step" in _log(dirs[2])
     assert _log(dirs[2]).count("island 2 of 3 joined") == 2
+    # It rejoined from the newest snapshot (a multiple of 3) and the updates written since, each checked
+    # against its parent and sha256: the round it then reported was accepted (based on the run's round).
+    joined = re.findall(
+      r"next fragment 0 round (\d+) .*from fragment 0's round (\d+) snapshot \+ (\d+) updates", _log(dirs[2])
+    )
+    assert len(joined) == 2, _log(dirs[2])[-3000:]
+    next_round, snapshot, updates = map(int, joined[1])
+    assert snapshot % 3 == 0 and snapshot + updates == next_round - 1 and updates < 3, joined
+    assert snapshot > planted - 3 and next_round <= rejoined()[0]["round"]
+    rounds = [int(k.rsplit("/", 1)[1]) for k in Store.open(url).list("global/0/")]
+    assert rounds == list(range(0, max(rounds) + 1, 3)), rounds  # the leader's full float32 writes: every 3rd round
+    assert "reading full global parameters instead" not in _log(dirs[2])
     for k in (0, 1):  # the others stop cleanly (SIGTERM: a checkpoint, exit 0) ...
       procs[k].send_signal(signal.SIGTERM)
     for k in (0, 1):

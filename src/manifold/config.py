@@ -240,6 +240,12 @@ class IslandsConfig(Section):
   deadline_s: float = field(
     60.0, "store: an island silent this long is dropped from the round", POSITIVE_FLOAT, resume=FREE
   )
+  snapshot_every: int = field(
+    10,
+    "store: rounds between the leader's full float32 snapshots of a fragment's global parameters and outer "
+    "momentum (for joiners and a new leader); 1: every round",
+    POSITIVE,
+  )
 
   def check(self) -> None:
     require(

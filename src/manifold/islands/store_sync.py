@@ -11,9 +11,11 @@ fingerprint; a reader rejects one that fails any check):
     deltas/<p>/<round:08d>/<id>      island id's outer gradient of fragment p (quantised), its tokens and base round
     update/<p>/<round:08d>           the round's outer update of fragment p (quantised), members, weights, the
                                      sha256 of the parameters it makes; the round's commit point
-    global/<p>/<round:08d>           the global parameters of fragment p after that round (float32), for islands
-                                     that join, restart or fall behind
-    outer/<p>/<round:08d>/<leader>   the outer optimizer's momentum after that round (read by the next leader)
+    global/<p>/<round:08d>           the global parameters of fragment p after that round (float32), round 0 and
+                                     every islands.snapshot_every-th round: for islands that join, restart or
+                                     fall behind
+    outer/<p>/<round:08d>/<leader>   the outer optimizer's momentum after that round (float32), on the same
+                                     rounds: for an island that takes over as leader
 
 The clock. Fragment p is synced at the steps `fragments_due` names (every H steps at its staggered
 offset), and its r-th sync is round r. An island counts those steps on a virtual clock: its own step
@@ -36,8 +38,17 @@ parents are round r - 1's id and the deltas used, and a round's id (what deltas 
 is its update object's hash (round 0's: its global's). It is written only after the whole mean is
 computed, so no round is ever made from a partial mean. An island holding round r - 1 reads only the
 small update and applies it to its own copy, checking the result's sha256 against the update's; an
-island that joins, restarts or falls behind (or whose check fails) reads the newest full global,
-then any newer updates. Nothing waits forever: past its limit a wait ends with one `IslandsError` line.
+island that joins, restarts or falls behind reads the newest full global, then every newer update in
+order (each checked: its parent is the round before's id, its result's sha256 the one it carries).
+
+Snapshots. The full float32 global and the momentum are written (after the update) only on rounds
+r % islands.snapshot_every == 0; in between the leader keeps its momentum in memory, and every
+island gets each round from its update alone. An island whose update does not apply (a failed
+check) keeps its own round until a newer snapshot is there. A leader that did not lead the round
+before (the previous leader died or fell behind) takes the newest momentum it has (its own from an
+earlier round, or the newest outer/ snapshot), and says how many rounds stale it is (from zero if
+there is none): on a change of leader only, the outer momentum is an approximation.
+Nothing waits forever: past its limit a wait ends with one `IslandsError` line.
 
 Every byte through the store (deltas, updates, globals, momentum, heartbeats, claims) is counted and logged beside the
 bytes a data-parallel all-reduce would have moved for the same model and steps.
@@ -326,6 +337,7 @@ class Held:
   arrays: list[np.ndarray]
   content_hash: str
   meta: dict
+  snapshot: int = 0  # the round of the full global these parameters were rebuilt from (by updates since)
 
 
 class StoreSync:
@@ -407,7 +419,12 @@ class StoreSync:
     v_start = min(max(done for done, _ in events), min(nxt for _, nxt in events) - 1)
     self.shift = v_start - start
     rounds = ", ".join(f"fragment {p} round {r}" for p, r in enumerate(self.next_round))
-    self.say(f"island {self.id} of {self.count} joined {self.store.url}: next {rounds} (virtual step {v_start})")
+    built = ", ".join(
+      f"fragment {p}'s round {h.snapshot} snapshot + {h.round - h.snapshot} updates" for p, h in enumerate(self.held)
+    )
+    self.say(
+      f"island {self.id} of {self.count} joined {self.store.url}: next {rounds} (virtual step {v_start}; from {built})"
+    )
     self.counted = (self.store.bytes_written, self.store.bytes_read)
     self.bytes_at_join = self.counted
     self._heartbeat()
@@ -486,7 +503,7 @@ class StoreSync:
     if r > 0 and len(obj.parents) != 1:
       raise BadObject(f"{self.store.url}{key}: {len(obj.parents)} parents; expected its round's update")
     arrays = self.layout.unnamed(p, obj.arrays, f"{self.store.url}{key}")
-    return Held(r, arrays, obj.parents[0] if r > 0 else obj.content_hash, dict(obj.meta))
+    return Held(r, arrays, obj.parents[0] if r > 0 else obj.content_hash, dict(obj.meta), snapshot=r)
 
   def _read_update(self, p: int, r: int, base: Held) -> Held | str | None:
     """Round r's global parameters made from `base` (round r - 1) and round r's update object: None
@@ -506,7 +523,7 @@ class StoreSync:
       return str(e)
     if obj.meta.get("params_sha256") != _digest(arrays):
       return f"{self.store.url}{key}: applied to this island's round {base.round}, params_sha256 differs"
-    return Held(r, arrays, obj.content_hash, dict(obj.meta))
+    return Held(r, arrays, obj.content_hash, dict(obj.meta), snapshot=base.snapshot)
 
   def _roll(self, p: int, held: Held) -> Held:
     """`held` brought forward by every newer update that applies to it, one round after another."""
@@ -638,7 +655,7 @@ class StoreSync:
     if r <= held.round:
       return params
     if held.round < r - 1 or self._peek_global(p, r):  # behind, or the round closed without this island
-      newest = self._roll(p, held) if held.round == r - 1 else held  # by its update, else a full global
+      newest = self._roll(p, held)  # by the updates since its round, else (one does not apply) a newer snapshot
       newest = self._newest_global(p, after=newest.round) or newest
       if newest.round > held.round:
         self.say(f"island {self.id}: fragment {p} round {r}: late; taking the run's round {newest.round}")
@@ -732,6 +749,12 @@ class StoreSync:
               self.say(f"island {self.id}: {held}; reading full global parameters instead")
               warned = True
             held = self._newest_global(p, after=r - 1)
+            if held is None:  # none newer than this round yet: train on from this island's round until one is
+              self.say(
+                f"island {self.id}: fragment {p} round {r}: no snapshot past round {r - 1} yet; "
+                f"going on from round {self.held[p].round}"
+              )
+              return self.held[p]
         except BadObject as e:
           raise IslandsError(f"island {self.id}: {e}; the run cannot go on past it (start a new store)") from None
         if held is not None:
@@ -771,24 +794,47 @@ class StoreSync:
     return expected - reporters
 
   def _outer_state(self, p: int, r: int):
-    """The outer optimizer state after round r of fragment p."""
+    """The outer optimizer state after round r of fragment p: this island's own if it led round r,
+    else (the leader changed) the newest it can have, its own of an earlier round or the newest
+    `outer/` snapshot, said in one line with how many rounds stale it is; from zero if there is none."""
     template = self.held[p].arrays
     if r == 0:
       return self.tx.init(template)
     cached = self.outer_cache.get(p)
     if cached is not None and cached[0] == r:
       return cached[1]
+    found = cached if cached is not None and cached[0] < r else None
     treedef = jax.tree_util.tree_structure(self.tx.init(template))
-    key = self.held[p].meta.get("outer")
-    try:  # absent if the round's leader stopped between its update and its momentum
-      obj = self._fetch(key, "outer", self._trusted(), listed=True) if key and self.store.list(key) else None
-    except BadObject as e:
-      self.say(f"island {self.id}: {e}")
-      obj = None
-    if obj is None:
-      self.say(f"island {self.id}: fragment {p}: no usable outer momentum after round {r}; restarting it from zero")
+    snapshots = []
+    for key in self.store.list(f"outer/{p}/"):
+      parts = key.rsplit("/", 2)
+      if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) <= r:
+        snapshots.append((int(parts[1]), key))
+    for s, key in sorted(snapshots, reverse=True):
+      if found is not None and found[0] >= s:
+        break
+      try:
+        obj = self._fetch(key, "outer", self._trusted(), listed=True)
+        if obj.meta.get("fragment") != p or obj.meta.get("round") != s:
+          raise BadObject(
+            f"{self.store.url}{key}: says fragment {obj.meta.get('fragment')} round {obj.meta.get('round')}"
+          )
+        if any(str(i) not in obj.arrays for i in range(treedef.num_leaves)):
+          raise BadObject(f"{self.store.url}{key}: not {treedef.num_leaves} momentum arrays")
+        leaves = [obj.arrays[str(i)] for i in range(treedef.num_leaves)]
+      except BadObject as e:
+        self.say(f"island {self.id}: {e}; trying an older outer momentum")
+        continue
+      found = (s, jax.tree_util.tree_unflatten(treedef, leaves))
+      break
+    if found is None:
+      self.say(f"island {self.id}: fragment {p}: no outer momentum up to round {r}; restarting it from zero")
       return self.tx.init(template)
-    return jax.tree_util.tree_unflatten(treedef, [obj.arrays[str(i)] for i in range(treedef.num_leaves)])
+    self.say(
+      f"island {self.id}: fragment {p}: leading after round {r} with the outer momentum of round {found[0]} "
+      f"({r - found[0]} rounds stale: the leader changed)"
+    )
+    return found[1]
 
   def _delta_of(self, p: int, r: int, k: int) -> tuple[list[np.ndarray], int, str]:
     """(dequantised outer gradient, tokens, content hash) of island k's delta; BadObject if unusable."""
@@ -838,8 +884,8 @@ class StoreSync:
 
   def _lead(self, p: int, r: int, reporters: set[int], missing: set[int]) -> Held | None:
     """Computes round r of fragment p from every valid delta, writes its update (once: the commit
-    point), then outer/ and global/; the new global parameters, or None if another island wrote the
-    round first."""
+    point), then on snapshot rounds outer/ and global/; the new global parameters, or None if another
+    island wrote the round first."""
     deltas, rejected = {}, {}
     for k in sorted(reporters):
       try:
@@ -867,7 +913,6 @@ class StoreSync:
       if self.ic.bits != 32:
         coded[f"{self.layout.names[i]}:scales"] = np.asarray(scales, np.float32)
     new_global = _apply(self.layout, p, held.arrays, coded, "this island's update")
-    okey = outer_key(p, r, self.id)
     meta = {
       "round": r,
       "fragment": p,
@@ -875,20 +920,21 @@ class StoreSync:
       "tokens": weights,
       "dropped": self._dropped(p, members, rejected, missing),
       "leader": self.id,
-      "outer": okey,
       "params_sha256": _digest(new_global),
     }
     parents = [held.content_hash] + [deltas[k][2] for k in members]
     data, digest = self._encode("update", update_key(p, r), coded, {**meta, "bits": self.ic.bits}, parents=parents)
     if not self.store.put_new(update_key(p, r), data):
       return None
-    self.outer_cache[p] = (r, state)
-    leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(state)]
-    data, _ = self._encode("outer", okey, {str(i): a for i, a in enumerate(leaves)}, {"fragment": p, "round": r})
-    self.store.put(okey, data)
-    data, _ = self._encode("global", global_key(p, r), self.layout.named(p, new_global), meta, parents=[digest])
-    self.store.put_new(global_key(p, r), data)  # for islands that join, restart or fall behind
-    return Held(r, new_global, digest, meta)
+    self.outer_cache[p] = (r, state)  # kept here between snapshots
+    if r % self.ic.snapshot_every == 0:  # full float32 snapshots: momentum for a new leader, then the global
+      okey = outer_key(p, r, self.id)
+      leaves = [np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(state)]
+      data, _ = self._encode("outer", okey, {str(i): a for i, a in enumerate(leaves)}, {"fragment": p, "round": r})
+      self.store.put(okey, data)
+      data, _ = self._encode("global", global_key(p, r), self.layout.named(p, new_global), meta, parents=[digest])
+      self.store.put_new(global_key(p, r), data)  # for islands that join, restart or fall behind
+    return Held(r, new_global, digest, meta, snapshot=held.snapshot)
 
   # -- the end -------------------------------------------------------------------------------
 
