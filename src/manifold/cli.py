@@ -109,23 +109,24 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _sample_text(run_model, tokenizer, s, *, max_new_tokens: int) -> str:
-  """A continuation of `s.prompt` drawn with the sampling settings of `s` (a `sample` section)."""
+  """A continuation of `s.prompt` drawn with the sampling settings of `s` (a `sample` section),
+  up to the first end-of-text."""
   import jax
-  import jax.numpy as jnp
 
-  from manifold.inference.generate import generate
+  from manifold.inference.engine import sample
 
   prompt_ids = tokenizer.encode(s.prompt)
-  tokens = generate(
+  out = sample(
     run_model,
-    jnp.asarray(prompt_ids, jnp.int32)[None],
+    [prompt_ids],
     max_new_tokens=max_new_tokens,
     key=jax.random.key(s.seed),
     temperature=s.temperature,
     top_k=s.top_k,
     top_p=s.top_p,
+    eos_id=tokenizer.eos_id,
   )
-  return _continuation(tokenizer, s.prompt, tokens[0, len(prompt_ids) :])
+  return _continuation(tokenizer, s.prompt, out.tokens[0, : int(out.lengths[0])])
 
 
 def _continuation(tokenizer, prompt: str, new_tokens) -> str:
