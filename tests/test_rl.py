@@ -123,7 +123,7 @@ def test_a_synchronous_update_without_importance_weights_is_the_on_policy_grpo_s
     rows = [p for p in prompts for _ in range(shape.group)]
     lengths = rng.integers(1, shape.max_new_tokens + 1, shape.rows).astype(np.int32)
     new = rng.integers(0, 256, (shape.rows, shape.max_new_tokens)).astype(np.int32)
-    tokens, mask, _ = pack(rows, Sampled(new, lengths, None), shape.seq_len)
+    tokens, mask, _ = pack(rows, Sampled(new, lengths, np.zeros(new.shape, np.float32)), shape.seq_len)
     behaviour = np.asarray(logprobs(learner.state.params, learner.state.extra, tokens))
     return {
       "tokens": tokens,
@@ -301,6 +301,8 @@ def test_faults_a_killed_worker_bad_objects_a_killed_learner_and_a_store_outage(
   assert last["rejected/corrupt"] == 1 and last["rejected/schema"] == 1 and last["rejected/fingerprint"] == 1
   assert last["staleness/0"] == last["batches"] == 12  # synchronous: every batch from the current policy
   assert all(row["staleness_max"] == 0 for row in rows[1:])
+  # on-policy: the engine's log-probs (the behaviour) and the learner's agree, so the weight is ~1
+  assert all(abs(row["is_weight"] - 1) < 1e-3 and row["is_capped_frac"] == 0 for row in rows[1:])
   assert last["tokens/worker-0"] > 0 and last["tokens/worker-1"] > 0
   assert last["store_retries"] > 0  # the restarted learner met the outage, and rode it out
   text = log("learner")

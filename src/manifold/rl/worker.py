@@ -32,7 +32,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -58,7 +57,7 @@ from manifold.rl.protocol import (
   worker_heartbeat_key,
   write_heartbeat,
 )
-from manifold.rl.rollout import make_batch, seed_of, token_logprobs
+from manifold.rl.rollout import make_batch, seed_of
 from manifold.rl.tasks import get_task
 from manifold.store import BadObject, KeyExists, Store, StoreUnavailable, fetch, publish
 from manifold.train.state import build_model
@@ -112,8 +111,6 @@ class Worker:
     self.params = None
     self.batches = self.tokens = 0
     self.seq = 0
-    graphdef = self.graphdef
-    self._logprobs = jax.jit(lambda params, extra, tokens: token_logprobs(nnx.merge(graphdef, params, extra), tokens))
     self._lock = threading.Lock()
     self._stop_beats = threading.Event()
 
@@ -188,7 +185,6 @@ class Worker:
     began = time.monotonic()
     arrays = make_batch(
       model,
-      lambda tokens: jax.device_get(self._logprobs(*self.params, jnp.asarray(tokens))),
       self.task,
       self.tokenizer,
       examples,
