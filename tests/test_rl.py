@@ -3,6 +3,8 @@ on-policy GRPO, real processes end to end and under faults, and one-line refusal
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -169,6 +171,25 @@ def test_a_synchronous_update_without_importance_weights_is_the_on_policy_grpo_s
   assert np.sum([np.abs(a - b).max() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params))]) > 1e-4
   assert metrics["ratio"] == pytest.approx(1.0) and metrics["clip_frac"] == 0 and metrics["is_weight"] == 1
   assert metrics["kl"] > 0
+
+  # Several updates per batch: `old` stays the policy before the first, so the ratio moves off 1.
+  learner.rl = dataclasses.replace(learner.rl, updates_per_batch=3)
+  metrics = learner.train_on([rollout(3)])
+  assert metrics["ratio"] != pytest.approx(1.0, abs=1e-7) and int(jax.device_get(learner.state.step)) == 5
+
+
+def test_experiment_variants_load_and_rl_corpus_writes_warm_up_files(tmp_path, capsys):
+  for variant in ("default", "sync", "sft", "tiny"):
+    c = validate(load_config(f"experiments/grpo.py:{variant}"))
+    assert c.rl.group_size >= 2 and c.model.vocab_size >= 257
+  assert validate(load_config("experiments/grpo.py:sync")).rl.max_staleness == 0
+  out = tmp_path / "sft"
+  assert cli.main(["rl", "corpus", "--config", "experiments/grpo.py:sft", "--out", str(out), "--count", "40"]) == 0
+  files = sorted(os.listdir(out))
+  assert files == [f"sft-{i:02d}.jsonl" for i in range(10)]
+  lines = [json.loads(line)["text"] for f in files for line in (out / f).read_text().splitlines()]
+  assert len(lines) == 40 and all(t.endswith("\n") and "=" in t for t in lines)
+  assert "manifold train --config experiments/grpo.py:sft" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------- (2) end to end
