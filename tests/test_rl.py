@@ -178,6 +178,24 @@ def test_a_synchronous_update_without_importance_weights_is_the_on_policy_grpo_s
   assert metrics["ratio"] != pytest.approx(1.0, abs=1e-7) and int(jax.device_get(learner.state.step)) == 5
 
 
+@pytest.mark.parametrize(
+  "name, settings",
+  [("arithmetic", {"digits": 1}), ("arithmetic", {"digits": 3, "ops": 2}), ("sort", {"max_value": 99})],
+)
+def test_max_prompt_bytes_bounds_the_prompts_tightly(name, settings):
+  task = get_task(name, **settings)
+  assert max(len(e.prompt.encode()) for e in task.prompts("train", 0, 2000)) == task.max_prompt_bytes()
+
+
+def test_a_learner_refuses_rows_longer_than_the_window(tmp_path, capsys):
+  code = cli.main(["rl", "learner", "--config", TINY, "--workdir", str(tmp_path / "w"), "--store",
+                   str(tmp_path / "s"), "--config.rl.max_new_tokens=10"])  # fmt: skip
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith("manifold: error: train.seq_len=12: arithmetic prompts take up to 4 tokens, so with "), err
+  assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
+
+
 def test_experiment_variants_load_and_rl_corpus_writes_warm_up_files(tmp_path, capsys):
   for variant in ("default", "sync", "sft", "tiny"):
     c = validate(load_config(f"experiments/grpo.py:{variant}"))

@@ -61,7 +61,7 @@ from manifold.rl.protocol import (
   version_of_policy_key,
   write_heartbeat,
 )
-from manifold.rl.rollout import greedy_accuracy, longest_prompt, token_logprobs
+from manifold.rl.rollout import greedy_accuracy, token_logprobs
 from manifold.rl.tasks import get_task
 from manifold.schema import differences
 from manifold.store import (
@@ -150,14 +150,17 @@ class Learner:
       raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size}: must be >= the tokenizer's ids")
     self.task = get_task(rl.task, **task_settings(rl.difficulty))
     self.heldout = self.task.prompts("heldout", tc.seed, rl.heldout_size)
-    longest = longest_prompt(self.tokenizer, self.heldout + self.task.prompts("train", tc.seed, 256))
+    longest = self.task.max_prompt_bytes()  # byte-level tokenizers: a token is at least one byte
     if longest + rl.max_new_tokens > tc.seq_len + 1:
       raise ConfigError(
         f"train.seq_len={tc.seq_len}: {rl.task} prompts take up to {longest} tokens, so with rl.max_new_tokens="
         f"{rl.max_new_tokens} a rollout row needs train.seq_len >= {longest + rl.max_new_tokens - 1}"
       )
-    if tc.seq_len > self.model_cfg.max_seq_len:
-      raise ConfigError(f"train.seq_len={tc.seq_len}: must be <= model.max_seq_len={self.model_cfg.max_seq_len}")
+    if longest + rl.max_new_tokens > self.model_cfg.max_seq_len:
+      raise ConfigError(
+        f"rl.max_new_tokens={rl.max_new_tokens}: with {rl.task} prompts of up to {longest} tokens it exceeds "
+        f"model.max_seq_len={self.model_cfg.max_seq_len}"
+      )
     self.shape = RolloutShape.of(c)
     rows = rl.batches_per_step * self.shape.rows
     ways = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)

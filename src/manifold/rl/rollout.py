@@ -73,10 +73,6 @@ def pack(prompts: Sequence[np.ndarray], sampled: Sampled, seq_len: int) -> tuple
   return tokens, mask, logp
 
 
-def longest_prompt(tokenizer, examples: Sequence[Example]) -> int:
-  return max((len(tokenizer.encode(e.prompt)) for e in examples), default=0)
-
-
 def make_batch(
   model,
   task: Task,
