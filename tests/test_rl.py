@@ -213,15 +213,16 @@ def test_experiment_variants_load_and_rl_corpus_writes_warm_up_files(tmp_path, c
 # ---------------------------------------------------------------------------------------- (2) end to end
 
 
-def test_rl_local_with_two_workers_trains_on_their_rollouts_and_logs_it(tmp_path, compile_cache):
-  """The launcher, the learner and both workers each run as a process on a 2-device mesh."""
+def test_rl_local_with_two_workers_trains_on_their_rollouts_and_logs_it(tmp_path, compile_cache, monkeypatch, capsys):
+  """`manifold rl local` starts the learner and both workers, each a process on a 2-device mesh."""
+  for name, value in child_env(compile_cache, devices=2).items():
+    monkeypatch.setenv(name, value)  # for the children; this process's JAX has started already
   workdir = tmp_path / "run"
-  result = subprocess.run(
-    [sys.executable, "-m", "manifold.cli", "rl", "local", "--config", TINY, "--workdir", str(workdir),
-     "--workers", "2", "--config.rl.max_staleness=2"],
-    env=child_env(compile_cache, devices=2), capture_output=True, text=True, timeout=240,
-  )  # fmt: skip
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  argv = ["rl", "local", "--config", TINY, "--workdir", str(workdir), "--workers", "2", "--config.rl.max_staleness=2"]
+  code = cli.main(argv)
+  out = capsys.readouterr()
+  assert code == 0, out.out[-3000:] + out.err[-3000:]
+  assert "learner | step 4:" in out.out and "learner finished" in out.out
   rows = read_metrics(workdir / "learner" / "metrics.jsonl")
   by_step = {row["step"]: row for row in rows}
   assert sorted(by_step) == [0, 1, 2, 3, 4]

@@ -185,18 +185,21 @@ class Learner:
       self.start, self.counters = 0, Counters()
       self.state = self._initial_state(tx)
     self.reference = self._reference() if rl.kl_coef > 0 else None
-    record_run(cfg, workdir, step=self.start, changes=changes)  # every check has passed
-    for step, why in (restored.skipped if restored else {}).items():
-      say(f"checkpoint {step} does not restore ({why}); resuming from step {self.start}")
     self.store = store or open_store(rl.store)
+    record_run(cfg, workdir, step=self.start, changes=changes)  # every check has passed
     self.identity = load_identity(workdir, "learner")
     self.fingerprint = publish_config(self.store, self.identity, cfg)
     self.checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
+    for step, why in (restored.skipped if restored else {}).items():
+      where = self.checkpointer.set_aside(step)
+      say(
+        f"checkpoint {step} does not restore ({why}); resuming from step {self.start}; moved it, unchanged, to {where}"
+      )
     self.writer = MetricsWriter(
       workdir, resume_step=self.start, say=say, tensorboard_dir=tensorboard_dir(workdir, cfg.data.cache_dir)
     )
     self.version = self.start
-    self.policy_hash = ""
+    self.published: tuple[int, str] = (self.start, "")  # the newest policy out: version, object hash
     self.worker_keys: dict[int, str] = {}
     self._consumed: list[str] = []  # keys of the rollouts taken for the step in progress
     self._logprobs, self._update = self._compile(tx)
@@ -369,15 +372,15 @@ class Learner:
     for old in [k for k in hashes if int(k) < v - self.rl.max_staleness]:
       del hashes[old]
     with self._lock:
-      self.policy_hash = digest
+      self.published = (v, digest)
     self._retrying("heartbeat", self._heartbeat)
     return digest
 
   def _heartbeat(self) -> None:
     with self._lock:
       meta = {
-        "version": self.version,
-        "policy": self.policy_hash,
+        "version": self.published[0],
+        "policy": self.published[1],
         "done": self._done,
         "steps": self.tc.steps,
         "host": socket.gethostname(),

@@ -110,9 +110,23 @@ class Worker:
     self.held: tuple[int, str] | None = None  # (version, policy hash) of the parameters held
     self.params = None
     self.batches = self.tokens = 0
-    self.seq = 0
+    self.seq = self._next_seq()  # a restarted worker goes on counting, so it never redraws a batch
     self._lock = threading.Lock()
     self._stop_beats = threading.Event()
+
+  def _next_seq(self) -> int:
+    """One past the last batch this worker logged in `<workdir>/rollouts.jsonl` (0 for a new one)."""
+    try:
+      with open(os.path.join(self.workdir, "rollouts.jsonl")) as f:
+        lines = f.read().splitlines()
+    except FileNotFoundError:
+      return 0
+    for line in reversed(lines):
+      try:
+        return int(json.loads(line)["key"].rsplit("/", 1)[1]) + 1
+      except (ValueError, KeyError, IndexError, TypeError):
+        continue  # a line cut short by a crash
+    return 0
 
   # -- the store -------------------------------------------------------------------------------
 
