@@ -2,8 +2,7 @@
 
   manifold rl corpus  --config experiments/grpo.py:sft --out runs/grpo/sft-data
   manifold train      --config experiments/grpo.py:sft --workdir runs/grpo/sft
-  manifold rl local   --config experiments/grpo.py --workdir runs/grpo/rl --workers 2 \\
-                      --config.rl.init_from=runs/grpo/sft
+  manifold rl local   --config experiments/grpo.py --workdir runs/grpo/rl --workers 2 --init-from runs/grpo/sft
 
 Variants (`:arg`):
   default  a small dense byte-level model (4 blocks x 128, GQA, 64-token context) on two-digit,

@@ -196,6 +196,14 @@ def test_a_learner_refuses_rows_longer_than_the_window(tmp_path, capsys):
   assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
 
 
+def test_a_learner_refuses_an_init_from_that_is_no_run(tmp_path, capsys):
+  code = cli.main(["rl", "learner", "--config", TINY, "--workdir", str(tmp_path / "w"), "--store",
+                   str(tmp_path / "s"), "--init-from", str(tmp_path / "nothing")])  # fmt: skip
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith(f"manifold: error: rl.init_from={tmp_path / 'nothing'}: no `manifold train` run there"), err
+
+
 def test_experiment_variants_load_and_rl_corpus_writes_warm_up_files(tmp_path, capsys):
   for variant in ("default", "sync", "sft", "tiny"):
     c = validate(load_config(f"experiments/grpo.py:{variant}"))

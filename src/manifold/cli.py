@@ -395,10 +395,13 @@ def _say(text: str) -> None:
 
 
 def _rl_overrides(args: argparse.Namespace) -> list[str]:
-  """`--store URL` and `--id K` as config overrides of rl.store and rl.worker."""
+  """`--store URL`, `--init-from DIR` and `--id K` as overrides of rl.store, rl.init_from and rl.worker."""
   out = []
   if getattr(args, "store", None):
     out.append(f"--config.rl.store={args.store}")
+  if getattr(args, "init_from", None):
+    path = args.init_from if files.is_remote(args.init_from) else os.path.abspath(args.init_from)
+    out.append(f"--config.rl.init_from={path}")
   if getattr(args, "id", None) is not None:
     if args.id < 0:
       raise ConfigError(f"--id {args.id}: must be an integer >= 0")
@@ -433,6 +436,7 @@ def cmd_rl_local(args, overrides) -> int:
     raise ConfigError(f"--workers {args.workers}: must be a positive integer")
   per_process = ("--config.rl.store", "--config.rl.worker")  # the launcher sets them
   overrides = [o for o in overrides if not o.startswith(per_process)]
+  overrides = [*overrides, *_rl_overrides(argparse.Namespace(init_from=args.init_from))]
   load_config(args.config, overrides)  # a bad config fails once, here, not in every process
   _check_output("--workdir", args.workdir)
   return run_local(args.config, args.workdir, args.workers, overrides, store=args.store)
@@ -553,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
   _config_args(r)
   r.add_argument("--workdir", required=True, help="the learner's checkpoints, metrics and key")
   r.add_argument("--store", default="", help="the store URL workers share (file://, gs://, s3://); sets rl.store")
+  r.add_argument("--init-from", default="", help="workdir of a `manifold train` run (SFT warm-up); sets rl.init_from")
   r.set_defaults(fn=cmd_rl_learner)
   r = rsub.add_parser("worker", help="sample and score rollouts with the learner's newest policy")
   _config_args(r)
@@ -565,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--workdir", required=True, help="learner/ and worker-<k>/ go under it")
   r.add_argument("--workers", type=int, required=True, help="N: workers to start")
   r.add_argument("--store", default="", help="the store URL (default: file://<workdir>/store)")
+  r.add_argument("--init-from", default="", help="workdir of a `manifold train` run (SFT warm-up); sets rl.init_from")
   r.set_defaults(fn=cmd_rl_local)
   r = rsub.add_parser("corpus", help="write the task's SFT warm-up corpus (.jsonl files) for `manifold train`")
   _config_args(r)

@@ -123,9 +123,15 @@ class Counters:
 def _load_run_params(flag: str, workdir: str, model_cfg, step: int | None, say):
   """(params, extra, step) of the run in `workdir` at `step` (None: its newest checkpoint); a
   ConfigError if its model differs from `model_cfg`."""
+  from manifold import files
   from manifold.train.restore import load_trained
 
-  run = load_trained(workdir, step, data=False, say=say)
+  if files.read_text(files.path(workdir) / "config.json") is None:
+    raise ConfigError(f"{flag}={workdir}: no `manifold train` run there (no config.json); train one first")
+  try:
+    run = load_trained(workdir, step, data=False, say=say)
+  except ConfigError as e:
+    raise ConfigError(f"{flag}={workdir}: {e}") from None
   theirs = model_config(run.cfg)
   for dotted, old, new, _ in differences(theirs, model_cfg):
     raise ConfigError(
@@ -212,16 +218,16 @@ class Learner:
   # -- set-up ----------------------------------------------------------------------------------
 
   def _initial_state(self, tx) -> TrainState:
-    state = self.spec.init(jax.random.key(self.tc.seed))
     if not self.rl.init_from:
-      return state
+      return self.spec.init(jax.random.key(self.tc.seed))
     params, extra, step = _load_run_params("rl.init_from", self.rl.init_from, self.model_cfg, None, self.say)
     self.counters.init_step = step
     params = jax.device_put(params, self.spec.shardings.params)
     extra = jax.device_put(extra, self.spec.shardings.extra)
     opt_state = jax.jit(tx.init, out_shardings=self.spec.shardings.opt_state)(params)
+    zero = jax.device_put(np.zeros((), np.int32), self.spec.shardings.step)
     self.say(f"policy and reference start from {self.rl.init_from} (step {step})")
-    return state.replace(params=params, extra=extra, opt_state=opt_state)
+    return TrainState(step=zero, params=params, extra=extra, opt_state=opt_state)
 
   def _reference(self):
     """(params, extra) of the frozen KL reference."""
