@@ -11,7 +11,8 @@ Variants (`:arg`):
   sync     the same, synchronous: every step trains on rollouts of the policy it just published.
   sft      the warm-up `manifold train` run of the same model on `manifold rl corpus` output,
            whose checkpoint `rl.init_from` starts the policy (and its KL reference) from.
-  tiny     a seconds-long run for the tests: a 1-block, 32-wide model on one-digit problems.
+  tiny     a seconds-long run for the tests: a 1-block, 32-wide model on one-digit problems, two
+           updates per step.
 """
 
 from manifold.config import ConfigError, base_config, parse_arg
@@ -52,7 +53,7 @@ def get_config(arg: str | None = None):
     c.train.update(checkpoint_every=2, keep_checkpoints=5)
     c.rl.update(
       task="arithmetic", difficulty="digits=1,ops=1", group_size=4, prompts_per_step=2, max_new_tokens=4,
-      batches_per_step=2, heldout_size=4, heartbeat_s=0.5, poll_s=0.05, deadline_s=120.0,
+      batches_per_step=2, updates_per_batch=2, heldout_size=4, heartbeat_s=0.5, poll_s=0.05, deadline_s=120.0,
     )  # fmt: skip
   else:
     raise ConfigError(f"experiments/grpo.py: unknown variant {args.variant!r}; use default, sync, sft or tiny")

@@ -3,7 +3,6 @@ on-policy GRPO, real processes end to end and under faults, and one-line refusal
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -106,6 +105,7 @@ def test_a_synchronous_update_without_importance_weights_is_the_on_policy_grpo_s
     [
       "--config.rl.max_staleness=0",
       "--config.rl.is_cap=0",
+      "--config.rl.updates_per_batch=1",
       "--config.rl.kl_coef=0.05",
       f"--config.rl.store={tmp_path / 'store'}",
     ],
@@ -115,7 +115,7 @@ def test_a_synchronous_update_without_importance_weights_is_the_on_policy_grpo_s
   task, tokenizer = get_task(c.rl.task, **task_settings(c.rl.difficulty)), load_tokenizer("byte")
   shape = RolloutShape.of(c)
 
-  logprobs = jax.jit(lambda params, extra, tokens: token_logprobs(learner.spec.merge(params, extra), tokens))
+  logprobs = learner._logprobs  # (params, extra, tokens) -> log-probs: inputs here, not what is tested
 
   def rollout(seed: int) -> dict[str, np.ndarray]:
     """A batch of the task's prompts with random completions, laid out as a worker lays one out, its
@@ -171,11 +171,6 @@ def test_a_synchronous_update_without_importance_weights_is_the_on_policy_grpo_s
   assert np.sum([np.abs(a - b).max() for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params))]) > 1e-4
   assert metrics["ratio"] == pytest.approx(1.0) and metrics["clip_frac"] == 0 and metrics["is_weight"] == 1
   assert metrics["kl"] > 0
-
-  # Several updates per batch: `old` stays the policy before the first, so the ratio moves off 1.
-  learner.rl = dataclasses.replace(learner.rl, updates_per_batch=3)
-  metrics = learner.train_on([rollout(3)])
-  assert metrics["ratio"] != pytest.approx(1.0, abs=1e-7) and int(jax.device_get(learner.state.step)) == 5
 
 
 @pytest.mark.parametrize(
@@ -253,6 +248,9 @@ def test_rl_local_with_two_workers_trains_on_their_rollouts_and_logs_it(tmp_path
   ):
     assert key in last, key  # fmt: skip
   assert all("heldout_accuracy" in by_step[s] for s in (0, 2, 4))
+  # two updates a step (the tiny variant): `old` is the policy before the first, so the mean ratio is not 1
+  # (from step 2 on: at step 1 the policy is still the KL reference and every reward 0, so only weight decay moves it)
+  assert all(by_step[s]["ratio"] != pytest.approx(1.0, abs=1e-5) for s in (2, 3, 4))
   assert sum(last[f"staleness/{lag}"] for lag in range(3)) == last["batches"] == 8  # 2 batches a step
   assert last["tokens/worker-0"] > 0 and last["tokens/worker-1"] > 0
   assert last["wait_s_total"] == pytest.approx(sum(by_step[s]["wait_s"] for s in (1, 2, 3, 4)), abs=1e-6)
