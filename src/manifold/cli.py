@@ -1,4 +1,4 @@
-"""`manifold` command line: train, eval, generate, sweep, convert, params, compile, launch, islands, tokenizer."""
+"""`manifold` command line: train, eval, generate, sweep, convert, params, compile, launch, islands, tokenizer, rl."""
 
 from __future__ import annotations
 
@@ -109,23 +109,24 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _sample_text(run_model, tokenizer, s, *, max_new_tokens: int) -> str:
-  """A continuation of `s.prompt` drawn with the sampling settings of `s` (a `sample` section)."""
+  """A continuation of `s.prompt` drawn with the sampling settings of `s` (a `sample` section),
+  up to the first end-of-text."""
   import jax
-  import jax.numpy as jnp
 
-  from manifold.inference.generate import generate
+  from manifold.inference.engine import sample
 
   prompt_ids = tokenizer.encode(s.prompt)
-  tokens = generate(
+  out = sample(
     run_model,
-    jnp.asarray(prompt_ids, jnp.int32)[None],
+    [prompt_ids],
     max_new_tokens=max_new_tokens,
     key=jax.random.key(s.seed),
     temperature=s.temperature,
     top_k=s.top_k,
     top_p=s.top_p,
+    eos_id=tokenizer.eos_id,
   )
-  return _continuation(tokenizer, s.prompt, tokens[0, len(prompt_ids) :])
+  return _continuation(tokenizer, s.prompt, out.tokens[0, : int(out.lengths[0])])
 
 
 def _continuation(tokenizer, prompt: str, new_tokens) -> str:
@@ -416,6 +417,78 @@ def cmd_tokenizer_train(args, overrides) -> int:
   return 0
 
 
+def _say(text: str) -> None:
+  print(text, flush=True)
+
+
+def _rl_overrides(args: argparse.Namespace) -> list[str]:
+  """`--store URL`, `--init-from DIR` and `--id K` as overrides of rl.store, rl.init_from and rl.worker."""
+  out = []
+  if getattr(args, "store", None):
+    out.append(f"--config.rl.store={args.store}")
+  if getattr(args, "init_from", None):
+    path = args.init_from if files.is_remote(args.init_from) else os.path.abspath(args.init_from)
+    out.append(f"--config.rl.init_from={path}")
+  if getattr(args, "id", None) is not None:
+    if args.id < 0:
+      raise ConfigError(f"--id {args.id}: must be an integer >= 0")
+    out.append(f"--config.rl.worker={args.id}")
+  return out
+
+
+def cmd_rl_learner(args, overrides) -> int:
+  cfg = load_config(args.config, [*overrides, *_rl_overrides(args)])
+  _check_output("--workdir", args.workdir)
+  if not cfg.rl.store:
+    raise ConfigError("--store: pass the store URL the workers share (file:///shared/dir, gs://..., s3://...)")
+  from manifold.rl.learner import Learner  # heavy imports after the config is known to be good
+
+  return Learner(cfg, args.workdir, say=_say).run()
+
+
+def cmd_rl_worker(args, overrides) -> int:
+  cfg = load_config(args.config, [*overrides, *_rl_overrides(args)])
+  _check_output("--workdir", args.workdir)
+  if not cfg.rl.store:
+    raise ConfigError("--store: pass the learner's store URL (file:///shared/dir, gs://..., s3://...)")
+  from manifold.rl.worker import Worker
+
+  return Worker(cfg, args.workdir, say=_say).run()
+
+
+def cmd_rl_local(args, overrides) -> int:
+  from manifold.rl.local import run_local
+
+  if args.workers < 1:
+    raise ConfigError(f"--workers {args.workers}: must be a positive integer")
+  per_process = ("--config.rl.store", "--config.rl.worker")  # the launcher sets them
+  overrides = [o for o in overrides if not o.startswith(per_process)]
+  overrides = [*overrides, *_rl_overrides(argparse.Namespace(init_from=args.init_from))]
+  load_config(args.config, overrides)  # a bad config fails once, here, not in every process
+  _check_output("--workdir", args.workdir)
+  return run_local(args.config, args.workdir, args.workers, overrides, store=args.store)
+
+
+def cmd_rl_corpus(args, overrides) -> int:
+  from manifold.config import task_settings
+  from manifold.rl.tasks import get_task, write_sft_corpus
+
+  cfg = load_config(args.config, overrides)
+  _check_output("--out", args.out)
+  if args.count < args.files or args.files < 2:
+    raise ConfigError(f"--count {args.count} --files {args.files}: need at least 2 files and a document per file")
+  task = get_task(cfg.rl.task, **task_settings(cfg.rl.difficulty))
+  os.makedirs(args.out, exist_ok=True)
+  per_file = args.count // args.files
+  for i in range(args.files):
+    write_sft_corpus(task, os.path.join(args.out, f"sft-{i:02d}.jsonl"), per_file, seed=cfg.train.seed * 1000 + i)
+  print(
+    f"wrote {per_file * args.files} {task.name} documents (train split) in {args.files} files to {args.out}; warm up "
+    f"with: manifold train --config {args.config} --workdir DIR --config.data.sources='{args.out}/*.jsonl'"
+  )
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="manifold", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -523,6 +596,34 @@ def build_parser() -> argparse.ArgumentParser:
   )  # fmt: skip
   p.set_defaults(fn=cmd_islands)
 
+  p = sub.add_parser("rl", help="GRPO post-training: a learner and rollout workers meeting through a store")
+  rsub = p.add_subparsers(dest="rl_command", required=True)
+  r = rsub.add_parser("learner", help="train the policy on the workers' rollouts; publish each version")
+  _config_args(r)
+  r.add_argument("--workdir", required=True, help="the learner's checkpoints, metrics and key")
+  r.add_argument("--store", default="", help="the store URL workers share (file://, gs://, s3://); sets rl.store")
+  r.add_argument("--init-from", default="", help="workdir of a `manifold train` run (SFT warm-up); sets rl.init_from")
+  r.set_defaults(fn=cmd_rl_learner)
+  r = rsub.add_parser("worker", help="sample and score rollouts with the learner's newest policy")
+  _config_args(r)
+  r.add_argument("--workdir", required=True, help="the worker's key, log and rollouts.jsonl")
+  r.add_argument("--store", default="", help="the learner's store URL; sets rl.store")
+  r.add_argument("--id", type=int, required=True, help="this worker's id (sets rl.worker)")
+  r.set_defaults(fn=cmd_rl_worker)
+  r = rsub.add_parser("local", help="a learner and N workers on this machine, each its own process")
+  _config_args(r)
+  r.add_argument("--workdir", required=True, help="learner/ and worker-<k>/ go under it")
+  r.add_argument("--workers", type=int, required=True, help="N: workers to start")
+  r.add_argument("--store", default="", help="the store URL (default: file://<workdir>/store)")
+  r.add_argument("--init-from", default="", help="workdir of a `manifold train` run (SFT warm-up); sets rl.init_from")
+  r.set_defaults(fn=cmd_rl_local)
+  r = rsub.add_parser("corpus", help="write the task's SFT warm-up corpus (.jsonl files) for `manifold train`")
+  _config_args(r)
+  r.add_argument("--out", required=True, help="folder for sft-NN.jsonl")
+  r.add_argument("--count", type=int, default=20000, help="documents in all")
+  r.add_argument("--files", type=int, default=10, help="files (manifold train holds files out for validation)")
+  r.set_defaults(fn=cmd_rl_corpus)
+
   p = sub.add_parser("tokenizer", help="tokenizer tools")
   tsub = p.add_subparsers(dest="tokenizer_command", required=True)
   t = tsub.add_parser("train", help="train a byte-level BPE on the config's training files")
@@ -533,15 +634,35 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-  from manifold.islands.store_sync import IslandsError
-  from manifold.train.loop import TrainingDiverged
+def _main_rl(args, overrides) -> int:
+  """`manifold rl ...`: kept apart from `main` so that a worker's start-up imports no training code."""
+  from manifold.rl.protocol import RLError
+  from manifold.store import StoreError
 
+  try:
+    return args.fn(args, overrides)
+  except (ConfigError, DataError) as e:
+    print(f"manifold: error: {e}", file=sys.stderr)
+    return 2
+  except (RLError, StoreError) as e:
+    print(f"manifold: rl: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("manifold: interrupted", file=sys.stderr)
+    return 130
+
+
+def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   # JAX reserves 75% of a GPU's memory unless told otherwise; a training process owns its GPU.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
+  if args.command == "rl":
+    return _main_rl(args, overrides)
+  from manifold.islands.store_sync import IslandsError
+  from manifold.train.loop import TrainingDiverged
+
   if overrides and args.command not in (
     "train", "params", "tokenizer", "sweep", "convert", "compile", "launch", "islands"
   ):  # fmt: skip

@@ -263,6 +263,74 @@ class IslandsConfig(Section):
     )
 
 
+_GROUP = Check(lambda v: v >= 2, "an integer >= 2 (a group of one has no baseline to compare against)")
+
+
+def task_settings(text: str) -> dict[str, Any]:
+  """'digits=2,ops=1' -> {'digits': 2, 'ops': 1} (integers where they parse, else strings); a
+  ConfigError naming `rl.difficulty` for an item without '='."""
+  out: dict[str, Any] = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    key, sep, value = item.partition("=")
+    require(bool(sep and key), f"rl.difficulty={text!r}: items must be name=value, e.g. 'digits=2,ops=1'")
+    try:
+      out[key.strip()] = int(value)
+    except ValueError:
+      out[key.strip()] = value.strip()
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig(Section):
+  """GRPO post-training (manifold/rl): a learner and rollout workers that meet only through
+  `store`. The learner's steps, learning rate, logging, evaluation and checkpoint cadence are
+  train.*; a learner step trains on `batches_per_step` rollout batches of `prompts_per_step`
+  prompts x `group_size` completions each. Workers must run the learner's model and rollout
+  settings (`manifold.rl.protocol.WORKER_FIELDS`); the store refuses one that does not."""
+
+  SECTION = "rl"
+  RESUME = FREE
+
+  task: str = field("arithmetic", "arithmetic | sort | reverse (manifold/rl/tasks.py)")
+  difficulty: str = field("digits=2,ops=1", "the task's settings as name=value,... (e.g. digits, ops; length)")
+  format_weight: float = field(0.0, "reward bonus for a well-formed answer line, right or wrong", NONNEGATIVE_FLOAT)
+  group_size: int = field(8, "G: completions sampled per prompt (advantages are normalised within a group)", _GROUP)
+  prompts_per_step: int = field(8, "prompts in one rollout batch (a worker's unit of work)", POSITIVE)
+  batches_per_step: int = field(1, "rollout batches the learner trains on per step", POSITIVE)
+  updates_per_batch: int = field(1, "optimizer updates on each step's rollouts (> 1: the PPO ratio moves)", POSITIVE)
+  max_new_tokens: int = field(16, "tokens a completion may have (it stops earlier at end-of-text)", POSITIVE)
+  temperature: float = field(1.0, "sampling temperature of the workers", POSITIVE_FLOAT)
+  clip_low: float = field(0.2, "the ratio is clipped below at 1 - clip_low", UNIT)
+  clip_high: float = field(0.28, "the ratio is clipped above at 1 + clip_high (DAPO clip-higher)", NONNEGATIVE_FLOAT)
+  kl_coef: float = field(1e-3, "beta of the k3 KL term to the reference policy; 0: no reference", NONNEGATIVE_FLOAT)
+  is_cap: float = field(2.0, "cap of the importance weight exp(old - behaviour); 0 turns it off", NONNEGATIVE_FLOAT)
+  aggregation: str = field("grpo", "grpo (mean per completion, then over them) | dapo (mean over tokens)",
+                           one_of("grpo", "dapo"))  # fmt: skip
+  max_staleness: int = field(
+    8, "rollouts more than this many policy versions behind the learner are dropped; 0: synchronous", NONNEGATIVE
+  )
+  init_from: str = field("", 'workdir of a `manifold train` run (e.g. SFT warm-up) to start from; "": fresh init')
+  reference: str = field("", 'workdir of a run whose newest checkpoint is the KL reference; "": the initial policy')
+  heldout_size: int = field(64, "held-out problems the learner scores greedily every train.eval_every steps; 0: none",
+                            NONNEGATIVE)  # fmt: skip
+  keep_policies: int = field(4, "newest policy versions kept in the store", POSITIVE)
+  store: str = field("", 'the store URL the learner and workers meet through; "": <workdir>/store (rl local)')
+  worker: int = field(-1, "this worker's id (manifold rl worker --id)", Check(lambda v: v >= -1, "an integer >= -1"))
+  heartbeat_s: float = field(2.0, "seconds between heartbeats", POSITIVE_FLOAT)
+  poll_s: float = field(0.2, "seconds between looks at the store while waiting", POSITIVE_FLOAT)
+  deadline_s: float = field(
+    600.0, "a learner without usable rollouts, or a worker without a live learner, this long stops", POSITIVE_FLOAT
+  )
+
+  def check(self) -> None:
+    from manifold.rl.tasks import get_task
+
+    try:
+      get_task(self.task, **task_settings(self.difficulty))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+
+
 SECTIONS: dict[str, type[Section]] = {
   "model": ModelConfig,
   "data": DataConfig,
@@ -271,6 +339,7 @@ SECTIONS: dict[str, type[Section]] = {
   "mesh": MeshConfig,
   "sample": SampleConfig,
   "islands": IslandsConfig,
+  "rl": RLConfig,
 }
 
 # Fields that were renamed: using the old name is an error that names the new one.

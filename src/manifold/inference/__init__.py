@@ -1,1 +1,1 @@
-"""Decoding: sampling rules and KV-cached generation."""
+"""Decoding: sampling rules and the KV-cached decoding engine (engine.py)."""

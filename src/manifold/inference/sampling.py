@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
-  """Samples [B] tokens from logits [B, V]. `temperature == 0` is greedy;
+def filtered_logits(logits_bv: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """float32 logits [B, V] of the distribution sampled from at `temperature > 0`: the
+  logits over the temperature, -inf outside the top-k and the top-p nucleus (the smallest
+  set of likeliest tokens reaching mass `top_p`; always the likeliest token).
   `top_k == 0` (or >= V) and `top_p == 1` disable those filters."""
-  if temperature == 0:
-    return jnp.argmax(logits_bv, axis=-1)
   logits = logits_bv.astype(jnp.float32) / temperature
   if 0 < top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
@@ -22,4 +22,16 @@ def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float, to
     # the smallest logit still needed to reach mass top_p (always keeps the top token)
     cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def sample_token(logits_bv: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """Samples [B] tokens from logits [B, V]. `temperature == 0` is greedy. `key` is one key
+  for the whole batch, or [B] keys: row b then draws with `key[b]` alone, as it would in a
+  batch of one."""
+  if temperature == 0:
+    return jnp.argmax(logits_bv, axis=-1)
+  logits = filtered_logits(logits_bv, temperature=temperature, top_k=top_k, top_p=top_p)
+  if key.ndim > (0 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 1):  # one key per row
+    return jax.vmap(jax.random.categorical)(key, logits)
   return jax.random.categorical(key, logits, axis=-1)

@@ -14,6 +14,14 @@ from manifold.model.rope import apply_rope
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]}
 
 
+def cache_mask(cache_len: int, cache_index: jax.Array | int, num_queries: int, kv_mask: jax.Array | None = None):
+  """[1 or B, 1, T, S] which cache slots each of T queries sees: the query written at slot
+  `cache_index + t` sees the slots up to its own, and with `kv_mask` [B, S] only those it marks."""
+  query_slots = cache_index + jnp.arange(num_queries)  # [T]
+  mask = (jnp.arange(cache_len)[None, :] <= query_slots[:, None])[None, None]  # [1, 1, T, S]
+  return mask if kv_mask is None else mask & kv_mask[:, None, None, :]
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention; `n_kv_heads < n_heads` shares each K/V head across a group."""
 
@@ -36,9 +44,11 @@ class Attention(nnx.Module):
     positions_bt: jax.Array,
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
+    kv_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
-    """x: [B, T, D], positions: [B, T]. With `cache`, the T new keys/values are
-    written at `cache_index` and queries attend to every cached position <= their own."""
+    """x: [B, T, D], positions: [B, T] (RoPE). With `cache`, the T new keys/values are
+    written at slots `cache_index ..` and queries attend to every cached slot <= their own;
+    `kv_mask` [B, S] (cache only) hides the slots it marks False, e.g. a row's left padding."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dt))  # [B, T, N, H]
     k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dt))  # [B, T, K, H]
@@ -52,8 +62,7 @@ class Attention(nnx.Module):
       k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
       cache = {"k": k_all, "v": v_all}  # [B, S, K, H]
-      kv_positions = jnp.arange(k_all.shape[1])  # [S]
-      mask = kv_positions[None, None, None, :] <= positions_bt[:, None, :, None]  # [B, 1, T, S]
+      mask = cache_mask(k_all.shape[1], cache_index, x_btd.shape[1], kv_mask)  # [B, 1, T, S]
       out = dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask)
     # out: [B, T, N, H]
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), cache  # [B, T, D]

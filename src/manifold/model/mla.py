@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from kernels.attention.api import dot_product_attention
 
+from manifold.model.attention import cache_mask
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
 from manifold.model.rope import apply_rope, rope_scaling
@@ -45,9 +46,10 @@ class MultiHeadLatentAttention(nnx.Module):
       "k_rope": jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), cfg.compute_dtype),
     }
 
-  def __call__(self, x_btd, positions_bt, cache: MLACache | None = None, cache_index=0):
+  def __call__(self, x_btd, positions_bt, cache: MLACache | None = None, cache_index=0, kv_mask=None):
     """x: [B, T, D] -> ([B, T, D], cache). With `cache`, the T new latents and rope keys are
-    written at `cache_index` and queries attend to every cached position <= their own."""
+    written at slots `cache_index ..` and queries attend to every cached slot <= their own;
+    `kv_mask` [B, S] (cache only) hides the slots it marks False, e.g. a row's left padding."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     nope, yarn = cfg.qk_nope_head_dim, rope_scaling(cfg)
     if cfg.q_lora_rank:
@@ -70,8 +72,7 @@ class MultiHeadLatentAttention(nnx.Module):
         cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), cache_index, 1
       )
       cache = {"latent": latent, "k_rope": k_rope}  # [B, S, ...]
-      kv_positions = jnp.arange(latent.shape[1])
-      mask = kv_positions[None, None, None, :] <= positions_bt[:, None, :, None]  # [B, 1, T, S]
+      mask = cache_mask(latent.shape[1], cache_index, x_btd.shape[1], kv_mask)  # [B, 1, T, S]
       is_causal = False
 
     kv_heads = jnp.einsum("bsr,rnh->bsnh", latent.astype(dt), self.wkv_b[...].astype(dt))  # [B, S, N, nope + v]

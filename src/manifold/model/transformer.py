@@ -85,17 +85,19 @@ class Block(nnx.Module):
   def _ffn(self, x_btd: jax.Array) -> tuple[jax.Array, MoEAux | None]:
     return self.ffn(x_btd) if self.moe else (self.ffn(x_btd), None)
 
-  def __call__(self, x, positions_bt, cache=None, cache_index=0) -> tuple[jax.Array, KVCache | None, BlockAux]:
+  def __call__(
+    self, x, positions_bt, cache=None, cache_index=0, kv_mask=None
+  ) -> tuple[jax.Array, KVCache | None, BlockAux]:
     """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux)."""
     if not self.streams:
-      attn_out, cache = self.attn(self.attn_norm(x), positions_bt, cache, cache_index)
+      attn_out, cache = self.attn(self.attn_norm(x), positions_bt, cache, cache_index, kv_mask)
       x = x + attn_out  # [B, T, D]
       ffn_out, moe_aux = self._ffn(self.ffn_norm(x))
       return x + ffn_out, cache, BlockAux(None, moe_aux)
 
     read = _read_normed_recomputed if cache is None else _read_normed
     attn_in, attn_mixing = read(self.attn_connection, self.attn_norm, x)  # [B, T, D]
-    attn_out, cache = self.attn(attn_in, positions_bt, cache, cache_index)
+    attn_out, cache = self.attn(attn_in, positions_bt, cache, cache_index, kv_mask)
     x = residual.res_post_mix(x, attn_out, attn_mixing)  # [B, T, n, D]
     ffn_in, ffn_mixing = read(self.ffn_connection, self.ffn_norm, x)
     ffn_out, moe_aux = self._ffn(ffn_in)  # [B, T, D]
@@ -125,13 +127,21 @@ class Transformer(nnx.Module):
     tokens_bt: jax.Array,
     cache: list[KVCache] | None = None,
     cache_index: jax.Array | int = 0,
+    *,
+    positions_bt: jax.Array | None = None,
+    kv_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, list[KVCache] | None]:
     """Returns (logits [B, T, V] float32, updated cache or None).
 
-    Without a cache the T tokens sit at positions 0..T-1; with one, at
-    `cache_index .. cache_index + T - 1`.
+    Without a cache the T tokens sit at positions 0..T-1; with one, they are written at
+    cache slots `cache_index .. cache_index + T - 1` and sit at those positions. A batch of
+    left-padded rows passes `positions_bt` [B, T] (each row's own positions, for RoPE) and
+    `kv_mask` [B, S] (the cache slots a row may attend to: not its padding); attention stays
+    causal over the slots either way.
     """
-    logits, new_cache, _ = self.forward_with_aux(tokens_bt, cache, cache_index)
+    logits, new_cache, _ = self.forward_with_aux(
+      tokens_bt, cache, cache_index, positions_bt=positions_bt, kv_mask=kv_mask
+    )
     return logits, new_cache
 
   def forward_with_aux(
@@ -139,11 +149,17 @@ class Transformer(nnx.Module):
     tokens_bt: jax.Array,
     cache: list[KVCache] | None = None,
     cache_index: jax.Array | int = 0,
+    *,
+    positions_bt: jax.Array | None = None,
+    kv_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, list[KVCache] | None, ModelAux]:
     """`__call__` that also returns what the blocks report (ModelAux)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     batch, length = tokens_bt.shape
-    positions_bt = jnp.broadcast_to(cache_index + jnp.arange(length), (batch, length))  # [B, T]
+    if kv_mask is not None and cache is None:
+      raise ValueError("kv_mask hides cache slots; it needs a cache")
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(cache_index + jnp.arange(length), (batch, length))  # [B, T]
     x = self.embed(tokens_bt, dt)  # [B, T, D]
     if cfg.residual != "plain":
       x = residual.widen(x, cfg.streams)  # [B, T, n, D], once
@@ -157,7 +173,7 @@ class Transformer(nnx.Module):
       if cache is None:
         x, aux = train_block(block, x, positions_bt)
       else:
-        x, layer_cache, aux = block(x, positions_bt, cache[i], cache_index)
+        x, layer_cache, aux = block(x, positions_bt, cache[i], cache_index, kv_mask)
         new_cache.append(layer_cache)
       x = shard_batch(x)
       block_aux.append(aux)

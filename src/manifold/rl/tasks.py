@@ -88,6 +88,10 @@ class Task(abc.ABC):
   def well_formed(self, line: str) -> bool:
     """Whether an answer line has the answer's shape (right or wrong)."""
 
+  @abc.abstractmethod
+  def max_prompt_bytes(self) -> int:
+    """The most UTF-8 bytes a prompt can have (a bound on its tokens for byte-level tokenizers)."""
+
   def split_of(self, example: Example) -> str:
     """The split the example belongs to ("train" or "heldout"), from its prompt's hash."""
     return "heldout" if heldout_score(example.prompt) < self.heldout_fraction else "train"
@@ -154,6 +158,9 @@ class Arithmetic(Task):
   def well_formed(self, line: str) -> bool:
     return _INTEGER.fullmatch(line) is not None
 
+  def max_prompt_bytes(self) -> int:
+    return (self.ops + 1) * self.digits + self.ops + len(MARKER)
+
 
 def _evaluate(operands: list[int], operators: list[str]) -> int:
   """The value of `operands[0] op_1 operands[1] ...` with * before + and -, left to right."""
@@ -196,6 +203,9 @@ class ListTask(Task):
 
   def well_formed(self, line: str) -> bool:
     return _LIST.fullmatch(line) is not None
+
+  def max_prompt_bytes(self) -> int:
+    return len(self.mode) + 1 + self.length * len(str(self.max_value)) + self.length - 1 + len(MARKER)
 
 
 def _join(values: list[int]) -> str:
