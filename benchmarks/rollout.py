@@ -9,7 +9,8 @@ Both decode the same random prompts of `--prompt-len` tokens with `manifold gene
 default sampling (temperature 0.8, top-p 0.95) and no end-of-sequence, so both produce
 batch x new tokens; each is compiled by a first call, then timed over `--repeats` calls
 (median; the two alternate). Prints one Markdown row per batch size with generated
-tokens/s and the ratio; `--results DIR` also writes the rows (manifold.results).
+tokens/s and the ratio, and the same ratio by process CPU time (steadier on a shared
+machine); `--results DIR` also writes the rows (manifold.results).
 """
 
 from __future__ import annotations
@@ -58,21 +59,23 @@ def fixed_length_generate(graphdef, state, prompt_bp, key, max_new_tokens, tempe
   return tokens
 
 
-def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-  """name -> (seconds of its first call, which compiles; median seconds of `repeats` more).
-  The timed calls alternate between the functions, so that a shared machine's load falls
-  on all of them alike."""
-  first, times = {}, {name: [] for name in fns}
+def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float, float]]:
+  """name -> (seconds of its first call, which compiles; median wall seconds and median
+  process CPU seconds of `repeats` more). The timed calls alternate between the functions,
+  so that a shared machine's load falls on all of them alike; CPU time, which that load
+  barely moves, is the steadier comparison there."""
+  first, times = {}, {name: ([], []) for name in fns}
   for name, fn in fns.items():
     start = time.perf_counter()
     jax.block_until_ready(fn())
     first[name] = time.perf_counter() - start
   for _ in range(repeats):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: (first[name], statistics.median(times[name])) for name in fns}
+      times[name][0].append(time.perf_counter() - start)
+      times[name][1].append(time.process_time() - start_cpu)
+  return {name: (first[name], statistics.median(wall), statistics.median(cpu)) for name, (wall, cpu) in times.items()}
 
 
 def measure(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -87,7 +90,8 @@ def measure(model: Transformer, batch: int, prompt_len: int, new_tokens: int, re
   def engine():
     return sample(model, prompts, max_new_tokens=new_tokens, key=key, **SAMPLING).tokens
 
-  (base_first, base_s), (engine_first, engine_s) = timed({"generate": baseline, "engine": engine}, repeats).values()
+  times = timed({"generate": baseline, "engine": engine}, repeats)
+  (base_first, base_s, base_cpu), (engine_first, engine_s, engine_cpu) = times["generate"], times["engine"]
   tokens = batch * new_tokens
   return {
     "batch": batch,
@@ -97,6 +101,9 @@ def measure(model: Transformer, batch: int, prompt_len: int, new_tokens: int, re
     "generate_tokens_per_s": tokens / base_s,
     "engine_tokens_per_s": tokens / engine_s,
     "ratio": base_s / engine_s,
+    "generate_cpu_s": base_cpu,
+    "engine_cpu_s": engine_cpu,
+    "cpu_ratio": base_cpu / engine_cpu,
     "generate_first_call_s": base_first,
     "engine_first_call_s": engine_first,
   }
@@ -108,6 +115,8 @@ COLUMNS = [
   ("generate before (tokens/s)", lambda r: fmt(r["generate_tokens_per_s"], ",.0f")),
   ("engine (tokens/s)", lambda r: fmt(r["engine_tokens_per_s"], ",.0f")),
   ("engine / generate", lambda r: fmt(r["ratio"], ".2f")),
+  ("CPU s per call (generate, engine)", lambda r: f"{r['generate_cpu_s']:.3f}, {r['engine_cpu_s']:.3f}"),
+  ("engine / generate by CPU time", lambda r: fmt(r["cpu_ratio"], ".2f")),
   ("first call s (generate, engine)", lambda r: f"{r['generate_first_call_s']:.1f}, {r['engine_first_call_s']:.1f}"),
 ]
 

@@ -132,4 +132,5 @@ def test_rollout_benchmark_times_the_engine_beside_the_old_generate():
   cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32, max_seq_len=16)
   row = bench.measure(bench.Transformer(cfg, rngs=nnx.Rngs(params=0)), batch=2, prompt_len=4, new_tokens=3, repeats=1)
   assert row["ratio"] == pytest.approx(row["engine_tokens_per_s"] / row["generate_tokens_per_s"])
+  assert row["cpu_ratio"] == pytest.approx(row["generate_cpu_s"] / row["engine_cpu_s"])
   assert "| 2 | 4 + 3 |" in markdown_table([row], bench.COLUMNS)
