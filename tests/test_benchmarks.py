@@ -14,8 +14,8 @@ from manifold.model.accounting import count_params
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _benchmark_module():
-  spec = importlib.util.spec_from_file_location("train_step_benchmark", ROOT / "benchmarks" / "train_step.py")
+def _benchmark_module(name: str = "train_step"):
+  spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -121,3 +121,16 @@ def test_hlo_sources_name_the_model_line_of_each_compiled_instruction():
   sources = bench.hlo_sources(jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text())
   assert sources and set(sources.values()) <= {f"test_benchmarks.py:{line} {op}" for op in ("exp", "mul", "reduce_sum")}
   assert any(v.endswith("reduce_sum") for v in sources.values())
+
+
+def test_rollout_benchmark_times_the_engine_beside_the_old_generate():
+  from flax import nnx
+
+  from manifold.results import markdown_table
+
+  bench = _benchmark_module("rollout")
+  cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32, max_seq_len=16)
+  row = bench.measure(bench.Transformer(cfg, rngs=nnx.Rngs(params=0)), batch=2, prompt_len=4, new_tokens=3, repeats=1)
+  assert row["ratio"] == pytest.approx(row["engine_tokens_per_s"] / row["generate_tokens_per_s"])
+  assert row["cpu_ratio"] == pytest.approx(row["generate_cpu_s"] / row["engine_cpu_s"])
+  assert "| 2 | 4 + 3 |" in markdown_table([row], bench.COLUMNS)

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -34,29 +33,34 @@ def model_of(cfg):
   return Transformer(cfg, rngs=nnx.Rngs(params=0))
 
 
-def full_forward_logprobs(model, prompts, completions):
+def on_host(out: engine.Completions) -> engine.Completions:
+  return engine.Completions(*map(np.asarray, out))
+
+
+def full_forward_logprobs(model, prompts, out):
   """log-softmax of one cache-free forward pass over each prompt + completion (right-padded:
   causal, so the padding is never seen): [B, N, V] at the positions that predict the completion."""
-  lengths = np.asarray(completions.lengths)
-  seqs = [list(p) + np.asarray(completions.tokens[b, : lengths[b]]).tolist() for b, p in enumerate(prompts)]
-  batch = jnp.asarray([s + [0] * (model.cfg.max_seq_len - len(s)) for s in seqs], jnp.int32)
-  logits, _ = nnx.jit(lambda m, x: m(x))(model, batch)  # [B, T, V]
-  n = completions.tokens.shape[1]
-  return jax.nn.log_softmax(jnp.stack([logits[b, len(p) - 1 : len(p) - 1 + n] for b, p in enumerate(prompts)]))
+  seqs = [list(p) + out.tokens[b, : out.lengths[b]].tolist() for b, p in enumerate(prompts)]
+  batch = np.array([s + [0] * (model.cfg.max_seq_len - len(s)) for s in seqs], np.int32)
+  logits = np.asarray(nnx.jit(lambda m, x: m(x)[0])(model, batch))  # [B, T, V]
+  n = out.tokens.shape[1]
+  return np.asarray(
+    jax.nn.log_softmax(np.stack([logits[b, len(p) - 1 : len(p) - 1 + n] for b, p in enumerate(prompts)]))
+  )
 
 
-def logprob_of(logprobs_bnv, tokens_bn, lengths):
-  """[B, N] log-probabilities of the tokens, 0 past each row's length."""
-  out = jnp.take_along_axis(logprobs_bnv, jnp.asarray(tokens_bn)[..., None], -1)[..., 0]
-  return np.where(np.arange(out.shape[1])[None] < np.asarray(lengths)[:, None], out, 0.0)
+def logprob_of(logprobs_bnv, out):
+  """[B, N] log-probabilities of the sampled tokens, 0 past each row's length."""
+  lp = np.take_along_axis(logprobs_bnv, out.tokens[..., None], -1)[..., 0]
+  return np.where(np.arange(lp.shape[1])[None] < out.lengths[:, None], lp, 0.0)
 
 
 def test_logprobs_equal_a_full_forward_over_the_sampled_sequence():
   """Temperature 1 without filters: both log-probs are the model's own (plain residual, GQA)."""
   model = model_of(GQA)
-  out = sample(model, PROMPTS, max_new_tokens=[10, 16, 12, 9], key=jax.random.key(0))
-  assert np.asarray(out.lengths).tolist() == [10, 16, 12, 9]
-  expected = logprob_of(full_forward_logprobs(model, PROMPTS, out), out.tokens, out.lengths)
+  out = on_host(sample(model, PROMPTS, max_new_tokens=[10, 16, 12, 9], key=jax.random.key(0)))
+  assert out.lengths.tolist() == [10, 16, 12, 9]
+  expected = logprob_of(full_forward_logprobs(model, PROMPTS, out), out)
   np.testing.assert_allclose(out.logprobs, expected, atol=1e-5)
   np.testing.assert_allclose(out.model_logprobs, expected, atol=1e-5)
 
@@ -65,11 +69,11 @@ def test_filtered_logprobs_equal_a_full_forward_with_mla_moe_and_mhc():
   """Temperature and top-k / top-p: `logprobs` under the filtered distribution sampled from,
   `model_logprobs` the model's own."""
   model = model_of(MLA_MOE_MHC)
-  out = sample(model, PROMPTS, max_new_tokens=[10, 16, 12, 9], key=jax.random.key(1), **SAMPLING)
+  out = on_host(sample(model, PROMPTS, max_new_tokens=[10, 16, 12, 9], key=jax.random.key(1), **SAMPLING))
   logprobs = full_forward_logprobs(model, PROMPTS, out)  # [B, N, V]
-  policy = jax.nn.log_softmax(jax.vmap(lambda lp: filtered_logits(lp, **SAMPLING))(logprobs))
-  np.testing.assert_allclose(out.model_logprobs, logprob_of(logprobs, out.tokens, out.lengths), atol=1e-5)
-  np.testing.assert_allclose(out.logprobs, logprob_of(policy, out.tokens, out.lengths), atol=1e-5)
+  policy = jax.jit(jax.vmap(lambda lp: jax.nn.log_softmax(filtered_logits(lp, **SAMPLING))))(logprobs)
+  np.testing.assert_allclose(out.model_logprobs, logprob_of(logprobs, out), atol=1e-5)
+  np.testing.assert_allclose(out.logprobs, logprob_of(np.asarray(policy), out), atol=1e-5)
   assert not np.allclose(out.logprobs, out.model_logprobs, atol=1e-3)
 
 
@@ -78,12 +82,12 @@ def test_filtered_logprobs_equal_a_full_forward_with_mla_moe_and_mhc():
 )
 def test_ragged_batch_equals_one_by_one_with_the_same_keys(cfg, settings):
   model = model_of(cfg)
-  keys = jax.random.split(jax.random.key(7), len(PROMPTS))
+  keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(7), len(PROMPTS))))  # raw [B, 2]
   limits = [10, 16, 12, 9]
-  batched = sample(model, PROMPTS, max_new_tokens=limits, key=keys, **settings)
+  batched = on_host(sample(model, PROMPTS, max_new_tokens=limits, key=keys, **settings))
   for b, (prompt, limit) in enumerate(zip(PROMPTS, limits)):
-    alone = sample(model, [prompt], max_new_tokens=limit, key=keys[b : b + 1], **settings)
-    assert int(alone.lengths[0]) == int(batched.lengths[b]) == limit
+    alone = on_host(sample(model, [prompt], max_new_tokens=limit, key=keys[b : b + 1], **settings))
+    assert alone.lengths[0] == batched.lengths[b] == limit
     np.testing.assert_array_equal(alone.tokens[0], batched.tokens[b, :limit])
     np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[b, :limit], atol=1e-5)
     np.testing.assert_allclose(alone.model_logprobs[0], batched.model_logprobs[b, :limit], atol=1e-5)
@@ -98,12 +102,12 @@ def test_ragged_batch_equals_one_by_one_with_the_same_keys(cfg, settings):
 
 def test_rows_stop_at_eos_and_pad_after_it_and_the_loop_ends_with_the_last_row(monkeypatch):
   model = model_of(GQA)
-  free = sample(model, PROMPTS, max_new_tokens=12, key=jax.random.key(3), temperature=0.0)
+  free = on_host(sample(model, PROMPTS, max_new_tokens=12, key=jax.random.key(3), temperature=0.0))
   eos = int(free.tokens[0, 2])  # row 0 emits it at step 2 at the latest
   limits = [40, 5, 12, 5]
 
   def expected_length(b):
-    row = np.asarray(free.tokens[b]).tolist()
+    row = free.tokens[b].tolist()
     return min(row.index(eos) + 1 if eos in row else 12, limits[b])
 
   steps_run = []
@@ -115,16 +119,17 @@ def test_rows_stop_at_eos_and_pad_after_it_and_the_loop_ends_with_the_last_row(m
 
   monkeypatch.setattr(engine, "sample_token", counting)
   out = sample(model, PROMPTS, max_new_tokens=limits, key=jax.random.key(3), temperature=0.0, eos_id=eos, pad_id=59)
-  lengths = np.asarray(out.lengths)
-  assert lengths.tolist() == [expected_length(b) for b in range(4)] and lengths[0] <= 3
+  out = on_host(out)
+  assert out.lengths.tolist() == [expected_length(b) for b in range(4)] and out.lengths[0] <= 3
   assert out.tokens.shape == (4, 40)
-  for b, n in enumerate(lengths):
+  for b, n in enumerate(out.lengths):
     np.testing.assert_array_equal(out.tokens[b, :n], free.tokens[b, :n])
-    assert (np.asarray(out.tokens[b, n:]) == 59).all()
-    assert (np.asarray(out.logprobs[b, n:]) == 0).all() and (np.asarray(out.model_logprobs[b, n:]) == 0).all()
-    assert (np.asarray(out.logprobs[b, :n]) < 0).all()
+    assert (
+      (out.tokens[b, n:] == 59).all() and (out.logprobs[b, n:] == 0).all() and (out.model_logprobs[b, n:] == 0).all()
+    )
+    assert (out.logprobs[b, :n] < 0).all()
   jax.effects_barrier()
-  assert len(steps_run) == lengths.max() < 40  # not the 40 (bucket 64) steps of row 0's limit
+  assert len(steps_run) == out.lengths.max() < 40  # not the 40 (bucket 64) steps of row 0's limit
 
 
 def test_top_k_one_equals_greedy():

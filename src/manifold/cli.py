@@ -126,7 +126,7 @@ def _sample_text(run_model, tokenizer, s, *, max_new_tokens: int) -> str:
     top_p=s.top_p,
     eos_id=tokenizer.eos_id,
   )
-  return _continuation(tokenizer, s.prompt, out.tokens[0, : int(out.lengths[0])])
+  return _continuation(tokenizer, s.prompt, out.tokens[0].tolist()[: int(out.lengths[0])])
 
 
 def _continuation(tokenizer, prompt: str, new_tokens) -> str:

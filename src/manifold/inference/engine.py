@@ -152,14 +152,15 @@ def _check(cfg, tokens, lengths, limits, temperature, top_k, top_p, eos_id, pad_
   ]:
     if not ok:
       raise ValueError(f"{name}={value}: must be {wanted}")
-  for b, (length, limit) in enumerate(zip(lengths, limits, strict=True)):
-    if length == 0:
-      raise ValueError(f"prompt {b} is empty; generation continues at least one token")
-    if length + limit > cfg.max_seq_len:
-      raise ValueError(
-        f"prompt {b} ({length} tokens) + max_new_tokens ({limit}) exceeds model.max_seq_len={cfg.max_seq_len}; "
-        "shorten the prompt or ask for fewer tokens"
-      )
+  if (lengths == 0).any():
+    raise ValueError(f"prompt {np.argmax(lengths == 0)} is empty; generation continues at least one token")
+  too_long = lengths + limits > cfg.max_seq_len
+  if too_long.any():
+    b = np.argmax(too_long)
+    raise ValueError(
+      f"prompt {b} ({lengths[b]} tokens) + max_new_tokens ({limits[b]}) exceeds model.max_seq_len={cfg.max_seq_len}; "
+      "shorten the prompt or ask for fewer tokens"
+    )
   valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   bad = valid & ((tokens < 0) | (tokens >= cfg.vocab_size))
   if bad.any():
