@@ -82,13 +82,16 @@ def _find_libtpu(tpu_slice: Slice) -> None:
     sys.path.insert(0, local)
 
 
-def slice_devices(tpu_slice: Slice) -> list:
-  """The slice's devices from libtpu's topology description (one per chip on v5p)."""
+def slice_devices(tpu_slice: Slice, num_slices: int = 1) -> list:
+  """The slice's devices from libtpu's topology description (one per chip on v5p); with
+  `num_slices > 1`, those of that many such slices joined by DCN (multislice: each device's
+  `slice_index` says which)."""
   _find_libtpu(tpu_slice)
   try:
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology).devices)
+    slices = {"num_slices": num_slices} if num_slices > 1 else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology, **slices).devices)
   except Exception as e:  # noqa: BLE001 -- a missing libtpu surfaces as a backend error
     raise ConfigError(
       f"--topology {tpu_slice.name}: libtpu could not describe {tpu_slice.topology} ({str(e).splitlines()[0][:120]}); "

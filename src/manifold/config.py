@@ -179,6 +179,13 @@ class MeshConfig(Section):
   SECTION = "mesh"
   RESUME = FREE  # checkpoints restore onto any mesh
 
+  island: int = field(
+    1,
+    "DiLoCo islands inside one job (the outermost mesh axis, across slices / nodes where there are several; "
+    "`islands` section); 1: off",
+    POSITIVE,
+    resume=Resume(lambda v: v, "a checkpoint holds one copy of the train state per island"),
+  )
   data: int = field(-1, "data parallelism", _MESH_AXIS)
   fsdp: int = field(1, "ZeRO-3 parameter and optimizer sharding", _MESH_AXIS)
   expert: int = field(1, "expert parallelism (a data axis outside the routed experts)", _MESH_AXIS)
@@ -299,6 +306,16 @@ def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
   m, t = sections["model"], sections["train"]
   require(m.mtp_depth < t.seq_len, f"model.mtp_depth={m.mtp_depth}: must be < train.seq_len={t.seq_len}")
   require(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len}: must be <= model.max_seq_len={m.max_seq_len}")
+  island, isl = sections["mesh"].island, sections["islands"]
+  require(
+    island == 1 or isl.store == "",
+    f"mesh.island={island}: islands inside one job and islands.store={isl.store!r} (islands as separate jobs) "
+    "exclude each other; set one",
+  )
+  require(
+    island == 1 or t.batch_size % island == 0,
+    f"train.batch_size={t.batch_size}: must split over the mesh.island={island} islands",
+  )
   return Config(sections)
 
 
