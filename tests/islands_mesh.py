@@ -45,7 +45,7 @@ from manifold.train.optimizer import make_optimizer
 from manifold.train.state import make_state_spec
 from manifold.train.step import make_train_step
 
-VOCAB, ROWS, SEQ = 64, 4, 16  # ROWS per island: the batch is ROWS x islands
+VOCAB, ROWS, SEQ = 257, 4, 16  # the byte tokenizer's ids; ROWS per island: the batch is ROWS x islands
 DILOCO = dict(inner_steps=3)  # 6 steps: two rounds of 3 inner steps and an outer step
 STREAMING = dict(
   inner_steps=4, fragments=2, overlap_steps=1, mix_alpha=0.5, bits=4, quant_block=32, error_feedback=True
@@ -87,12 +87,24 @@ def one_device(cfg):
 
 
 def initial_state(cfg):
-  """The initial train state, on the host (the same for every run here)."""
-  return jax.tree.map(np.array, one_device(cfg)[0].init(jax.random.key(0)))
+  """A train state to start from, on the host (the same for every run here): parameters
+  drawn with numpy (norm scales around 1), which spares compiling the random init."""
+  typed, rng = validate(cfg), np.random.default_rng(1)
+  abstract = one_device(cfg)[0].abstract
+
+  def draw(path, x):
+    scale = "scale" in jax.tree_util.keystr(path)
+    return (scale + 0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+
+  params = jax.tree_util.tree_map_with_path(draw, abstract.params)
+  opt_state = make_optimizer(typed.train).init(params)
+  state = abstract.replace(step=np.zeros((), np.int32), params=params, extra={}, opt_state=opt_state)
+  return jax.tree.map(np.array, state)
 
 
-def island_programs(cfg, devices):
-  """(mesh, spec, the inner step and the outer sync compiled for `devices`, their HLO)."""
+def island_programs(cfg, devices, inner_step: bool = True):
+  """(mesh, spec, the inner step (unless not `inner_step`) and the outer sync compiled for
+  `devices`, their HLO)."""
   typed = validate(cfg)
   mesh = make_mesh(cfg.mesh, devices)
   check_fits(typed, mesh)
@@ -100,11 +112,12 @@ def island_programs(cfg, devices):
   spec = make_island_spec(typed.model, tx, mesh, typed.islands, typed.mesh.island)
   batch = jax.ShapeDtypeStruct((typed.train.batch_size, SEQ + 1), jnp.int32, sharding=island_batch_sharding(mesh))
   step = make_island_train_step(spec, tx, mesh, jnp.ones(VOCAB), typed.train)
-  step = step.lower(spec.abstract.inner, batch).compile()
+  step = step.lower(spec.abstract.inner, batch).compile() if inner_step else None
   sync = make_outer_sync(spec, mesh, typed.islands)
   compiled = lambda fns: [f.lower(spec.abstract).compile() for f in fns]  # noqa: E731
   sync = dataclasses.replace(sync, send=compiled(sync.send), land=compiled(sync.land))
-  hlo = {"inner_step": step.as_text(), **{f"sync_{p}": send.as_text() for p, send in enumerate(sync.send)}}
+  hlo = {"inner_step": step.as_text()} if inner_step else {}
+  hlo.update({f"sync_{p}": send.as_text() for p, send in enumerate(sync.send)})
   hlo.update({f"land_{p}": land.as_text() for p, land in enumerate(sync.land)})
   return mesh, spec, step, sync, hlo
 
@@ -327,27 +340,94 @@ def cpu_report(workdir: str) -> dict:
   return report
 
 
+DCN_SEND = re.compile(r"= \(([^ ]+), u32\[\], token\[\]\) send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+
+
+def dcn_transfers(hlo: str) -> list[str]:
+  """A TPU multislice program's transfers between slices: XLA lowers a collective whose
+  groups span slices to send / recv pairs for the DCN ("megascale") runtime, tagged with the
+  collective they implement; as 'ALL_REDUCE f32[...]' (what one device sends)."""
+  return [f"{kind} {shape.split('{')[0]}" for shape, kind in DCN_SEND.findall(hlo)]
+
+
+def loop_report(workdir: str) -> dict:
+  """`manifold.train.loop.train` with `mesh.island = 2` (DiLoCo, 3 inner steps) on a few
+  standard-library files for 8 steps (checkpoints at 4 and 8), then the same run resumed
+  from its step-4 checkpoint; and `load_trained` on the first run."""
+  import os
+  import shutil
+
+  from manifold.data import stdlib_files
+  from manifold.train.loop import train
+  from manifold.train.metrics import read_metrics
+  from manifold.train.restore import load_trained
+
+  os.makedirs(f"{workdir}/corpus")
+  for i, f in enumerate([f for f in stdlib_files() if 2_000 < os.path.getsize(f.path) < 20_000][:6]):
+    shutil.copy(f.path, f"{workdir}/corpus/m{i}.py")
+  cfg = config(dict(island=2, data=4), DILOCO)
+  cfg.data.update(sources=f"{workdir}/corpus/*.py", val_fraction=0.3, cache_dir=f"{workdir}/cache")
+  cfg.train.update(checkpoint_every=4, eval_every=4, log_every=2)
+  cfg.eval.update(batch_size=8, num_batches=1)
+  cfg.sample.max_new_tokens = 0
+  whole = train(cfg, f"{workdir}/whole", progress=False)
+  shutil.copytree(f"{workdir}/whole", f"{workdir}/resumed")
+  shutil.rmtree(f"{workdir}/resumed/checkpoints/8")
+  resumed = train(cfg, f"{workdir}/resumed", progress=False)
+  loaded = load_trained(f"{workdir}/whole", data=False)
+  rows = read_metrics(f"{workdir}/whole/metrics.jsonl")
+  last = [r for r in rows if "islands/bytes_sent_total" in r][-1]
+  return {
+    "resumed_from": resumed.start,
+    "resumed_vs_whole": max_diff(jax.device_get(resumed.state), jax.device_get(whole.state)),
+    "loaded_vs_whole": max_diff(jax.device_get(loaded.state.params), jax.device_get(whole.state.params)),
+    "loaded_step": loaded.step,
+    "val_steps": [r["step"] for r in rows if "val_loss" in r],
+    "sync_steps": [r["step"] for r in rows if r.get("islands/bytes_sent", 0) > 0],
+    "last_bytes_row": last,
+    "resumed_last_bytes_row": [
+      r for r in read_metrics(f"{workdir}/resumed/metrics.jsonl") if "islands/bytes_sent_total" in r
+    ][-1],
+    "loss_logged": all(isinstance(r["loss"], float) for r in rows if "loss" in r),
+  }
+
+
 def aot_report() -> dict:
   """Two v5e:2x2 slices (4 chips each, DCN between them), one island per slice, data 4
-  inside: the collectives of each compiled program that join the two slices."""
+  inside: for each compiled program, its transfers between the slices, and its collectives
+  inside a slice (whose replica groups, in a multislice program, number one slice's devices)."""
   from manifold.aot import parse_slice, slice_devices
 
   devices = slice_devices(parse_slice("v5e:2x2"), num_slices=2)
-  report = {"slices": sorted({d.slice_index for d in devices})}
+  report = {"devices": len(devices), "slices": sorted({d.slice_index for d in devices})}
   for name, islands in (("diloco_32bit", dict(DILOCO, inner_steps=4)), ("streaming_int4", STREAMING)):
-    cfg = config(dict(island=2, data=-1), islands)
-    mesh, *_, hlo = island_programs(cfg, devices)
-    report["islands_are_slices"] = [sorted({d.slice_index for d in mesh.devices[i].flat}) for i in range(2)]
-    report[name] = {k: crossing(text, mesh, lambda d: d.slice_index) for k, text in hlo.items()}
-    report[name + "_collectives"] = {k: len(collectives(text)) for k, text in hlo.items()}
+    # the inner step is the same program in both (it does not see the islands section)
+    mesh, *_, hlo = island_programs(config(dict(island=2, data=-1), islands), devices, name == "diloco_32bit")
+    report["island_slices"] = [sorted({d.slice_index for d in mesh.devices[i].flat}) for i in range(2)]
+    report[name] = {
+      k: {
+        "dcn": dcn_transfers(text),
+        "ici_groups": sorted({len(g) for _, groups, _ in collectives(text) for g in groups or [[]]}),
+        "ici_max_id": max([i for _, groups, _ in collectives(text) for g in groups for i in g], default=-1),
+      }
+      for k, text in hlo.items()
+    }
   return report
 
 
 def main() -> None:
   mode, workdir = sys.argv[1], sys.argv[2]
-  jax.config.update("jax_compilation_cache_dir", f"{workdir}/jax_cache")  # runs share their equal programs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  print(json.dumps(cpu_report(workdir) if mode == "cpu" else aot_report()))
+  if mode == "cpu":  # the runs share their equal programs (a TPU compile-only client cannot load them)
+    jax.config.update("jax_compilation_cache_dir", f"{workdir}/jax_cache")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  if mode == "cpu":
+    report = cpu_report(workdir)
+    started = time.perf_counter()
+    report["loop"] = loop_report(f"{workdir}/loop")
+    print(f"loop: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+  else:
+    report = aot_report()
+  print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -259,17 +259,47 @@ def _padded(n: int, ways: int) -> int:
 
 def sync_bytes(spec: IslandSpec, islands_cfg, fragment: int, ways: int = 1) -> int:
   """Bytes one island sends (and receives) over the island axis in the outer sync of
-  `fragment`, each array cut into `ways` equal pieces (the devices of an island; zero-padded)."""
+  `fragment`: its values in one buffer cut into `ways` equal pieces (the devices of an
+  island; zero-padded) and a float32 ring all-reduce of its `extra`."""
   m = spec.islands
-  leaves = diloco.select(spec.abstract.params, spec.leaf_fragments, fragment)
-  extra = sum(_padded(x.size, ways) for x in diloco.select(spec.abstract.extra, spec.extra_fragments, fragment))
+  sizes = [x.size for x in diloco.select(spec.abstract.params, spec.leaf_fragments, fragment)]
+  extra = sum(x.size for x in diloco.select(spec.abstract.extra, spec.extra_fragments, fragment))
   if islands_cfg.bits == 32:
-    moved = diloco.allreduce_bytes(sum(_padded(x.size, ways) for x in leaves), m, 1)
+    moved = diloco.allreduce_bytes(_padded(sum(sizes), ways), m, 1)
   else:
-    quantize = functools.partial(diloco.quantize, bits=islands_cfg.bits, block=islands_cfg.quant_block)
-    coded = [jax.eval_shape(quantize, jax.ShapeDtypeStruct(x.shape, jnp.float32)) for x in leaves]
-    moved = (m - 1) * sum(_padded(a.size, ways) * a.dtype.itemsize for pair in coded for a in pair)
-  return int(round(moved + diloco.allreduce_bytes(extra, m, 1)))
+    coded = sum(diloco.quantized_nbytes(n, islands_cfg.bits, islands_cfg.quant_block) for n in sizes)
+    moved = (m - 1) * _padded(coded, ways)
+  return int(round(moved + (diloco.allreduce_bytes(_padded(extra, ways), m, 1) if extra else 0)))
+
+
+def _concat(arrays: list[jax.Array]) -> jax.Array:
+  """[M, ...] arrays -> one [M, total] buffer."""
+  return jnp.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
+
+
+def _split(buffer: jax.Array, like: list) -> list[jax.Array]:
+  """The inverse of `_concat`: pieces of `buffer` [M, total] shaped like `like`'s [M, ...] arrays."""
+  out, at = [], 0
+  for x in like:
+    n = math.prod(x.shape[1:])
+    out.append(buffer[:, at : at + n].reshape(buffer.shape[0], *x.shape[1:]))
+    at += n
+  return out
+
+
+def _as_bytes(x: jax.Array) -> jax.Array:
+  """[M, k] of any dtype -> [M, k * itemsize] uint8 (the same bits)."""
+  if x.dtype.itemsize == 1:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8)
+  return jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(x.shape[0], -1)
+
+
+def _from_bytes(b: jax.Array, like) -> jax.Array:
+  """The inverse of `_as_bytes` for an [M, k] array like `like` (shape and dtype)."""
+  dtype = jnp.dtype(like.dtype)
+  if dtype.itemsize == 1:
+    return jax.lax.bitcast_convert_type(b, dtype)
+  return jax.lax.bitcast_convert_type(b.reshape(b.shape[0], -1, dtype.itemsize), dtype)
 
 
 def make_outer_sync(spec: IslandSpec, mesh: Mesh, islands_cfg) -> OuterSync:
@@ -284,23 +314,25 @@ def make_outer_sync(spec: IslandSpec, mesh: Mesh, islands_cfg) -> OuterSync:
   def on(*spec_) -> Callable[[jax.Array], jax.Array]:
     return functools.partial(jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, PartitionSpec(*spec_)))
 
-  def pieces(x: jax.Array) -> jax.Array:
-    """[M, ...] -> [M, n] (zero-padded), each island's n values cut over its own devices, so
+  def pieces(flat: jax.Array) -> jax.Array:
+    """[M, n] -> [M, n'] (zero-padded), each island's values cut over its own devices, so
     that what crosses the island axis is one copy of each island's values, not one per
     device that holds them (parameters replicated inside an island)."""
-    flat = x.reshape(x.shape[0], -1)
     return on(ISLAND, inner)(jnp.pad(flat, ((0, 0), (0, _padded(flat.shape[1], ways) - flat.shape[1]))))
 
-  def island_mean(x: jax.Array) -> jax.Array:
-    """Mean over the islands, [M, ...] -> [...] float32: an all-reduce over the island axis
-    of each device's piece."""
-    mean = on(inner)(jnp.mean(pieces(x.astype(jnp.float32)), axis=0))
-    return mean[: math.prod(x.shape[1:])].reshape(x.shape[1:])
+  def island_mean(arrays: list[jax.Array]) -> list[jax.Array]:
+    """Means over the islands, [M, ...] -> [...] float32: one all-reduce over the island
+    axis of each device's piece of the arrays' values."""
+    flat = _concat([a.astype(jnp.float32) for a in arrays])
+    mean = on(inner)(jnp.mean(pieces(flat), axis=0))[None, : flat.shape[1]]
+    return [x[0] for x in _split(mean, arrays)]
 
-  def gathered(x: jax.Array) -> jax.Array:
-    """Every island's [M, n] codes (or scales) on every device: an all-gather over the island
-    axis of each device's piece, then one inside each island."""
-    return on()(on(None, inner)(pieces(x)))[:, : x.shape[1]]
+  def gathered(arrays: list[jax.Array]) -> list[jax.Array]:
+    """Every island's [M, k] codes and scales on every device: their bytes in one buffer,
+    all-gathered over the island axis piece by piece, then inside each island."""
+    flat = _concat([_as_bytes(a) for a in arrays])
+    flat = on()(on(None, inner)(pieces(flat)))[:, : flat.shape[1]]
+    return [_from_bytes(b, a) for b, a in zip(_split(flat, [_as_bytes(a) for a in arrays]), arrays)]
 
   def outer_gradient(state: IslandState, p: int):
     """(Delta of fragment p's leaves, the new residual leaves or None)."""
@@ -309,17 +341,19 @@ def make_outer_sync(spec: IslandSpec, mesh: Mesh, islands_cfg) -> OuterSync:
       for g, x in zip(diloco.select(state.params, lf, p), diloco.select(state.inner.params, lf, p))
     ]  # [M, ...] each, on the islands' devices
     if bits == 32:
-      return [island_mean(d) for d in deltas], None
+      return island_mean(deltas), None
     residuals = diloco.select(state.residual, lf, p) if feedback else [None] * len(deltas)
-    out, new_residuals = [], []
-    for d, r in zip(deltas, residuals):
+    sent, new_residuals = [], []
+    for d, r in zip(deltas, residuals):  # quantised on each island
       if r is None:
         codes, scales = jax.vmap(lambda x: diloco.quantize(x, bits, block))(d)
       else:
         codes, scales, r = jax.vmap(lambda x, e: diloco.quantize_with_feedback(x, e, bits, block))(d, r)
         new_residuals.append(r)
-      # quantised on each island; only the codes and scales cross the island axis
-      codes, scales = gathered(on(ISLAND)(codes)), gathered(on(ISLAND)(scales))
+      sent += [on(ISLAND)(codes), on(ISLAND)(scales)]
+    received = gathered(sent)  # only the codes and scales cross the island axis
+    out = []
+    for d, codes, scales in zip(deltas, received[0::2], received[1::2]):
       dequantize = functools.partial(diloco.dequantize, shape=d.shape[1:])
       out.append(jnp.mean(jax.vmap(dequantize)(codes, scales), axis=0))
     return out, (new_residuals if feedback else None)
@@ -337,10 +371,9 @@ def make_outer_sync(spec: IslandSpec, mesh: Mesh, islands_cfg) -> OuterSync:
       for new, old, label in zip(jax.tree.leaves(new_outer), jax.tree.leaves(state.outer_opt_state), state_labels)
     ]
     outer_opt_state = jax.tree.unflatten(jax.tree.structure(state.outer_opt_state), outer_leaves)
-    extra_p = diloco.select(state.inner.extra, ef, p)
-    extra = diloco.merge_fragment(
-      state.extra, [island_mean(x).astype(x.dtype) for x in extra_p], ef, p
-    )  # evaluation's copy
+    extra, extra_p = state.extra, diloco.select(state.inner.extra, ef, p)
+    if extra_p:  # evaluation's copy
+      extra = diloco.merge_fragment(extra, [m.astype(x.dtype) for m, x in zip(island_mean(extra_p), extra_p)], ef, p)
     inner_params = state.inner.params
     if not overlap:
       fresh = [
