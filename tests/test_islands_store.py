@@ -188,12 +188,12 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
   sent, received = last["islands/bytes_sent_cumulative"], last["islands/bytes_received_cumulative"]
   assert sent == sum(row["islands/bytes_sent"] for row in logged)
   assert received == sum(row["islands/bytes_received"] for row in logged) > 0
-  assert last["islands/dp_allreduce_bytes"] == diloco.allreduce_bytes(num_params, 2, 24)
+  assert last["islands/dp_allreduce_bytes_cumulative"] == diloco.allreduce_bytes(num_params, 2, 24)
   retries = [
     read_metrics(tmp_path / "run" / f"island-{k}" / "metrics.jsonl")[-2]["islands/store_retries"] for k in (0, 1)
   ]
   assert min(retries) > 0, retries  # both islands met the outage
-  ratio = 2 * last["islands/dp_allreduce_bytes"] / (sent + received)
+  ratio = 2 * last["islands/dp_allreduce_bytes_cumulative"] / (sent + received)
   assert last["islands/dp_ratio"] == pytest.approx(ratio) and ratio > 1, (sent, received, ratio)
 
 

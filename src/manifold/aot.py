@@ -82,13 +82,16 @@ def _find_libtpu(tpu_slice: Slice) -> None:
     sys.path.insert(0, local)
 
 
-def slice_devices(tpu_slice: Slice) -> list:
-  """The slice's devices from libtpu's topology description (one per chip on v5p)."""
+def slice_devices(tpu_slice: Slice, num_slices: int = 1) -> list:
+  """The slice's devices from libtpu's topology description (one per chip on v5p); with
+  `num_slices > 1`, those of that many such slices joined by DCN (multislice: each device's
+  `slice_index` says which)."""
   _find_libtpu(tpu_slice)
   try:
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology).devices)
+    slices = {"num_slices": num_slices} if num_slices > 1 else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology, **slices).devices)
   except Exception as e:  # noqa: BLE001 -- a missing libtpu surfaces as a backend error
     raise ConfigError(
       f"--topology {tpu_slice.name}: libtpu could not describe {tpu_slice.topology} ({str(e).splitlines()[0][:120]}); "
@@ -121,7 +124,7 @@ class CompileReport:
 def compile_train_step(cfg, tpu_slice: Slice) -> CompileReport:
   """AOT-compiles `cfg`'s training step (forward, backward, AdamW update) for the slice."""
   from manifold.parallel import sharding
-  from manifold.parallel.mesh import check_fits, make_mesh
+  from manifold.parallel.mesh import check_fits, islands_of, make_mesh
   from manifold.train.optimizer import make_optimizer
   from manifold.train.state import make_state_spec
   from manifold.train.step import make_train_step
@@ -129,12 +132,21 @@ def compile_train_step(cfg, tpu_slice: Slice) -> CompileReport:
   mesh = make_mesh(cfg.mesh, slice_devices(tpu_slice))
   check_fits(cfg, mesh)
   model_cfg, tx = model_config(cfg), make_optimizer(cfg.train)
-  spec = make_state_spec(model_cfg, tx, mesh)
-  step = make_train_step(spec, tx, mesh, jnp.ones(model_cfg.vocab_size, jnp.float32), cfg.train)
-  batch = jax.ShapeDtypeStruct(
-    (cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(mesh)
-  )
-  compiled = step.lower(spec.abstract, batch).compile()
+  token_bytes, shape = jnp.ones(model_cfg.vocab_size, jnp.float32), (cfg.train.batch_size, cfg.train.seq_len + 1)
+  if islands_of(cfg.mesh) > 1:  # the islands' inner step (manifold.islands.mesh), islands inside the slice
+    from manifold.config import validate
+    from manifold.islands import mesh as island_mesh
+
+    islands = islands_of(cfg.mesh)
+    spec = island_mesh.make_island_spec(model_cfg, tx, mesh, validate(cfg).islands, islands)
+    step = island_mesh.make_island_train_step(spec, tx, mesh, token_bytes, cfg.train)
+    batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=island_mesh.island_batch_sharding(mesh))
+    compiled = step.lower(spec.abstract.inner, batch).compile()
+  else:
+    spec = make_state_spec(model_cfg, tx, mesh)
+    step = make_train_step(spec, tx, mesh, token_bytes, cfg.train)
+    batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
+    compiled = step.lower(spec.abstract, batch).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

@@ -179,6 +179,13 @@ class MeshConfig(Section):
   SECTION = "mesh"
   RESUME = FREE  # checkpoints restore onto any mesh
 
+  island: int = field(
+    1,
+    "DiLoCo islands inside one job (the outermost mesh axis, across slices / nodes where there are several; "
+    "`islands` section); 1: off",
+    POSITIVE,
+    resume=Resume(lambda v: v, "a checkpoint holds one copy of the train state per island"),
+  )
   data: int = field(-1, "data parallelism", _MESH_AXIS)
   fsdp: int = field(1, "ZeRO-3 parameter and optimizer sharding", _MESH_AXIS)
   expert: int = field(1, "expert parallelism (a data axis outside the routed experts)", _MESH_AXIS)
@@ -378,6 +385,16 @@ def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
   require(
     m.n_layers % i.fragments == 0,
     f"islands.fragments={i.fragments}: must divide model.n_layers={m.n_layers} (each fragment is a group of layers)",
+  )
+  island = sections["mesh"].island
+  require(
+    island == 1 or i.store == "",
+    f"mesh.island={island}: islands inside one job and islands.store={i.store!r} (islands as separate jobs) "
+    "exclude each other; set one",
+  )
+  require(
+    island == 1 or t.batch_size % island == 0,
+    f"train.batch_size={t.batch_size}: must split over the mesh.island={island} islands",
   )
   return Config(sections)
 

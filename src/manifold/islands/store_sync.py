@@ -636,7 +636,8 @@ class StoreSync:
       "islands/bytes_received": received - self.counted[1],
       "islands/bytes_sent_cumulative": sent_total,
       "islands/bytes_received_cumulative": received_total,
-      "islands/dp_allreduce_bytes": diloco.allreduce_bytes(self.num_params, self.count, step - self.start),
+      "islands/dp_allreduce_bytes": diloco.allreduce_bytes(self.num_params, self.count, 1),
+      "islands/dp_allreduce_bytes_cumulative": diloco.allreduce_bytes(self.num_params, self.count, step - self.start),
       "islands/members": self.last["members"],
       "islands/round": self.last["round"],
       "islands/dropped": self.last["dropped"],
@@ -644,7 +645,9 @@ class StoreSync:
       "islands/store_retries": self.store.transient_failures,
     }
     # A ring all-reduce receives what it sends: the data-parallel traffic per party is twice its sends.
-    values["islands/dp_ratio"] = 2 * values["islands/dp_allreduce_bytes"] / max(1, sent_total + received_total)
+    values["islands/dp_ratio"] = (
+      2 * values["islands/dp_allreduce_bytes_cumulative"] / max(1, sent_total + received_total)
+    )
     self.counted = (sent, received)
     return values
 

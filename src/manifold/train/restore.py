@@ -7,10 +7,10 @@ import sys
 from typing import Callable
 
 from manifold import files
-from manifold.config import ConfigError, config_from_json, model_config
+from manifold.config import ConfigError, config_from_json, model_config, validate
 from manifold.data import Data, check_manifest
 from manifold.model import Transformer
-from manifold.parallel.mesh import make_mesh
+from manifold.parallel.mesh import islands_of, make_mesh
 from manifold.train.checkpoint import Checkpointer, UnreadableCheckpoint
 from manifold.train.optimizer import make_optimizer
 from manifold.train.run import load_run_data
@@ -54,7 +54,13 @@ def load_trained(
     mesh = make_mesh(cfg.mesh)
   except ConfigError:  # trained on another topology: spread the restored state over the devices here
     mesh = make_mesh(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
-  spec = make_state_spec(model_config(cfg), make_optimizer(cfg.train), mesh)
+  if islands_of(cfg.mesh) > 1:  # DiLoCo islands in one job: the whole island state; `state.params` are global
+    from manifold.islands.mesh import make_island_spec
+
+    islands = islands_of(cfg.mesh)
+    spec = make_island_spec(model_config(cfg), make_optimizer(cfg.train), mesh, validate(cfg).islands, islands)
+  else:
+    spec = make_state_spec(model_config(cfg), make_optimizer(cfg.train), mesh)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, create=False)
   try:
     if step is None:

@@ -20,7 +20,7 @@ from manifold.data.loader import BatchIterator
 from manifold.model import ModelConfig
 from manifold.model.accounting import training_flops_per_token
 from manifold.parallel import sharding
-from manifold.parallel.mesh import check_fits, make_mesh
+from manifold.parallel.mesh import check_fits, islands_of, make_mesh
 from manifold.schema import differences
 from manifold.train.checkpoint import Checkpointer
 from manifold.train.hardware import peak_tflops
@@ -122,12 +122,12 @@ def token_byte_table(data: Data, vocab_size: int) -> jax.Array:
   return jnp.asarray(table)
 
 
-def global_batch(local: np.ndarray, mesh, eval_batch: bool = False) -> jax.Array:
-  """This process's rows -> one global array sharded over the data axes."""
+def global_batch(local: np.ndarray, mesh, eval_batch: bool = False, batch_sharding=None) -> jax.Array:
+  """This process's rows -> one global array sharded over the data axes (or as `batch_sharding` says)."""
   if eval_batch and jax.process_count() > 1:  # every process holds the full eval batch
     rows = local.shape[0] // jax.process_count()
     local = local[jax.process_index() * rows : (jax.process_index() + 1) * rows]
-  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
+  return jax.make_array_from_process_local_data(batch_sharding or sharding.batch_sharding(mesh), local)
 
 
 def evaluate(eval_step, state: TrainState, batches: list[np.ndarray], mesh) -> dict[str, float]:
@@ -175,13 +175,14 @@ class Run:
   start: int  # the step `state` is at
   is_main: bool  # process 0 writes metrics and files
   islands: IslandSync | None = None  # set when the run is one of several islands (manifold.islands)
+  batch_sharding: Any = None  # of a training batch, when not `sharding.batch_sharding(mesh)` (islands)
 
   def say(self, text: str) -> None:
     if self.is_main:
       tqdm.tqdm.write(text)
 
   def next_batch(self) -> jax.Array:
-    return global_batch(next(self.iterator), self.mesh)
+    return global_batch(next(self.iterator), self.mesh, batch_sharding=self.batch_sharding)
 
   def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
     """`evaluate` on the run's validation batches (plus, with streams, the mixing statistics
@@ -199,26 +200,36 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
   """Checks `cfg` (config, mesh fit, the run already in `workdir`, data, vocabulary), builds the
   jitted steps, restores the newest checkpoint that restores (or initialises step 0), and only
   then writes to `workdir`. Checkpoints newer than the one restored that do not restore are
-  moved to `checkpoints_unreadable/`, unchanged, each with one line through `say`."""
+  moved to `checkpoints_unreadable/`, unchanged, each with one line through `say`.
+
+  With `mesh.island > 1` the run is that many DiLoCo islands inside the job
+  (`manifold.islands.mesh`): the state, train step and batch layout are the islands',
+  `Run.islands` runs the outer syncs, and evaluation reads the global model."""
   cfg = with_absolute_paths(cfg)
-  validate(cfg)
+  typed = validate(cfg)
   tc = cfg.train
   is_main = jax.process_index() == 0
   model_cfg = model_config(cfg)
   mesh = make_mesh(cfg.mesh)
   check_fits(cfg, mesh)
   changes = resume_changes(cfg, workdir)
-  islands = None
+  store_sync = None
   if cfg.islands.store:  # one island of an independent-jobs run: store, config and id checked here
     from manifold.islands.store_sync import connect
 
-    islands = connect(cfg, workdir, say)
+    store_sync = connect(cfg, workdir, say)
   data = load_run_data(cfg)
   check_manifest(files.path(workdir) / "manifest.json", data.tokenizer, data.records)
   tx = make_optimizer(tc)
-  spec = make_state_spec(model_cfg, tx, mesh)
+  in_job = islands_of(cfg.mesh)  # islands inside this job (mesh.island)
+  if in_job > 1:
+    from manifold.islands import mesh as island_mesh
+
+    spec = island_mesh.make_island_spec(model_cfg, tx, mesh, typed.islands, in_job)
+  else:
+    spec = make_state_spec(model_cfg, tx, mesh)
   token_bytes = token_byte_table(data, model_cfg.vocab_size)
-  island, count = (cfg.islands.id, cfg.islands.count) if islands else (0, 1)  # islands read disjoint shards
+  island, count = (cfg.islands.id, cfg.islands.count) if store_sync else (0, 1)  # islands read disjoint shards
   iterator = BatchIterator(
     data.train,
     batch_size=tc.batch_size * count,
@@ -238,14 +249,22 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
   start, state = (0, spec.init(jax.random.key(tc.seed))) if restored is None else (restored.step, restored.state)
   if restored is not None:
     iterator.load_state_dict(restored.data)
-  if islands is not None:  # from the run's newest global parameters, into its next round
-    state = islands.join(spec, state, start)
+  if store_sync is not None:  # from the run's newest global parameters, into its next round
+    state = store_sync.join(spec, state, start)
   record_run(cfg, workdir, step=start, changes=changes, data=data)  # every check has passed
   checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
   for step, why in (restored.skipped if restored else {}).items():
     where = checkpointer.set_aside(step)
     if is_main:
       say(f"checkpoint {step} does not restore ({why}); resuming from step {start}; moved it, unchanged, to {where}")
+  sync, batch_sharding = store_sync, None
+  if in_job > 1:
+    train_step = island_mesh.island_step(island_mesh.make_island_train_step(spec, tx, mesh, token_bytes, tc))
+    outer = island_mesh.make_outer_sync(spec, mesh, typed.islands)
+    sync = island_mesh.InJobIslands(outer, typed.islands, tc, in_job, start=start)
+    batch_sharding = island_mesh.island_batch_sharding(mesh)
+  else:
+    train_step = make_train_step(spec, tx, mesh, token_bytes, tc)
   return Run(
     cfg=cfg,
     workdir=workdir,
@@ -253,7 +272,7 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     data=data,
     mesh=mesh,
     spec=spec,
-    train_step=make_train_step(spec, tx, mesh, token_bytes, tc),
+    train_step=train_step,
     eval_step=make_eval_step(spec, mesh, token_bytes),
     residual_stats=make_residual_stats_step(spec, mesh) if model_cfg.residual != "plain" else None,
     schedule=learning_rate_schedule(tc),
@@ -266,7 +285,8 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     state=state,
     start=start,
     is_main=is_main,
-    islands=islands,
+    islands=sync,
+    batch_sharding=batch_sharding,
   )
 
 

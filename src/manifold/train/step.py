@@ -22,7 +22,19 @@ def token_losses(spec: StateSpec, params, extra, batch_bt1: jax.Array) -> jax.Ar
 
 
 def make_train_step(spec: StateSpec, tx: optax.GradientTransformation, mesh: Mesh, token_bytes: jax.Array, train_cfg):
-  """`(state, batch [B, T+1]) -> (state, metrics)`, jitted with the state donated.
+  """`train_step_fn`, jitted over `mesh` with the state donated."""
+  return sharding.jit_on_mesh(
+    train_step_fn(spec, tx, token_bytes, train_cfg),
+    mesh,
+    in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(spec.shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+
+
+def train_step_fn(spec: StateSpec, tx: optax.GradientTransformation, token_bytes: jax.Array, train_cfg):
+  """`(state, batch [B, T+1]) -> (state, metrics)`, not jitted (`make_train_step` jits it;
+  `manifold.islands.mesh` maps it over islands first).
 
   `token_bytes` [V] gives the UTF-8 bytes each token stands for (bits per byte). With
   MoE, the objective adds `train.balance_loss_weight` times the sequence-wise balance
@@ -94,13 +106,7 @@ def make_train_step(spec: StateSpec, tx: optax.GradientTransformation, mesh: Mes
       metrics.update(_moe_metrics(stats["expert_load"], stats["balance_loss"], extra, model_cfg))
     return state.replace(step=state.step + 1, params=params, extra=extra, opt_state=opt_state), metrics
 
-  return sharding.jit_on_mesh(
-    train_step,
-    mesh,
-    in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
-    out_shardings=(spec.shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
+  return train_step
 
 
 def _moe_metrics(expert_load, balance_loss, extra, model_cfg) -> dict[str, jax.Array]:
