@@ -416,8 +416,8 @@ class InJobIslands:
   """The loop's `IslandSync` for islands inside one job: after inner step t, the outer sync
   of each fragment due at t (`diloco.fragments_due`) and, with overlap tau, the landing of
   each sent at t - tau. Metrics (per island; each island sends what it receives):
-  `islands/bytes_sent`, `islands/bytes_received` at this step and `..._total` since step
-  0, beside `islands/dp_allreduce_bytes` (`_total`): a float32 ring all-reduce of all N
+  `islands/bytes_sent`, `islands/bytes_received` at this step and `..._cumulative` since step
+  0, beside `islands/dp_allreduce_bytes` (`_cumulative`): a float32 ring all-reduce of all N
   gradients over the M islands at every step. Written at sync steps and every
   `train.log_every` steps."""
 
