@@ -169,3 +169,12 @@ def differences(saved: Section, new: Section) -> list[tuple[str, Any, Any, Resum
     elif old != value:
       out.append((f"{new.SECTION}.{f.name}", old, value, f.metadata.get("resume") or new.RESUME))
   return out
+
+
+def first_difference(theirs: Mapping[str, Any], mine: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+  """(field, their value, mine) of the first dotted field where two flattened configs disagree
+  (a field one of them lacks reads "<unset>"), else None."""
+  for name in list(mine) + [n for n in theirs if n not in mine]:
+    if theirs.get(name, "<unset>") != mine.get(name, "<unset>"):
+      return name, theirs.get(name, "<unset>"), mine.get(name, "<unset>")
+  return None

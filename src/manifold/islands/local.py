@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,8 +23,7 @@ from typing import Callable, Sequence
 
 from manifold.cli import GPU_MEMORY_FRACTION
 from manifold.config import ConfigError
-
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # .../src
+from manifold.processes import Child, child_env, stop
 
 
 def parse_drill(flag: str, values: Sequence[str], count: int, kind: type) -> dict[int, float]:
@@ -71,41 +69,6 @@ def last_step(workdir: str) -> int:
   return 0
 
 
-class _Island:
-  def __init__(self, k: int, command: list[str], workdir: str, echo: Callable[[str], None]):
-    self.k, self.command, self.workdir, self.echo = k, command, workdir, echo
-    self.proc: subprocess.Popen | None = None
-    self.killed = False
-    self.code: int | None = None
-    self._pump: threading.Thread | None = None
-
-  def start(self, env: dict) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
-    self.killed, self.code = False, None
-    self.proc = subprocess.Popen(
-      self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    self._pump = threading.Thread(target=self._copy, args=(self.proc,), daemon=True)
-    self._pump.start()
-
-  def _copy(self, proc: subprocess.Popen) -> None:
-    with open(os.path.join(self.workdir, "log.txt"), "a", encoding="utf-8") as log:
-      for line in proc.stdout:
-        log.write(line)
-        log.flush()
-        self.echo(f"island {self.k} | {line.rstrip()}")
-
-  def poll(self) -> int | None:
-    if self.proc is not None and self.code is None and self.proc.poll() is not None:
-      self._pump.join(timeout=5)
-      self.code = self.proc.returncode
-    return self.code
-
-  def signal(self, sig: int) -> None:
-    if self.proc is not None and self.proc.poll() is None:
-      self.proc.send_signal(sig)
-
-
 def run_islands(
   config: str,
   workdir: str,
@@ -125,7 +88,7 @@ def run_islands(
   os.makedirs(workdir, exist_ok=True)
   store = store or "file://" + os.path.join(workdir, "store")
   kills, joins = dict(kills or {}), dict(joins or {})
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+  env = child_env()
   # islands on one machine share its GPUs (if any): each may take its share of their memory
   env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{float(GPU_MEMORY_FRACTION) / count:.3f}"
   if "JAX_COMPILATION_CACHE_DIR" not in env:  # one machine: the islands compile their (identical) programs once
@@ -141,7 +104,7 @@ def run_islands(
       echo(text)
 
   islands = [
-    _Island(k, train_command(config, workdir, store, k, count, overrides), island_dir(workdir, k), say)
+    Child(f"island {k}", train_command(config, workdir, store, k, count, overrides), island_dir(workdir, k), say)
     for k in range(count)
   ]
   began = time.monotonic()
@@ -154,8 +117,7 @@ def run_islands(
       now = time.monotonic()
       if held_back and (last_step(islands[first].workdir) >= 1 or islands[first].poll() is not None):
         held_back = set()
-      for island in islands:
-        k = island.k
+      for k, island in enumerate(islands):
         if k in start_at and now >= start_at[k] and k not in held_back:
           del start_at[k]
           say(f"starting island {k}" + (" (restart from its checkpoint)" if island.killed else ""))
@@ -168,41 +130,26 @@ def run_islands(
           del kills[k]
           if k in joins:
             start_at[k] = time.monotonic() + joins[k]
-      codes = {island.k: island.poll() for island in islands}
+      codes = {k: island.poll() for k, island in enumerate(islands)}
       failed = [(k, c) for k, c in codes.items() if c not in (None, 0) and not islands[k].killed and k not in start_at]
       if failed:
         k, code = failed[0]
         say(
           f"island {k} failed (exit code {code}; see {os.path.join(island_dir(workdir, k), 'log.txt')}); stopping the others"
         )
-        _stop(islands)
+        stop(islands, grace_s=60)
         return code if code > 0 else 1
       if not start_at and all(c is not None for c in codes.values()):
         say(f"all islands done; metrics and membership.jsonl in {workdir}/island-*")
         return 0
       if timeout_s is not None and now - began > timeout_s:
         say(f"past {timeout_s:.0f} s: stopping the islands")
-        _stop(islands)
+        stop(islands, grace_s=60)
         return 124
       time.sleep(0.1)
   except KeyboardInterrupt:
     say("interrupted: stopping the islands (each saves a checkpoint)")
-    _stop(islands)
+    stop(islands, grace_s=60)
     return 130
   finally:
-    _stop(islands, grace_s=10)  # nothing outlives the launcher
-
-
-def _stop(islands: list[_Island], grace_s: float = 60) -> None:
-  for island in islands:
-    island.signal(signal.SIGTERM)
-  deadline = time.monotonic() + grace_s
-  for island in islands:
-    if island.proc is None:
-      continue
-    try:
-      island.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      island.signal(signal.SIGKILL)
-      island.proc.wait()
-    island.poll()
+    stop(islands, grace_s=10)  # nothing outlives the launcher

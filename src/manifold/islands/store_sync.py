@@ -70,7 +70,7 @@ import numpy as np
 from manifold import files
 from manifold.config import ConfigError, validate
 from manifold.islands import diloco
-from manifold.schema import FREE, Section
+from manifold.schema import FREE, Section, first_difference
 from manifold.store import (
   BadObject,
   Identity,
@@ -83,6 +83,7 @@ from manifold.store import (
   encode,
   fetch,
   publish,
+  stake_claim,
 )
 
 EXEMPT = ("islands.id", "islands.store")  # per island; every other field the run fixes must agree
@@ -124,14 +125,6 @@ def shared_config(cfg) -> dict[str, Any]:
   for section in validate(cfg).sections.values():
     _walk(section, out)
   return out
-
-
-def first_difference(run: dict[str, Any], mine: dict[str, Any]) -> tuple[str, Any, Any] | None:
-  """(field, the run's value, this island's) of the first field where the two disagree, else None."""
-  for name in list(mine) + [n for n in run if n not in mine]:
-    if run.get(name, "<unset>") != mine.get(name, "<unset>"):
-      return name, run.get(name, "<unset>"), mine.get(name, "<unset>")
-  return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -210,26 +203,19 @@ def check_config(store: Store, identity: Identity, cfg) -> str:
 def claim(store: Store, identity: Identity, island: int, count: int, fingerprint: str) -> None:
   """Claims `claims/<island>` with this island's key; a restart (same key) reclaims it. A `ConfigError`
   if another island holds the id."""
-  key = f"claims/{island}"
   meta = {"id": island, "host": socket.gethostname(), "pid": os.getpid(), "time": _now()}
   try:
-    publish(store, key, "claim", {}, meta, identity, fingerprint)
-    return
-  except KeyExists:
-    pass
-  try:
-    obj = fetch(store, key, kind="claim")
+    holder = stake_claim(store, f"claims/{island}", "claim", meta, identity, fingerprint)
   except BadObject as e:
     raise ConfigError(f"islands.id={island}: its claim in {store.url} is unusable ({e}); pick another id") from None
-  if obj is not None and obj.producer == identity.public_key:
+  if holder is None:
     return
   taken = {_last_int(k) for k in store.list("claims/")}
   free = [k for k in range(count) if k not in taken]
   hint = (
     f"pick a free id ({', '.join(map(str, free))})" if free else "pick a free id (none is left: raise islands.count)"
   )
-  holder = obj.producer[:16] if obj is not None else "?"
-  raise ConfigError(f"islands.id={island} is taken by another island (key {holder}...); {hint}")
+  raise ConfigError(f"islands.id={island} is taken by another island (key {holder[:16]}...); {hint}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from manifold.config import ConfigError, validate
-from manifold.schema import Section
+from manifold.schema import Section, first_difference
 from manifold.store import (
   BadObject,
   Identity,
@@ -57,6 +57,7 @@ from manifold.store import (
   encode,
   fetch,
   publish,
+  stake_claim,
 )
 
 CONFIG_KEY = "run/config"
@@ -165,14 +166,6 @@ def shared_config(cfg) -> dict[str, Any]:
   return out
 
 
-def first_difference(run: dict[str, Any], mine: dict[str, Any]) -> tuple[str, Any, Any] | None:
-  """(field, the learner's value, this worker's) where the two first disagree, else None."""
-  for name in list(mine) + [n for n in run if n not in mine]:
-    if run.get(name, "<unset>") != mine.get(name, "<unset>"):
-      return name, run.get(name, "<unset>"), mine.get(name, "<unset>")
-  return None
-
-
 def publish_config(store: Store, identity: Identity, cfg) -> str:
   """The learner's side: writes `run/config` (or, on a restart, checks it is this learner's and
   this config's); returns the config fingerprint every object carries."""
@@ -245,24 +238,16 @@ def join_config(store: Store, cfg, *, deadline_s: float, poll_s: float, say: Cal
 
 def claim_worker(store: Store, identity: Identity, worker: int, fingerprint: str) -> None:
   """Claims `workers/<worker>` with this worker's key (a restart with the same key reclaims it)."""
-  key = claim_key(worker)
   meta = {"worker": worker, "host": socket.gethostname(), "pid": os.getpid()}
   try:
-    publish(store, key, KIND_CLAIM, {}, meta, identity, fingerprint)
-    return
-  except KeyExists:
-    pass
-  try:
-    obj = fetch(store, key, kind=KIND_CLAIM)
+    holder = stake_claim(store, claim_key(worker), KIND_CLAIM, meta, identity, fingerprint)
   except BadObject as e:
     raise ConfigError(f"rl.worker={worker}: its claim in {store.url} is unusable ({e}); pick another --id") from None
-  if obj is not None and obj.producer == identity.public_key:
-    return
-  holder = obj.producer[:16] if obj is not None else "?"
-  raise ConfigError(
-    f"rl.worker={worker}: id taken by another worker (key {holder}...) in {store.url}; pick another --id, or restart "
-    "that worker with its own --workdir"
-  )
+  if holder is not None:
+    raise ConfigError(
+      f"rl.worker={worker}: id taken by another worker (key {holder[:16]}...) in {store.url}; pick another --id, or "
+      "restart that worker with its own --workdir"
+    )
 
 
 def write_heartbeat(store: Store, key: str, identity: Identity, fingerprint: str, meta: dict) -> None:

@@ -29,6 +29,7 @@ from manifold.store.objects import (
   encode,
   fetch,
   publish,
+  stake_claim,
 )
 from manifold.store.signing import Identity, IdentityError, verify
 
@@ -51,6 +52,7 @@ __all__ = [
   "encode",
   "fetch",
   "publish",
+  "stake_claim",
   "store_url",
   "verify",
 ]

@@ -301,3 +301,18 @@ def fetch(store: Store, key: str, **decode_checks) -> StoredObject | None:
   if obj.name != key:
     raise RejectedObject(source, "name", f"an object named {obj.name!r}, stored under another key")
   return obj
+
+
+def stake_claim(store: Store, key: str, kind: str, meta: Mapping, identity: Identity, fingerprint: str) -> str | None:
+  """Claims `key` for `identity` (an id in a run: written once, `put_new`); a restart with the
+  same key holds it again. None when the claim is this identity's, else the holder's public key
+  ("?" when the claim does not read); a claim that fails its checks raises `BadObject`."""
+  try:
+    publish(store, key, kind, {}, meta, identity, fingerprint)
+    return None
+  except KeyExists:
+    pass
+  obj = fetch(store, key, kind=kind)
+  if obj is not None and obj.producer == identity.public_key:
+    return None
+  return obj.producer if obj is not None else "?"

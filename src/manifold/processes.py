@@ -1,0 +1,73 @@
+"""Child processes a local launcher starts (`manifold islands`, `manifold rl local`): each one's
+output copied to `<workdir>/log.txt` and to the console behind its name, and all of them stopped
+(SIGTERM, then SIGKILL after a grace period) so that nothing outlives the launcher."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Callable, Sequence
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../src
+
+
+def child_env() -> dict[str, str]:
+  """This environment, with this checkout's sources first on PYTHONPATH."""
+  path = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+  return {**os.environ, "PYTHONPATH": path}
+
+
+class Child:
+  """One process, its output copied to `<workdir>/log.txt` and, prefixed with `name |`, to `echo`."""
+
+  def __init__(self, name: str, command: list[str], workdir: str, echo: Callable[[str], None]):
+    self.name, self.command, self.workdir, self.echo = name, command, workdir, echo
+    self.proc: subprocess.Popen | None = None
+    self.code: int | None = None
+    self.killed = False  # by the launcher on purpose (a fault drill)
+    self._pump: threading.Thread | None = None
+
+  def start(self, env: dict) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    self.killed, self.code = False, None
+    self.proc = subprocess.Popen(
+      self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    self._pump = threading.Thread(target=self._copy, args=(self.proc,), daemon=True)
+    self._pump.start()
+
+  def _copy(self, proc: subprocess.Popen) -> None:
+    with open(os.path.join(self.workdir, "log.txt"), "a", encoding="utf-8") as log:
+      for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        self.echo(f"{self.name} | {line.rstrip()}")
+
+  def poll(self) -> int | None:
+    if self.proc is not None and self.code is None and self.proc.poll() is not None:
+      self._pump.join(timeout=5)
+      self.code = self.proc.returncode
+    return self.code
+
+  def signal(self, sig: int) -> None:
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.send_signal(sig)
+
+
+def stop(children: Sequence[Child], grace_s: float = 30) -> None:
+  """SIGTERM to every child still running, then SIGKILL to those still running after `grace_s`."""
+  for child in children:
+    child.signal(signal.SIGTERM)
+  deadline = time.monotonic() + grace_s
+  for child in children:
+    if child.proc is None:
+      continue
+    try:
+      child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      child.signal(signal.SIGKILL)
+      child.proc.wait()
+    child.poll()
