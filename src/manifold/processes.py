@@ -11,13 +11,17 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from manifold.cli import GPU_MEMORY_FRACTION
+
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../src
 
 
-def child_env() -> dict[str, str]:
-  """This environment, with this checkout's sources first on PYTHONPATH."""
+def child_env(processes: int) -> dict[str, str]:
+  """This environment for one of `processes` children on this machine: this checkout's sources
+  first on PYTHONPATH, and each child's share of the GPUs' memory (JAX would take 90% in each)."""
   path = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
-  return {**os.environ, "PYTHONPATH": path}
+  share = f"{float(GPU_MEMORY_FRACTION) / processes:.3f}"
+  return {**os.environ, "PYTHONPATH": path, "XLA_PYTHON_CLIENT_MEM_FRACTION": share}
 
 
 class Child:

@@ -21,7 +21,6 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from manifold.cli import GPU_MEMORY_FRACTION
 from manifold.config import ConfigError
 from manifold.processes import Child, child_env, stop
 
@@ -88,9 +87,7 @@ def run_islands(
   os.makedirs(workdir, exist_ok=True)
   store = store or "file://" + os.path.join(workdir, "store")
   kills, joins = dict(kills or {}), dict(joins or {})
-  env = child_env()
-  # islands on one machine share its GPUs (if any): each may take its share of their memory
-  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{float(GPU_MEMORY_FRACTION) / count:.3f}"
+  env = child_env(count)
   if "JAX_COMPILATION_CACHE_DIR" not in env:  # one machine: the islands compile their (identical) programs once
     env.update(
       JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "xla_cache"),

@@ -46,7 +46,7 @@ def run_local(
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   store = store or "file://" + os.path.join(workdir, "store")
-  env = child_env()
+  env = child_env(workers + 1)  # the learner and the workers
   lock = threading.Lock()
 
   def say(text: str) -> None:
