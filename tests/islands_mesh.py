@@ -376,7 +376,7 @@ def loop_report(workdir: str) -> dict:
   resumed = train(cfg, f"{workdir}/resumed", progress=False)
   loaded = load_trained(f"{workdir}/whole", data=False)
   rows = read_metrics(f"{workdir}/whole/metrics.jsonl")
-  last = [r for r in rows if "islands/bytes_sent_total" in r][-1]
+  last = [r for r in rows if "islands/bytes_sent_cumulative" in r][-1]
   return {
     "resumed_from": resumed.start,
     "resumed_vs_whole": max_diff(jax.device_get(resumed.state), jax.device_get(whole.state)),
@@ -386,7 +386,7 @@ def loop_report(workdir: str) -> dict:
     "sync_steps": [r["step"] for r in rows if r.get("islands/bytes_sent", 0) > 0],
     "last_bytes_row": last,
     "resumed_last_bytes_row": [
-      r for r in read_metrics(f"{workdir}/resumed/metrics.jsonl") if "islands/bytes_sent_total" in r
+      r for r in read_metrics(f"{workdir}/resumed/metrics.jsonl") if "islands/bytes_sent_cumulative" in r
     ][-1],
     "loss_logged": all(isinstance(r["loss"], float) for r in rows if "loss" in r),
   }
