@@ -145,6 +145,10 @@ def test_config_checks_islands_in_one_job():
     validate(c)
   with pytest.raises(ConfigError, match="must split over the mesh.island=3 islands"):
     validate(_cfg(island=3))  # train.batch_size 32
+  with pytest.raises(ConfigError, match="islands.fragments=3: must divide model.n_layers"):
+    c = _cfg(island=2)
+    c.islands.update(fragments=3, inner_steps=300)
+    validate(c)
 
 
 def test_one_island_is_the_mesh_as_before():
@@ -179,6 +183,8 @@ def test_in_job_islands_schedule_and_byte_totals_across_a_restart():
     ("send", 1), ("land", 1), ("send", 0), ("land", 0), ("send", 1), ("land", 1), ("send", 0)
   ]  # fmt: skip
   assert [t for t, row in rows.items() if row] == [2, 4, 6, 8]
-  assert rows[8]["islands/bytes_sent_total"] == 60 and rows[8]["islands/dp_allreduce_bytes_total"] == 8 * 4 * 100  # 2 (M - 1) / M float32 values per step
+  assert (
+    rows[8]["islands/bytes_sent_total"] == 60 and rows[8]["islands/dp_allreduce_bytes_total"] == 8 * 4 * 100
+  )  # 2 (M - 1) / M float32 values per step
   restarted = InJobIslands(_FakeSync(), islands, train, islands=2, start=5)
   assert [restarted.after_step("state", t)[1]["islands/bytes_sent_total"] for t in (6, 8)] == [50, 60]

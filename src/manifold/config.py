@@ -316,6 +316,10 @@ def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
     island == 1 or t.batch_size % island == 0,
     f"train.batch_size={t.batch_size}: must split over the mesh.island={island} islands",
   )
+  require(
+    island == 1 or m.n_layers % isl.fragments == 0,
+    f"islands.fragments={isl.fragments}: must divide model.n_layers={m.n_layers} (fragments are groups of layers)",
+  )
   return Config(sections)
 
 
