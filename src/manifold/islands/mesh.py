@@ -10,10 +10,14 @@ islands. Between inner steps, the loop's `IslandSync` hook (`InJobIslands`) runs
 outer sync of each fragment that `diloco.fragments_due` says is due:
 
   1. each island's outer gradient `theta_global - theta_m` of the fragment (float32);
-  2. with `islands.bits` 4 or 8, each island quantises it (with `islands.error_feedback`,
-     plus the error it carried from its last sync) and the islands all-gather the codes
-     and scales over the island axis, then each dequantises all M and averages; with 32
-     bits, a mean (all-reduce) over the island axis;
+  2. with 32 bits, a mean over the islands: one `pmean` over the island axis; with
+     `islands.bits` 4 or 8, each island quantises it (with `islands.error_feedback`, plus
+     the error it carried from its last sync), the codes and scales of all the fragment's
+     leaves as the bytes of one buffer, which the islands all-gather over the island axis,
+     then each dequantises all M and averages. Either way each island's buffer is cut
+     over its own devices, so one copy per island crosses the island axis, and the work of
+     one island runs inside a `shard_map` that holds only the island axis: nothing there
+     can cross islands but the exchange itself;
   3. the outer Nesterov step (`diloco.outer_step`) on the global parameters, computed
      identically on every island (they are replicated over the island axis);
   4. each island's parameters of the fragment := the new global ones (tau = 0), or with
@@ -30,9 +34,10 @@ parameters have moved on). Every island evaluates the same batches, so evaluatio
 nothing across islands.
 
 Bytes: an outer sync moves, per island and fragment, `allreduce_bytes(n, M, 1)` (a ring
-all-reduce of the float32 outer gradient's n values) or `(M - 1) *
-quantized_nbytes` over its leaves (the all-gather of codes and scales) in each direction,
-plus a float32 all-reduce of the fragment's `extra`; `InJobIslands` logs these per step and
+all-reduce of the float32 outer gradient's n values) or `(M - 1) * (quantized_nbytes
+summed over its leaves)` (the all-gather of codes and scales) in each direction, each
+padded to a multiple of an island's devices, plus a float32 all-reduce of the fragment's
+`extra`; `InJobIslands` logs these per step and
 cumulative beside `allreduce_bytes(N, M, steps)`, what data-parallel training across the
 M islands would have moved. The step's metrics are per island ([M], left on each
 island's devices) and averaged on the host when read (`IslandMean`), so they cross no
@@ -41,6 +46,11 @@ island link either (with several processes, reading them gathers them over proce
 With `islands.overlap_steps > 0` the update lands `tau` steps after it is computed, as in
 Streaming DiLoCo, but the sync is a program of its own, run between two inner steps: the
 all-reduce does not overlap the inner steps' compute here.
+
+MoE: the expert exchange pads (`all_to_all`) on an island mesh, as JAX cannot vmap
+`ragged_all_to_all`; XLA:TPU cannot compile the vmapped grouped matmul (`ragged_dot` with a
+batch dimension), so MoE islands on TPU need `model.moe_impl=dense`; XLA:CPU replicates
+the router's `top_k`, which then gathers the scores across islands too.
 """
 
 from __future__ import annotations
@@ -272,21 +282,6 @@ def sync_bytes(spec: IslandSpec, islands_cfg, fragment: int, ways: int = 1) -> i
   return int(round(moved + (diloco.allreduce_bytes(_padded(extra, ways), m, 1) if extra else 0)))
 
 
-def _concat(arrays: list[jax.Array]) -> jax.Array:
-  """[M, ...] arrays -> one [M, total] buffer."""
-  return jnp.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
-
-
-def _split(buffer: jax.Array, like: list) -> list[jax.Array]:
-  """The inverse of `_concat`: pieces of `buffer` [M, total] shaped like `like`'s [M, ...] arrays."""
-  out, at = [], 0
-  for x in like:
-    n = math.prod(x.shape[1:])
-    out.append(buffer[:, at : at + n].reshape(buffer.shape[0], *x.shape[1:]))
-    at += n
-  return out
-
-
 def _as_bytes(x: jax.Array) -> jax.Array:
   """[M, k] of any dtype -> [M, k * itemsize] uint8 (the same bits)."""
   if x.dtype.itemsize == 1:
@@ -312,27 +307,88 @@ def make_outer_sync(spec: IslandSpec, mesh: Mesh, islands_cfg) -> OuterSync:
   ways = math.prod(mesh.shape[a] for a in inner or ())
 
   def on(*spec_) -> Callable[[jax.Array], jax.Array]:
-    return functools.partial(jax.lax.with_sharding_constraint, shardings=NamedSharding(mesh, PartitionSpec(*spec_)))
+    return functools.partial(jax.lax.with_sharding_constraint, shardings=PartitionSpec(*spec_))
 
-  def pieces(flat: jax.Array) -> jax.Array:
-    """[M, n] -> [M, n'] (zero-padded), each island's values cut over its own devices, so
-    that what crosses the island axis is one copy of each island's values, not one per
+  def one_buffer(arrays: list[jax.Array]) -> jax.Array:
+    """One island's arrays as one flat buffer, zero-padded and cut over the island's
+    devices: what crosses the island axis is one copy of the island's values, not one per
     device that holds them (parameters replicated inside an island)."""
-    return on(ISLAND, inner)(jnp.pad(flat, ((0, 0), (0, _padded(flat.shape[1], ways) - flat.shape[1]))))
+    flat = jnp.concatenate([a.reshape(-1) for a in arrays])
+    return on(inner)(jnp.pad(flat, (0, _padded(flat.shape[0], ways) - flat.shape[0])))
+
+  def unpack(flat: jax.Array, like: list) -> list[jax.Array]:
+    out, at = [], 0
+    for x in like:
+      out.append(flat[at : at + x.size].reshape(x.shape))
+      at += x.size
+    return out
+
+  def per_island(body: Callable, islands_in: tuple, out_specs, check_vma: bool = True) -> Callable:
+    """`body` on each island's own slice of `islands_in` ([M, ...] -> [1, ...]), inside a
+    shard_map that holds only the island axis: nothing of it crosses islands but the
+    collectives over "island" it names (the rest of the mesh stays automatic)."""
+    return jax.shard_map(
+      body, mesh=mesh, in_specs=tuple(PartitionSpec(ISLAND) for _ in islands_in), out_specs=out_specs,
+      axis_names={ISLAND}, check_vma=check_vma,
+    )(*islands_in)  # fmt: skip
 
   def island_mean(arrays: list[jax.Array]) -> list[jax.Array]:
-    """Means over the islands, [M, ...] -> [...] float32: one all-reduce over the island
-    axis of each device's piece of the arrays' values."""
-    flat = _concat([a.astype(jnp.float32) for a in arrays])
-    mean = on(inner)(jnp.mean(pieces(flat), axis=0))[None, : flat.shape[1]]
-    return [x[0] for x in _split(mean, arrays)]
+    """Means over the islands, [M, ...] -> [...] float32: one all-reduce (`pmean`) over the
+    island axis of each device's piece of one buffer of the arrays' values."""
 
-  def gathered(arrays: list[jax.Array]) -> list[jax.Array]:
-    """Every island's [M, k] codes and scales on every device: their bytes in one buffer,
-    all-gathered over the island axis piece by piece, then inside each island."""
-    flat = _concat([_as_bytes(a) for a in arrays])
-    flat = on()(on(None, inner)(pieces(flat)))[:, : flat.shape[1]]
-    return [_from_bytes(b, a) for b, a in zip(_split(flat, [_as_bytes(a) for a in arrays]), arrays)]
+    def body(*own):
+      own = [a[0].astype(jnp.float32) for a in own]
+      return tuple(unpack(jax.lax.pmean(one_buffer(own), ISLAND), own))
+
+    return list(per_island(body, tuple(arrays), tuple(PartitionSpec() for _ in arrays)))
+
+  def exchange_quantized(deltas: list[jax.Array], residuals: list):
+    """Each island quantises its outer gradients (with error feedback: plus its residuals)
+    into the bytes of one buffer; the buffers are all-gathered over the island axis, piece
+    by piece; every island dequantises all M and averages: (mean [...] per leaf, new
+    residuals [M, ...])."""
+    coded = [jax.eval_shape(functools.partial(diloco.quantize, bits=bits, block=block), d[0]) for d in deltas]
+    flat = [jax.ShapeDtypeStruct((math.prod(x.shape) * x.dtype.itemsize,), jnp.uint8) for pair in coded for x in pair]
+
+    def quantized(*own):
+      own_deltas, own_residuals = own[: len(deltas)], own[len(deltas) :]
+      sent, kept = [], []
+      for i, d in enumerate(own_deltas):
+        if feedback:
+          codes, scales, r = diloco.quantize_with_feedback(d[0], own_residuals[i][0], bits, block)
+          kept.append(r[None])
+        else:
+          codes, scales = diloco.quantize(d[0], bits, block)
+        sent += [_as_bytes(codes[None])[0], _as_bytes(scales[None])[0]]
+      return one_buffer(sent)[None], tuple(kept)
+
+    def averaged(rows):
+      parts = unpack_rows(rows[:, : sum(x.size for x in flat)], flat)
+      means = []
+      for i, d in enumerate(deltas):
+        codes, scales = (_from_bytes(parts[2 * i + j], coded[i][j]) for j in (0, 1))
+        dequantize = functools.partial(diloco.dequantize, shape=d.shape[1:])
+        means.append(jnp.mean(jax.vmap(dequantize)(codes, scales), axis=0))
+      return tuple(means)
+
+    args = tuple(deltas) + (tuple(residuals) if feedback else ())
+    out_specs = (PartitionSpec(ISLAND), tuple(PartitionSpec(ISLAND) for _ in residuals) if feedback else ())
+    rows, kept = per_island(quantized, args, out_specs)  # [M, n] bytes, each island's on its own devices
+    rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, PartitionSpec(None, inner)))  # the exchange
+    # every island now holds every island's bytes: decoding them is its own business
+    means = jax.shard_map(
+      averaged, mesh=mesh, in_specs=PartitionSpec(), out_specs=tuple(PartitionSpec() for _ in deltas),
+      axis_names={ISLAND},
+    )(rows)  # fmt: skip
+    return list(means), (list(kept) if feedback else None)
+
+  def unpack_rows(rows: jax.Array, like: list) -> list[jax.Array]:
+    """[M, total] -> [M, k] pieces shaped like `like`'s flat [k] arrays."""
+    out, at = [], 0
+    for x in like:
+      out.append(rows[:, at : at + x.size])
+      at += x.size
+    return out
 
   def outer_gradient(state: IslandState, p: int):
     """(Delta of fragment p's leaves, the new residual leaves or None)."""
@@ -342,21 +398,8 @@ def make_outer_sync(spec: IslandSpec, mesh: Mesh, islands_cfg) -> OuterSync:
     ]  # [M, ...] each, on the islands' devices
     if bits == 32:
       return island_mean(deltas), None
-    residuals = diloco.select(state.residual, lf, p) if feedback else [None] * len(deltas)
-    sent, new_residuals = [], []
-    for d, r in zip(deltas, residuals):  # quantised on each island
-      if r is None:
-        codes, scales = jax.vmap(lambda x: diloco.quantize(x, bits, block))(d)
-      else:
-        codes, scales, r = jax.vmap(lambda x, e: diloco.quantize_with_feedback(x, e, bits, block))(d, r)
-        new_residuals.append(r)
-      sent += [on(ISLAND)(codes), on(ISLAND)(scales)]
-    received = gathered(sent)  # only the codes and scales cross the island axis
-    out = []
-    for d, codes, scales in zip(deltas, received[0::2], received[1::2]):
-      dequantize = functools.partial(diloco.dequantize, shape=d.shape[1:])
-      out.append(jnp.mean(jax.vmap(dequantize)(codes, scales), axis=0))
-    return out, (new_residuals if feedback else None)
+    residuals = diloco.select(state.residual, lf, p) if feedback else []
+    return exchange_quantized(deltas, residuals)
 
   def send(state: IslandState, p: int) -> IslandState:
     deltas, residuals = outer_gradient(state, p)

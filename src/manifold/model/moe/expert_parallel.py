@@ -39,7 +39,10 @@ from manifold.model.partitioning import batch_axes
 def default_exchange(mesh) -> str:
   """`ragged_all_to_all` on TPU meshes; padded `all_to_all` elsewhere. XLA:CPU does not
   implement the ragged one, and XLA:GPU's (JAX 0.11.2, 2 H100s) compiled but never
-  finished a training step (benchmarks/README.md)."""
+  finished a training step (benchmarks/README.md). A mesh with an `island` axis (DiLoCo
+  islands, whose step is vmapped over them) pads too: JAX cannot vmap the ragged one."""
+  if "island" in getattr(mesh, "axis_names", ()):
+    return "all_to_all"
   return "ragged_all_to_all" if mesh.abstract_device.platform == "tpu" else "all_to_all"
 
 
