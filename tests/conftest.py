@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import filelock
 import pytest
 
 from manifold.config import load_config
@@ -18,17 +19,38 @@ REPO = pathlib.Path(__file__).parents[1]
 TINY = "experiments/quickstart.py:tiny"
 
 
-def decode_with_cache(model, tokens_bt, prefill: int):
-  """Logits [B, T, V] from a prefill of `prefill` tokens, then one cached step per token."""
+def decode_with_cache(model, tokens_bt, prefill: int, *, jit: bool = False):
+  """Logits [B, T, V] from a prefill of `prefill` tokens, then one cached step per token; `jit`
+  compiles the calls (the cache index traced: two programs in all) instead of running them eagerly."""
   import jax.numpy as jnp
+  from flax import nnx
 
+  call = lambda m, t, c, i: m(t, c, i)  # noqa: E731
+  if jit:
+    call = nnx.jit(call)
   cache = model.init_cache(tokens_bt.shape[0], tokens_bt.shape[1])
-  logits, cache = model(tokens_bt[:, :prefill], cache, 0)
+  logits, cache = call(model, tokens_bt[:, :prefill], cache, jnp.int32(0) if jit else 0)
   pieces = [logits]
   for i in range(prefill, tokens_bt.shape[1]):
-    logits, cache = model(tokens_bt[:, i : i + 1], cache, i)
+    logits, cache = call(model, tokens_bt[:, i : i + 1], cache, jnp.int32(i) if jit else i)
     pieces.append(logits)
   return jnp.concatenate(pieces, axis=1)
+
+
+def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """The folder `<session temp>/<name>` after `make(folder)` has run in it once per test session:
+  the first xdist worker to ask makes it while the others wait, then all of them share it."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the session's folder, above each worker's own
+  root = base / name
+  with filelock.FileLock(f"{root}.lock"):
+    if not (root / ".made").exists():
+      shutil.rmtree(root, ignore_errors=True)
+      root.mkdir()
+      make(root)
+      (root / ".made").touch()
+  return root
 
 
 @pytest.fixture(scope="session")
@@ -61,17 +83,15 @@ def trained_workdir(corpus_dir, tmp_path_factory):
   """A finished 20-step tiny run (shared by the CLI tests; treat as read-only)."""
   from manifold.train.loop import train
 
-  root = tmp_path_factory.mktemp("trained")
-  cfg = load_config(
-    TINY,
-    [
+  def make(root):
+    overrides = [
       f"--config.data.sources={corpus_dir}/*.py",
       "--config.data.val_fraction=0.2",
       f"--config.data.cache_dir={root / 'cache'}",
-    ],
-  )
-  train(cfg, str(root / "run"), progress=False)
-  return root / "run"
+    ]
+    train(load_config(TINY, overrides), str(root / "run"), progress=False)
+
+  return made_once(tmp_path_factory, "trained", make) / "run"
 
 
 TINY_SWEEP = """
@@ -99,27 +119,58 @@ def tiny_sweep(corpus_dir, tmp_path_factory):
   """(results dir, the mhc run's directory) of a two-run plain / mhc sweep."""
   from manifold.sweep import run_sweep
 
-  root = tmp_path_factory.mktemp("sweep")
-  experiment = root / "tiny_sweep.py"
-  experiment.write_text(TINY_SWEEP)
-  overrides = [
-    f"--config.data.sources={corpus_dir}/*.py",
-    "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={root / 'cache'}",
-  ]
-  run_sweep(str(experiment), str(root / "runs"), str(root / "results"), overrides)
+  def make(root):
+    experiment = root / "tiny_sweep.py"
+    experiment.write_text(TINY_SWEEP)
+    overrides = [
+      f"--config.data.sources={corpus_dir}/*.py",
+      "--config.data.val_fraction=0.2",
+      f"--config.data.cache_dir={root / 'cache'}",
+    ]
+    run_sweep(str(experiment), str(root / "runs"), str(root / "results"), overrides)
+
+  root = made_once(tmp_path_factory, "tiny_sweep", make)
   return root / "results", root / "runs" / "residual-mhc"
 
 
 @pytest.fixture(scope="session")
 def tiny_islands(corpus_dir, tmp_path_factory):
   """The workdir of a finished two-island `manifold islands` run (experiments/islands.py:tiny)."""
-  root = tmp_path_factory.mktemp("islands")
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH", "")]))}
-  command = [
-    sys.executable, "-m", "manifold.cli", "islands", "--config", "experiments/islands.py:tiny", "--count", "2",
-    "--workdir", str(root / "run"), f"--config.data.sources={corpus_dir}/*.py", "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={root / 'cache'}",
-  ]  # fmt: skip
-  subprocess.run(command, check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
-  return root / "run"
+
+  def make(root):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH", "")]))}
+    command = [
+      sys.executable, "-m", "manifold.cli", "islands", "--config", "experiments/islands.py:tiny", "--count", "2",
+      "--workdir", str(root / "run"), f"--config.data.sources={corpus_dir}/*.py", "--config.data.val_fraction=0.2",
+      f"--config.data.cache_dir={root / 'cache'}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
+
+  return made_once(tmp_path_factory, "tiny_islands", make) / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_grpo(tmp_path_factory):
+  """(workdir, console output) of a finished `manifold rl local` run of experiments/grpo.py:tiny: a
+  learner and two workers, each a process on a 2-device CPU mesh, sharing one XLA cache."""
+
+  def make(root):
+    env = {
+      **os.environ,
+      "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])),
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+    command = [
+      sys.executable, "-m", "manifold.cli", "rl", "local", "--config", "experiments/grpo.py:tiny", "--workdir",
+      str(root / "run"), "--workers", "2", "--config.rl.max_staleness=2",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    (root / "console.txt").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+  root = made_once(tmp_path_factory, "tiny_grpo", make)
+  return root / "run", (root / "console.txt").read_text()

@@ -17,6 +17,8 @@ import pytest
 
 from manifold.config import ConfigError, base_config, validate
 
+from .conftest import made_once
+
 SCRIPT = pathlib.Path(__file__).with_name("islands_mesh.py")
 
 
@@ -33,7 +35,12 @@ def _script(mode: str, workdir, devices: int | None) -> dict:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  return _script("cpu", tmp_path_factory.mktemp("islands"), devices=8)
+  """The cpu script's report, made once a session (xdist may spread this file's tests over workers)."""
+
+  def make(root):
+    (root / "report.json").write_text(json.dumps(_script("cpu", root, devices=8)))
+
+  return json.loads((made_once(tmp_path_factory, "islands_mesh", make) / "report.json").read_text())
 
 
 @pytest.mark.parametrize("run", ["island2_data4", "island4_fsdp2"])

@@ -1,5 +1,5 @@
-"""Every notebook runs top to bottom against real (tiny) runs: a plain / mhc sweep and its mhc run, and a
-two-island run for the islands notebook."""
+"""Every notebook runs top to bottom against real (tiny) runs: a plain / mhc sweep and its mhc run, a
+two-island run for the islands notebook and a `manifold rl local` run for the GRPO notebook."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ def test_notebook_executes(path, tiny_sweep, request, monkeypatch):
   results, mhc_run = tiny_sweep
   if path.name == "islands.ipynb":
     monkeypatch.setenv("MANIFOLD_ISLANDS_RUN", str(request.getfixturevalue("tiny_islands")))
+  if path.name == "grpo.ipynb":
+    monkeypatch.setenv("MANIFOLD_GRPO_RUN", str(request.getfixturevalue("tiny_grpo")[0]))
   monkeypatch.setenv("MANIFOLD_RESULTS", str(results))
   monkeypatch.setenv("MANIFOLD_WORKDIR", str(mhc_run))
   notebook = nbformat.read(path, as_version=4)

@@ -320,8 +320,8 @@ def test_mhc_with_pallas_kernels_matches_the_xla_path():
   assert abs(float(value - ref_value)) < 1e-5
   pairs = zip(jax.tree.leaves(nnx.to_pure_dict(grads)), jax.tree.leaves(nnx.to_pure_dict(ref_grads)))
   assert max(float(jnp.max(jnp.abs(g - r))) for g, r in pairs) < 1e-5
-  logits = models["pallas"](x)[0]
+  logits = nnx.jit(lambda m: m(x)[0])(models["pallas"])
   np.testing.assert_allclose(np.asarray(logits), np.asarray(models["xla"](x)[0]), atol=1e-5)
   np.testing.assert_allclose(
-    np.asarray(decode_with_cache(models["pallas"], x, prefill=13)), np.asarray(logits), atol=1e-4
+    np.asarray(decode_with_cache(models["pallas"], x, prefill=13, jit=True)), np.asarray(logits), atol=1e-4
   )

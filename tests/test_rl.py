@@ -28,7 +28,7 @@ from manifold.rl.protocol import (
   rollout_spec,
   shared_config,
 )
-from manifold.rl.rollout import Sampled, pack, token_logprobs
+from manifold.rl.rollout import Sampled, pack, prompt_ids, token_logprobs
 from manifold.rl.tasks import get_task
 from manifold.store import Identity, Store, config_fingerprint, encode
 from manifold.train.metrics import read_metrics
@@ -121,7 +121,7 @@ def test_a_synchronous_update_without_importance_weights_is_the_on_policy_grpo_s
     """A batch of the task's prompts with random completions, laid out as a worker lays one out, its
     behaviour log-probs those of the learner's current policy, and rewards that vary within groups."""
     rng = np.random.default_rng(seed)
-    prompts = [tokenizer.encode(e.prompt) for e in task.prompts("train", seed, shape.prompts)]
+    prompts = [prompt_ids(tokenizer, e.prompt) for e in task.prompts("train", seed, shape.prompts)]
     rows = [p for p in prompts for _ in range(shape.group)]
     lengths = rng.integers(1, shape.max_new_tokens + 1, shape.rows).astype(np.int32)
     new = rng.integers(0, 256, (shape.rows, shape.max_new_tokens)).astype(np.int32)
@@ -187,7 +187,7 @@ def test_a_learner_refuses_rows_longer_than_the_window(tmp_path, capsys):
                    str(tmp_path / "s"), "--config.rl.max_new_tokens=10"])  # fmt: skip
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1, err
-  assert err.startswith("manifold: error: train.seq_len=12: arithmetic prompts take up to 4 tokens, so with "), err
+  assert err.startswith("manifold: error: train.seq_len=12: arithmetic prompts take up to 5 tokens, so with "), err
   assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
 
 
@@ -216,16 +216,10 @@ def test_experiment_variants_load_and_rl_corpus_writes_warm_up_files(tmp_path, c
 # ---------------------------------------------------------------------------------------- (2) end to end
 
 
-def test_rl_local_with_two_workers_trains_on_their_rollouts_and_logs_it(tmp_path, compile_cache, monkeypatch, capsys):
+def test_rl_local_with_two_workers_trains_on_their_rollouts_and_logs_it(tiny_grpo):
   """`manifold rl local` starts the learner and both workers, each a process on a 2-device mesh."""
-  for name, value in child_env(compile_cache, devices=2).items():
-    monkeypatch.setenv(name, value)  # for the children; this process's JAX has started already
-  workdir = tmp_path / "run"
-  argv = ["rl", "local", "--config", TINY, "--workdir", str(workdir), "--workers", "2", "--config.rl.max_staleness=2"]
-  code = cli.main(argv)
-  out = capsys.readouterr()
-  assert code == 0, out.out[-3000:] + out.err[-3000:]
-  assert "learner | step 4:" in out.out and "learner finished" in out.out
+  workdir, out = tiny_grpo
+  assert "learner | step 4:" in out and "learner finished" in out
   rows = read_metrics(workdir / "learner" / "metrics.jsonl")
   by_step = {row["step"]: row for row in rows}
   assert sorted(by_step) == [0, 1, 2, 3, 4]

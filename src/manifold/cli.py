@@ -349,7 +349,8 @@ def cmd_launch(args, overrides) -> int:
 
 
 def cmd_islands(args, overrides) -> int:
-  from manifold.islands.local import parse_drill, run_islands
+  from manifold.islands.local import run_islands
+  from manifold.processes import parse_drill
 
   if args.count < 1:
     raise ConfigError(f"--count {args.count}: must be a positive integer")
@@ -357,8 +358,8 @@ def cmd_islands(args, overrides) -> int:
   overrides = [o for o in overrides if not o.startswith(per_island)]
   load_config(args.config, [*overrides, f"--config.islands.count={args.count}"])  # a bad config fails once, here
   _check_output("--workdir", args.workdir)
-  kills = parse_drill("--kill", args.kill, args.count, int)
-  joins = parse_drill("--join", args.join, args.count, float)
+  kills = parse_drill("--kill", args.kill, int, "ISLAND", args.count)
+  joins = parse_drill("--join", args.join, float, "ISLAND", args.count)
   return run_islands(args.config, args.workdir, args.count, overrides, store=args.store, kills=kills, joins=joins)
 
 
@@ -457,16 +458,24 @@ def cmd_rl_worker(args, overrides) -> int:
 
 
 def cmd_rl_local(args, overrides) -> int:
+  from manifold.processes import parse_drill
   from manifold.rl.local import run_local
 
   if args.workers < 1:
     raise ConfigError(f"--workers {args.workers}: must be a positive integer")
+  kills = parse_drill("--kill", args.kill, int, "WORKER", args.workers)
+  joins = parse_drill("--join", args.join, int, "WORKER")
+  late = sorted(set(joins) & set(range(args.workers)) - set(kills))
+  if late:
+    raise ConfigError(
+      f"--join {late[0]}@...: worker {late[0]} already runs from the start; join a new id or --kill it first"
+    )
   per_process = ("--config.rl.store", "--config.rl.worker")  # the launcher sets them
   overrides = [o for o in overrides if not o.startswith(per_process)]
   overrides = [*overrides, *_rl_overrides(argparse.Namespace(init_from=args.init_from))]
   load_config(args.config, overrides)  # a bad config fails once, here, not in every process
   _check_output("--workdir", args.workdir)
-  return run_local(args.config, args.workdir, args.workers, overrides, store=args.store)
+  return run_local(args.config, args.workdir, args.workers, overrides, store=args.store, kills=kills, joins=joins)
 
 
 def cmd_rl_corpus(args, overrides) -> int:
@@ -616,6 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--workers", type=int, required=True, help="N: workers to start")
   r.add_argument("--store", default="", help="the store URL (default: file://<workdir>/store)")
   r.add_argument("--init-from", default="", help="workdir of a `manifold train` run (SFT warm-up); sets rl.init_from")
+  r.add_argument(
+    "--kill", action="append", default=[], metavar="WORKER@STEP", help="SIGKILL a worker at a learner step"
+  )
+  r.add_argument(
+    "--join", action="append", default=[], metavar="WORKER@STEP",
+    help="start a worker (a new id, or one --kill stopped) once the learner reaches a step",
+  )  # fmt: skip
   r.set_defaults(fn=cmd_rl_local)
   r = rsub.add_parser("corpus", help="write the task's SFT warm-up corpus (.jsonl files) for `manifold train`")
   _config_args(r)

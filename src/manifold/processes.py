@@ -4,6 +4,7 @@ output copied to `<workdir>/log.txt` and to the console behind its name, and all
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from typing import Callable, Sequence
 
 from manifold.cli import GPU_MEMORY_FRACTION
+from manifold.config import ConfigError
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../src
 
@@ -75,3 +77,36 @@ def stop(children: Sequence[Child], grace_s: float = 30) -> None:
       child.signal(signal.SIGKILL)
       child.proc.wait()
     child.poll()
+
+
+def parse_drill(flag: str, values: Sequence[str], kind: type, who: str, count: int | None = None) -> dict[int, float]:
+  """Fault-drill flags, `["K@X", ...]` -> {K: X} with K in [0, count) (any K >= 0 without `count`);
+  one ConfigError line naming `flag` for a malformed item."""
+  out = {}
+  for item in values:
+    name, sep, at = item.partition("@")
+    try:
+      k, x = int(name), kind(at)
+    except ValueError:
+      k, x, sep = -1, 0, ""
+    if not sep or k < 0 or (count is not None and k >= count) or x < 0:
+      where = f" with {who} in [0, {count})" if count is not None else ""
+      raise ConfigError(f"{flag} {item!r}: must be {who}@{kind.__name__.upper()}{where}")
+    out[k] = x
+  return out
+
+
+def last_step(workdir: str) -> int:
+  """The step of the last row of `<workdir>/metrics.jsonl` (0 if none)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+      f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+      lines = f.read().decode("utf-8", "replace").splitlines()
+  except OSError:
+    return 0
+  for line in reversed(lines):
+    try:
+      return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      continue
+  return 0

@@ -13,7 +13,6 @@ others (SIGTERM: each saves a checkpoint), and the exit code is non-zero if any 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -21,23 +20,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from manifold.config import ConfigError
-from manifold.processes import Child, child_env, stop
-
-
-def parse_drill(flag: str, values: Sequence[str], count: int, kind: type) -> dict[int, float]:
-  """`["K@X", ...]` -> {K: X}; one ConfigError line naming `flag` for a malformed item."""
-  out = {}
-  for item in values:
-    island, sep, at = item.partition("@")
-    try:
-      k, x = int(island), kind(at)
-    except ValueError:
-      k, x, sep = -1, 0, ""
-    if not sep or not 0 <= k < count or x < 0:
-      raise ConfigError(f"{flag} {item!r}: must be ISLAND@{kind.__name__.upper()} with ISLAND in [0, {count})")
-    out[k] = x
-  return out
+from manifold.processes import Child, child_env, last_step, stop
 
 
 def island_dir(workdir: str, k: int) -> str:
@@ -50,22 +33,6 @@ def train_command(config: str, workdir: str, store: str, k: int, count: int, ove
     sys.executable, "-m", "manifold.cli", "train", "--config", config, "--workdir", island_dir(workdir, k),
     "--no-progress", "--islands.store", store, "--islands.id", str(k), *overrides, f"--config.islands.count={count}",
   ]  # fmt: skip
-
-
-def last_step(workdir: str) -> int:
-  """The step of the last row of `<workdir>/metrics.jsonl` (0 if none)."""
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
-      f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-      lines = f.read().decode("utf-8", "replace").splitlines()
-  except OSError:
-    return 0
-  for line in reversed(lines):
-    try:
-      return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-      continue
-  return 0
 
 
 def run_islands(

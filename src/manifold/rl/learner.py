@@ -156,7 +156,7 @@ class Learner:
       raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size}: must be >= the tokenizer's ids")
     self.task = get_task(rl.task, **task_settings(rl.difficulty))
     self.heldout = self.task.prompts("heldout", tc.seed, rl.heldout_size)
-    longest = self.task.max_prompt_bytes()  # byte-level tokenizers: a token is at least one byte
+    longest = 1 + self.task.max_prompt_bytes()  # end-of-text, then at most a token per byte
     if longest + rl.max_new_tokens > tc.seq_len + 1:
       raise ConfigError(
         f"train.seq_len={tc.seq_len}: {rl.task} prompts take up to {longest} tokens, so with rl.max_new_tokens="
@@ -554,6 +554,7 @@ class Learner:
         if step == 0 and self.heldout:
           self.writer.write(0, {"heldout_accuracy": self.heldout_accuracy()})
         saved = self.start if self.start else None
+        loop_began = time.monotonic()
         while step < tc.steps:
           taken = self.collect(rl.batches_per_step)
           if taken is None:
@@ -570,6 +571,7 @@ class Learner:
           self.release()
           row = self._row(values, wait_s, lags)
           row["train_s"] = time.monotonic() - began
+          row["elapsed_s"] = time.monotonic() - loop_began  # since this process began training
           if self.heldout and (step % tc.eval_every == 0 or step == tc.steps):
             row["heldout_accuracy"] = self.heldout_accuracy()
           self.writer.write(step, row)

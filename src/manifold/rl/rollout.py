@@ -32,6 +32,12 @@ def seed_of(*parts: Any) -> int:
   return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
+def prompt_ids(tokenizer, text: str) -> np.ndarray:
+  """[1 + n] int32: the end-of-text id, then `text`'s ids. The data loader ends every training
+  document with end-of-text, so a document (a warm-up example, a task prompt) always follows it."""
+  return np.concatenate([np.asarray([tokenizer.eos_id], np.int32), tokenizer.encode(text).astype(np.int32)])
+
+
 class Sampled(NamedTuple):
   tokens: np.ndarray  # [B, M] int32: the completion, then PAD past its length
   lengths: np.ndarray  # [B] int32: tokens through end-of-text (or M)
@@ -88,7 +94,7 @@ def make_batch(
 ) -> dict[str, np.ndarray]:
   """The arrays of one rollout batch: `group_size` completions of each example, scored by the
   task's verifier."""
-  prompts = [tokenizer.encode(e.prompt).astype(np.int32) for e in examples for _ in range(group_size)]
+  prompts = [prompt_ids(tokenizer, e.prompt) for e in examples for _ in range(group_size)]
   sampled = sample(
     model, prompts, max_new_tokens=max_new_tokens, key=key, temperature=temperature, eos_id=tokenizer.eos_id
   )
@@ -113,7 +119,7 @@ def greedy_accuracy(model, task: Task, tokenizer, examples: Sequence[Example], *
   """Share of `examples` the model answers right, decoding greedily."""
   if not examples:
     return float("nan")
-  prompts = [tokenizer.encode(e.prompt).astype(np.int32) for e in examples]
+  prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
   sampled = sample(
     model, prompts, max_new_tokens=max_new_tokens, key=jax.random.key(0), temperature=0.0, eos_id=tokenizer.eos_id
   )
