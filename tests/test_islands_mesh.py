@@ -17,7 +17,7 @@ import pytest
 
 from manifold.config import ConfigError, base_config, validate
 
-from .conftest import made_once
+from .conftest import made_once, xla_flags
 
 SCRIPT = pathlib.Path(__file__).with_name("islands_mesh.py")
 
@@ -25,7 +25,7 @@ SCRIPT = pathlib.Path(__file__).with_name("islands_mesh.py")
 def _script(mode: str, workdir, devices: int | None) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
   proc = subprocess.run(
     [sys.executable, str(SCRIPT), mode, str(workdir)], env=env, capture_output=True, text=True, timeout=900
   )

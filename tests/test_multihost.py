@@ -16,6 +16,8 @@ import sys
 
 from manifold.train.metrics import read_metrics
 
+from .conftest import xla_flags
+
 SCRIPT = pathlib.Path(__file__).with_name("multihost_train.py")
 
 
@@ -28,7 +30,7 @@ def free_port() -> int:
 def env(devices: int, **extra) -> dict[str, str]:
   return {
     **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "XLA_FLAGS": xla_flags(devices),
     "JAX_PLATFORMS": "cpu",
     **extra,
   }

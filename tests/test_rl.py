@@ -34,6 +34,8 @@ from manifold.store import Identity, Store, config_fingerprint, encode
 from manifold.train.metrics import read_metrics
 from manifold.train.optimizer import make_optimizer
 
+from .conftest import xla_flags
+
 TINY = "experiments/grpo.py:tiny"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +60,7 @@ def child_env(cache: str, devices: int = 1) -> dict[str, str]:
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
   }
   if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
   return env
 
 

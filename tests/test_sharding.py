@@ -9,6 +9,8 @@ import subprocess
 import sys
 import types
 
+from .conftest import xla_flags
+
 
 def test_one_step_on_several_meshes_equals_one_device():
   """MLA + MoE + mHC + MTP; data, FSDP, tensor and expert axes (tokens dispatched with
@@ -16,7 +18,7 @@ def test_one_step_on_several_meshes_equals_one_device():
   grouped-matmul kernel path (its Triton calls answered by the reference) runs under a
   tensor-split expert mesh. The
   ragged_all_to_all exchange (TPU) is traced: its gradient sums nothing over `expert`."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
   script = pathlib.Path(__file__).with_name("sharded_step.py")
   proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
