@@ -65,6 +65,29 @@ def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
   return root
 
 
+def child_env(cache: str, devices: int = 1) -> dict[str, str]:
+  """The environment of a `manifold` child process: this checkout's sources, the CPU, `devices`
+  simulated devices (compiling fast) and the persistent XLA cache `cache`."""
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": cache,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+  }
+  if devices > 1:
+    env["XLA_FLAGS"] = xla_flags(devices)
+  return env
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  """A persistent XLA cache the tests' child processes share (from both pytest workers), so each
+  program compiles once a session."""
+  return str(made_once(tmp_path_factory, "xla_cache", lambda root: None))
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
   """40 standard-library modules (real Python text, ~0.5 MB) copied into a temp dir."""
@@ -162,25 +185,18 @@ def tiny_islands(corpus_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_grpo(tmp_path_factory):
+def tiny_grpo(tmp_path_factory, compile_cache):
   """(workdir, console output) of a finished `manifold rl local` run of experiments/grpo.py:tiny: a
   learner and two workers, each a process on a 2-device CPU mesh, sharing one XLA cache."""
 
   def make(root):
-    env = {
-      **os.environ,
-      "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")])),
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": xla_flags(2),
-      "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
     command = [
       sys.executable, "-m", "manifold.cli", "rl", "local", "--config", "experiments/grpo.py:tiny", "--workdir",
       str(root / "run"), "--workers", "2", "--config.rl.max_staleness=2",
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+      command, env=child_env(compile_cache, devices=2), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     (root / "console.txt").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -37,14 +37,9 @@ from manifold.train.metrics import read_metrics
 EXPERIMENT = "experiments/islands.py:tiny"
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("xla_cache")
-
-
 @pytest.fixture
 def island_env(compile_cache, monkeypatch):
-  """The island processes share a persistent XLA cache: each program compiles once per test file."""
+  """The island processes share the session's persistent XLA cache: each program compiles once."""
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

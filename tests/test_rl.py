@@ -34,7 +34,7 @@ from manifold.store import Identity, Store, config_fingerprint, encode
 from manifold.train.metrics import read_metrics
 from manifold.train.optimizer import make_optimizer
 
-from .conftest import xla_flags
+from .conftest import child_env
 
 TINY = "experiments/grpo.py:tiny"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,26 +42,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def quiet(text: str) -> None:
   pass
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A persistent XLA cache the child processes share, so each program compiles once per run."""
-  return str(tmp_path_factory.mktemp("jax-cache"))
-
-
-def child_env(cache: str, devices: int = 1) -> dict[str, str]:
-  env = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), ROOT]),
-    "JAX_PLATFORMS": "cpu",
-    "JAX_COMPILATION_CACHE_DIR": cache,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-  }
-  if devices > 1:
-    env["XLA_FLAGS"] = xla_flags(devices)
-  return env
 
 
 def rl_command(verb: str, workdir, *args: str) -> list[str]:
@@ -294,7 +274,7 @@ def test_faults_a_killed_worker_bad_objects_a_killed_learner_and_a_store_outage(
   cfg = load_config(TINY, overrides)
   store = Store.open(url)
   planted_rollouts(store, cfg)
-  env = child_env(compile_cache, devices=2)  # as in the test above, whose compiled programs it reuses
+  env = child_env(compile_cache, devices=2)  # as tiny_grpo's run, whose compiled programs it reuses
   learner_dir, logs = tmp_path / "learner", tmp_path / "logs"
   logs.mkdir()
 
