@@ -7,8 +7,8 @@ Variants (`:arg`):
   default  a small DeepSeek-V3-style model: 4 blocks x 128 wide, Multi-head Latent
            Attention, DeepSeekMoE (8 routed experts of width 96, 2 per token, 1 shared;
            the first block dense), one MTP module, and mHC with n = 4 streams;
-           256-byte context, 260 steps of 16 sequences (README.md, "The main job", gives
-           its measured wall time).
+           128-byte context, 360 steps of 16 sequences (README.md, "The main job", gives
+           its measured wall time and why these sizes).
   tiny     a seconds-long smoke run (used by the tests and the notebook checks).
 """
 
@@ -39,9 +39,11 @@ def get_config(arg: str | None = None):
       mtp_depth=1,
       residual="mhc",
       streams=4,
+      max_seq_len=128,
     )
-    c.train.update(steps=260, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=26)
-    c.train.update(eval_every=65, checkpoint_every=65)
+    c.train.update(steps=360, batch_size=16, seq_len=128, learning_rate=2e-3, warmup_steps=20)
+    c.train.update(eval_every=120, checkpoint_every=120)
+    c.sample.max_new_tokens = 120
   elif args.variant == "tiny":
     c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
     c.train.update(steps=20, batch_size=8, seq_len=64, warmup_steps=2, log_every=5, eval_every=10, checkpoint_every=10)

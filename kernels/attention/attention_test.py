@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,27 +21,31 @@ def qkv(t=37, n=4, kv=2, h=8, hv=8, seed=0):
   )
 
 
-def test_auto_is_xla_off_gpu_and_names_are_checked():
-  assert api.resolve("auto", jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
-  assert api.resolve("auto", jnp.float32) == "xla"
+def test_auto_picks_by_backend_and_names_are_checked():
+  backend = jax.default_backend()
+  assert api.resolve("auto", jnp.bfloat16) == {"gpu": "cudnn", "cpu": "matmul"}.get(backend, "xla")
+  assert api.resolve("auto", jnp.float32) == ("matmul" if backend == "cpu" else "xla")
   assert api.resolve("cudnn", jnp.float32) == "cudnn"
-  with pytest.raises(ValueError, match="use one of auto, cudnn, xla"):
+  with pytest.raises(ValueError, match="use one of auto, cudnn, xla, matmul"):
     api.resolve("flash", jnp.float32)
 
 
+@pytest.mark.parametrize("impl", ["xla", "matmul"])
 @pytest.mark.parametrize("hv", [8, 5, 12])  # values as wide as, narrower and wider than queries / keys (MLA)
-def test_xla_matches_the_reference_with_grouped_heads_and_any_value_width(hv):
+def test_matches_the_reference_with_grouped_heads_and_any_value_width(hv, impl):
+  """Values and gradients, causal and with a mask [B, 1, T, S] (queries that each see a key)."""
   q, k, v = qkv(hv=hv)
-  got = api.dot_product_attention(q, k, v, scale=0.3, is_causal=True)
-  np.testing.assert_allclose(got, reference.attention(q, k, v, scale=0.3, is_causal=True), rtol=1e-5, atol=1e-5)
   mask = jnp.arange(37)[None, None, None, :] <= jnp.arange(37)[None, None, :, None] - 3  # [1, 1, T, S]
-  q1 = q[:, 3:]  # queries that each see at least one key
-  np.testing.assert_allclose(
-    api.dot_product_attention(q1, k, v, mask=mask[:, :, 3:]),
-    reference.attention(q1, k, v, mask=mask[:, :, 3:]),
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  for kwargs, queries in (({"scale": 0.3, "is_causal": True}, q), ({"mask": mask[:, :, 3:]}, q[:, 3:])):
+
+    def loss(attend, q, k, v):
+      return jnp.sum(jnp.sin(attend(q, k, v, **kwargs)))  # noqa: B023 - called in this iteration
+
+    implementation = functools.partial(api.dot_product_attention, implementation=impl)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, implementation), argnums=(0, 1, 2)))(queries, k, v)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, reference.attention), argnums=(0, 1, 2)))(queries, k, v)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_cudnn_pads_odd_causal_lengths_without_changing_outputs_or_gradients(monkeypatch):

@@ -1,5 +1,5 @@
-"""The grouped matmuls against reference.py: XLA's `ragged_dot`, the Triton blocks in
-interpret mode on the CPU (at small tiles so that several tiles, straddling groups and
+"""The grouped matmuls against reference.py: XLA's `ragged_dot`, the blocked XLA matmul
+(also at small tiles, so that groups span several), the Triton blocks in interpret mode on the CPU (at small tiles so that several tiles, straddling groups and
 padding all occur), and on a GPU the compiled Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative to each output's largest magnitude: float32 1e-5, bfloat16
 1e-2 (both accumulate in float32; the rounding of the output differs)."""
 
@@ -10,12 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.grouped_matmul import api, reference, triton
+from kernels.grouped_matmul import api, blocked, reference, triton
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 ON_GPU = jax.default_backend() == "gpu"
 HOPPER = ON_GPU and any(name in jax.devices()[0].device_kind for name in ("H100", "H200"))
-IMPLS = [(i, d) for i in ("xla", "interpret", "triton") for d in (jnp.float32, jnp.bfloat16) if i != "triton" or ON_GPU]
+IMPLS = [
+  (i, d)
+  for i in ("xla", "blocked", "interpret", "triton")
+  for d in (jnp.float32, jnp.bfloat16)
+  if i != "triton" or ON_GPU
+]
 IMPLS += [("mosaic_gpu", jnp.bfloat16)] if HOPPER else []  # Mosaic GPU's kernels take 16-bit operands
 CASES = [  # (M, K, N, group sizes): the sizes may leave rows past their sum
   (96, 32, 64, (10, 0, 50, 36)),  # sizes sum to M; an empty group; tiles straddle groups
@@ -48,14 +53,27 @@ def test_gmm_forward_and_gradients_match_reference(m, k, n, sizes, dtype, impl):
   def loss(gmm):
     return lambda x, w: jnp.sum(gmm(x, w, group_sizes).astype(jnp.float32) * dy.astype(jnp.float32))
 
-  y = api.gmm(x, w, group_sizes, impl)
+  y = jax.jit(api.gmm, static_argnums=3)(x, w, group_sizes, impl)
   assert y.dtype == dtype
   close(y, reference.gmm(x, w, group_sizes), TOL[dtype], "y")
   assert not np.any(np.asarray(y[int(sum(sizes)) :], np.float32)), "rows past the groups must be 0"
-  got = jax.grad(loss(lambda *a: api.gmm(*a, impl)), argnums=(0, 1))(x, w)
-  want = jax.grad(loss(reference.gmm), argnums=(0, 1))(x, w)
+  got = jax.jit(jax.grad(loss(lambda *a: api.gmm(*a, impl)), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(reference.gmm), argnums=(0, 1)))(x, w)
   for name, g, r in zip(("dx", "dw"), got, want):
     close(g, r, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("m, k, n, sizes", CASES)
+def test_blocked_with_groups_over_several_tiles(m, k, n, sizes):
+  x, w, dy, group_sizes = inputs(m, k, n, sizes, jnp.float32)
+
+  def loss(gmm):
+    return lambda x, w: jnp.sum(gmm(x, w, group_sizes) * dy)
+
+  got = jax.jit(jax.value_and_grad(loss(lambda x, w, s: blocked.gmm(x, w, s, block_m=16)), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.value_and_grad(loss(reference.gmm), argnums=(0, 1)))(x, w)
+  for name, g, r in zip(("loss", "dx", "dw"), jax.tree.leaves(got), jax.tree.leaves(want)):
+    close(g, r, 1e-5, name)
 
 
 def test_tgmm_is_the_weight_gradient():
@@ -97,7 +115,7 @@ def test_bad_input_names_the_problem():
     api.gmm(x.astype(jnp.bfloat16), w, group_sizes)
   with pytest.raises(ValueError, match="use one of auto, xla"):
     api.gmm(x, w, group_sizes, "cublas")
-  assert api.resolve("auto") == ("xla" if jax.default_backend() != "gpu" else api.GPU_DEFAULT)
+  assert api.resolve("auto") == {"gpu": api.GPU_DEFAULT, "cpu": "blocked"}.get(jax.default_backend(), "xla")
 
 
 def test_gmm_kernel_stores_only_its_groups_rows():

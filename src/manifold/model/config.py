@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+from kernels.attention import api as attention_api
 from kernels.mhc.tiles import parse_tiles
 
 from manifold.schema import (
@@ -57,7 +58,9 @@ class ModelConfig(Section):
   dtype: str = field("float32", "compute dtype (parameters stay float32)", one_of("float32", "bfloat16"))
   attention: str = field("gqa", "gqa | mla (Multi-head Latent Attention)", one_of("gqa", "mla"))
   attention_impl: str = field(
-    "auto", "auto (cuDNN flash attention on GPU in bf16 / fp16) | cudnn | xla", one_of("auto", "cudnn", "xla")
+    "auto",
+    "auto (cuDNN flash attention on GPU in bf16 / fp16, matmul on CPU) | cudnn | xla | matmul",
+    one_of(*attention_api.IMPLEMENTATIONS),
   )
   q_lora_rank: int = field(0, "mla: query compression rank, 0 for none", NONNEGATIVE)
   kv_lora_rank: int = field(64, "mla: rank of the cached key/value latent", POSITIVE)
@@ -79,8 +82,8 @@ class ModelConfig(Section):
     one_of("auto", "ragged", "dense"),
   )  # fmt: skip
   grouped_matmul_impl: str = field(
-    "auto", "ragged's grouped matmul: auto (Pallas on GPU, XLA elsewhere) | xla | triton | mosaic_gpu",
-    one_of("auto", "xla", "triton", "mosaic_gpu"),
+    "auto", "ragged's grouped matmul: auto (Pallas on GPU, blocked on CPU, xla elsewhere) | xla | blocked | triton | mosaic_gpu",
+    one_of("auto", "xla", "blocked", "triton", "mosaic_gpu"),
   )  # fmt: skip
   mtp_depth: int = field(0, "D multi-token-prediction modules (DeepSeek-V3), 0 for none", NONNEGATIVE)
   residual: str = field(
