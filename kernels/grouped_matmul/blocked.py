@@ -45,7 +45,7 @@ def _take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.where((index >= 0)[:, None], a[jnp.maximum(index, 0)], 0)
 
 
-def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block_m: int = 128) -> jax.Array:
+def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block_m: int) -> jax.Array:
   """x [M, K] sorted by group, w [G, K, N], group_sizes [G] -> [M, N] in x's dtype (float32
   accumulation); rows past sum(group_sizes) are 0."""
   (m, k), n = x.shape, w.shape[2]

@@ -1,7 +1,9 @@
 """The grouped matmuls against reference.py: XLA's `ragged_dot`, the blocked XLA matmul
-(also at small tiles, so that groups span several), the Triton blocks in interpret mode on the CPU (at small tiles so that several tiles, straddling groups and
-padding all occur), and on a GPU the compiled Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative to each output's largest magnitude: float32 1e-5, bfloat16
-1e-2 (both accumulate in float32; the rounding of the output differs)."""
+(also at small tiles, so that groups span several), the Triton blocks in interpret mode on
+the CPU (at small tiles so that several tiles, straddling groups and padding all occur),
+and on a GPU the compiled Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative
+to each output's largest magnitude: float32 1e-5, bfloat16 1e-2 (both accumulate in
+float32; the rounding of the output differs)."""
 
 from __future__ import annotations
 
