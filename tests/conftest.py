@@ -202,3 +202,22 @@ def tiny_grpo(tmp_path_factory, compile_cache):
 
   root = made_once(tmp_path_factory, "tiny_grpo", make)
   return root / "run", (root / "console.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_distill(corpus_dir, tmp_path_factory, compile_cache):
+  """(runs, results) of `experiments/distill_table.py --size tiny` on the small corpus: a teacher
+  and every student (k = V in its cache), each command a process sharing one XLA cache."""
+
+  def make(root):
+    sets = [f"data.sources={corpus_dir}/*.py", "data.val_fraction=0.2", f"data.cache_dir={root / 'cache'}"]
+    command = [
+      sys.executable, "experiments/distill_table.py", "--size", "tiny", "--runs", str(root / "runs"),
+      "--results", str(root / "results"), *(f"--set={s}" for s in sets),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=child_env(compile_cache), cwd=REPO, capture_output=True, text=True, timeout=900)
+    (root / "console.txt").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+  root = made_once(tmp_path_factory, "tiny_distill", make)
+  return root / "runs", root / "results"

@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom against real (tiny) runs: a plain / mhc sweep and its mhc run, a
-two-island run for the islands notebook and a `manifold rl local` run for the GRPO notebook."""
+two-island run for the islands notebook, a `manifold rl local` run for the GRPO notebook and the
+tiny distillation table for the distillation notebook."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def test_notebook_executes(path, tiny_sweep, request, monkeypatch):
   results, mhc_run = tiny_sweep
   if path.name == "islands.ipynb":
     monkeypatch.setenv("MANIFOLD_ISLANDS_RUN", str(request.getfixturevalue("tiny_islands")))
+  if path.name == "distill.ipynb":
+    monkeypatch.setenv("MANIFOLD_DISTILL_RESULTS", str(request.getfixturevalue("tiny_distill")[1]))
   if path.name == "grpo.ipynb":
     monkeypatch.setenv("MANIFOLD_GRPO_RUN", str(request.getfixturevalue("tiny_grpo")[0]))
   monkeypatch.setenv("MANIFOLD_RESULTS", str(results))

@@ -190,16 +190,23 @@ def cmd_eval(args, overrides) -> int:
 
   num_batches = _checked_flags(EvalConfig, args, ("num_batches",)).get("num_batches")
   _check_run_dir(args.workdir)
-  run = load_trained(args.workdir, args.step)
+  run = load_trained(args.workdir, args.step, data=not args.sources)
   cfg = run.cfg
+  data = run.data
+  if args.sources:  # e.g. a student trained on a teacher's samples, scored on the original held-out files
+    from manifold.train.run import load_run_data
+
+    other = cfg.copy_and_resolve_references()
+    other.data.sources = args.sources
+    data = load_run_data(other)
   mesh = make_mesh(cfg.mesh)
   batches = eval_batches(
-    run.data.val,
+    data.val,
     batch_size=cfg.eval.batch_size,
     seq_len=cfg.train.seq_len,
     num_batches=num_batches or cfg.eval.num_batches,
   )
-  eval_step = make_eval_step(run.spec, mesh, token_byte_table(run.data, cfg.model.vocab_size))
+  eval_step = make_eval_step(run.spec, mesh, token_byte_table(data, cfg.model.vocab_size))
   result = evaluate(eval_step, run.state, batches, mesh)
   print(
     f"step {run.step}: val_loss {result['val_loss']:.4f}  val_bits_per_byte {result['val_bits_per_byte']:.4f}  "
@@ -418,6 +425,58 @@ def cmd_tokenizer_train(args, overrides) -> int:
   return 0
 
 
+def cmd_distill(args, overrides) -> int:
+  given = [f"--config.distill.teacher={args.teacher}"] if args.teacher else []
+  if args.action == "cache" and args.out:
+    given.append(f"--config.distill.cache={args.out}")
+  cfg = load_config(args.config, [*overrides, *given])
+  if not cfg.distill.teacher:
+    raise ConfigError("--teacher: pass the teacher's workdir (a `manifold train` run or a `manifold convert` import)")
+  if args.action is None:
+    if not args.workdir:
+      raise ConfigError("--workdir: pass the student's run directory")
+    train_args = argparse.Namespace(**vars(args), islands_store=None, islands_id=None)
+    return cmd_train(train_args, [*overrides, *given])
+  from manifold.distill.teacher import load_teacher
+  from manifold.parallel.mesh import make_mesh
+  from manifold.train.run import load_run_data, with_absolute_paths
+
+  cfg = with_absolute_paths(cfg)
+  if args.action == "generate":
+    if not args.out:
+      raise ConfigError("--out: pass the folder for the generated .jsonl files")
+    _check_output("--out", args.out)
+    if args.files < 2:
+      raise ConfigError(f"--files {args.files}: need at least 2 (manifold train holds files out for validation)")
+  elif not cfg.distill.cache:
+    raise ConfigError("--out: pass the cache's folder or URL (or set distill.cache)")
+  data = load_run_data(cfg)
+  mesh = make_mesh(cfg.mesh)
+  teacher = load_teacher(
+    cfg.distill.teacher,
+    step=cfg.distill.teacher_step,
+    dtype=cfg.distill.teacher_dtype,
+    student_cfg=model_config(cfg),
+    tokenizer_fingerprint=data.tokenizer.fingerprint,
+    mesh=mesh,
+    say=_say,
+  )
+  if args.action == "cache":
+    from manifold.distill.cache import build_cache
+
+    build_cache(cfg, teacher, data, mesh, say=_say, progress=not args.no_progress)
+    return 0
+  from manifold.distill.generate import generate
+
+  report = generate(cfg, teacher, data, args.out, file_count=args.files, say=_say, progress=not args.no_progress)
+  print(
+    f"train on them: manifold train --config {args.config} --workdir DIR --config.data.sources='{args.out}/*.jsonl'"
+    if report.kept
+    else ""
+  )
+  return 0
+
+
 def _say(text: str) -> None:
   print(text, flush=True)
 
@@ -523,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--num-batches", type=int, default=None, help="default: eval.num_batches")
+  p.add_argument(
+    "--sources", default="", help="validate on these data.sources' held-out files instead (the run's tokenizer)"
+  )
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("generate", help="sample a continuation with the KV cache")
@@ -640,6 +702,20 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--files", type=int, default=10, help="files (manifold train holds files out for validation)")
   r.set_defaults(fn=cmd_rl_corpus)
 
+  p = sub.add_parser(
+    "distill",
+    help="train a student toward a teacher (`distill` section); `cache`: the teacher's top-k log-probs; "
+    "`generate`: the teacher's samples as .jsonl data",
+  )
+  p.add_argument("action", nargs="?", choices=("cache", "generate"), help="omit to train the student")
+  _config_args(p)
+  p.add_argument("--teacher", default="", help="the teacher's workdir; sets distill.teacher")
+  p.add_argument("--workdir", default="", help="the student's run directory (training)")
+  p.add_argument("--out", default="", help="cache: its folder or URL (sets distill.cache); generate: the .jsonl folder")
+  p.add_argument("--files", type=int, default=10, help="generate: .jsonl files to spread the documents over")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(fn=cmd_distill)
+
   p = sub.add_parser("tokenizer", help="tokenizer tools")
   tsub = p.add_subparsers(dest="tokenizer_command", required=True)
   t = tsub.add_parser("train", help="train a byte-level BPE on the config's training files")
@@ -680,11 +756,11 @@ def main(argv: list[str] | None = None) -> int:
   from manifold.train.loop import TrainingDiverged
 
   if overrides and args.command not in (
-    "train", "params", "tokenizer", "sweep", "convert", "compile", "launch", "islands"
+    "train", "params", "tokenizer", "sweep", "convert", "compile", "launch", "islands", "distill"
   ):  # fmt: skip
     build_parser().error(f"{args.command} takes no --config.* overrides (it reads the run's config.json)")
   try:
-    if args.command in ("train", "eval", "generate", "convert", "sweep"):
+    if args.command in ("train", "eval", "generate", "convert", "sweep", "distill"):
       from manifold.parallel.distributed import initialize_from_env
 
       initialize_from_env()

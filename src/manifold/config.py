@@ -22,6 +22,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from manifold.distill.losses import DIVERGENCES
 from manifold.model.config import ModelConfig
 from manifold.schema import (
   FIXED,
@@ -338,6 +339,54 @@ class RLConfig(Section):
       raise ConfigError(str(e)) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(Section):
+  """Distillation (manifold/distill) of this config's model (the student) from `teacher`, the
+  workdir of a `manifold train` run or a `manifold convert --from-hf` import with the same
+  tokenizer and vocabulary. The student trains with train.*; a step's loss is
+  `weight * T^2 * D(teacher_T || student_T) + (1 - weight) * CE(labels)`, T = `temperature`."""
+
+  SECTION = "distill"
+  RESUME = FREE
+
+  teacher: str = field("", 'the teacher\'s workdir (its newest checkpoint, or teacher_step); "": no distillation')
+  teacher_step: int = field(-1, "the teacher's checkpoint step; -1: its newest", Check(lambda v: v >= -1, ">= -1"))
+  teacher_dtype: str = field("float32", "the teacher's compute dtype", one_of("float32", "bfloat16"))
+  mode: str = field(
+    "online",
+    "online (teacher in the step) | cache (top-k log-probs from `manifold distill cache`) | on_policy (the "
+    "student samples, the teacher scores: GKD with lambda = 1)",
+    one_of("online", "cache", "on_policy"),
+  )
+  divergence: str = field("forward_kl", "D (manifold/distill/losses.py): " + " | ".join(DIVERGENCES),
+                          one_of(*DIVERGENCES))  # fmt: skip
+  jsd_beta: float = field(0.5, "beta of jsd: M = beta teacher + (1 - beta) student", OPEN_UNIT)
+  temperature: float = field(1.0, "T: both distributions are softmax(logits / T)", POSITIVE_FLOAT)
+  weight: float = field(0.5, "w: the divergence's share of the loss (1 - w: cross-entropy on the labels)", UNIT)
+  top_k: int = field(32, "cache: teacher log-probs kept per token (the rest of the mass is one bucket)", POSITIVE)
+  cache: str = field("", "cache: the top-k cache's URL or folder (file://, gs://, s3://, or a path)")
+  prompt_tokens: int = field(32, "on_policy and generate: prompt tokens (the start of a data window)", POSITIVE)
+  max_new_tokens: int = field(64, "on_policy and generate: tokens sampled after the prompt", POSITIVE)
+  sample_temperature: float = field(1.0, "on_policy and generate: sampling temperature", POSITIVE_FLOAT)
+  prompts: int = field(512, "generate: prompts (data windows, or the rl.task's problems)", POSITIVE)
+  samples_per_prompt: int = field(4, "generate: N completions sampled per prompt", POSITIVE)
+  prompt_source: str = field(
+    "data",
+    "generate: data (window starts of the training split) | task (rl.task's problems, kept if verified)",
+    one_of("data", "task"),
+  )
+  min_new_tokens: int = field(8, "generate: completions shorter than this are dropped", NONNEGATIVE)
+  dedup: bool = field(True, "generate: drop a completion whose text was already kept")
+  generate_batch: int = field(256, "generate: rows sampled together", POSITIVE)
+
+  def check(self) -> None:
+    require(
+      self.mode != "on_policy" or self.weight == 1,
+      f"distill.weight={self.weight}: must be 1 with distill.mode=on_policy (the student's own samples have no "
+      "labels); set distill.weight=1",
+    )
+
+
 SECTIONS: dict[str, type[Section]] = {
   "model": ModelConfig,
   "data": DataConfig,
@@ -347,6 +396,7 @@ SECTIONS: dict[str, type[Section]] = {
   "sample": SampleConfig,
   "islands": IslandsConfig,
   "rl": RLConfig,
+  "distill": DistillConfig,
 }
 
 # Fields that were renamed: using the old name is an error that names the new one.
@@ -395,6 +445,20 @@ def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
   require(
     island == 1 or t.batch_size % island == 0,
     f"train.batch_size={t.batch_size}: must split over the mesh.island={island} islands",
+  )
+  d = sections["distill"]
+  require(
+    not d.teacher or (island == 1 and not i.store),
+    f"distill.teacher={d.teacher!r}: distillation runs in one island; drop mesh.island / islands.store",
+  )
+  require(
+    d.mode != "on_policy" or d.prompt_tokens + d.max_new_tokens <= m.max_seq_len,
+    f"distill.max_new_tokens={d.max_new_tokens}: distill.prompt_tokens + distill.max_new_tokens must be <= "
+    f"model.max_seq_len={m.max_seq_len}",
+  )
+  require(
+    d.prompt_tokens <= t.seq_len,
+    f"distill.prompt_tokens={d.prompt_tokens}: must be <= train.seq_len={t.seq_len} (prompts start data windows)",
   )
   return Config(sections)
 

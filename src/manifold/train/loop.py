@@ -167,10 +167,10 @@ def train(cfg, workdir: str, *, progress: bool = True) -> TrainResult:
         if step % tc.log_every == 0 or step == tc.steps:
           values.update(jax.device_get(metrics), learning_rate=float(run.schedule(step - 1)), **meter.reading())
           if "tokens_per_s" in values:
-            bar.set_postfix(
-              loss=f"{values['loss']:.3f}", bpb=f"{float(values['bits_per_byte']):.2f}",
-              tok_s=f"{values['tokens_per_s']:,.0f}",
-            )  # fmt: skip
+            shown = {"loss": f"{values['loss']:.3f}", "tok_s": f"{values['tokens_per_s']:,.0f}"}
+            if "bits_per_byte" in values:  # not on a distilled student's own samples
+              shown["bpb"] = f"{float(values['bits_per_byte']):.2f}"
+            bar.set_postfix(shown)
         if values:
           run.writer.write(step, values)
         if step % tc.eval_every == 0 or step == tc.steps:

@@ -44,7 +44,7 @@ def tensorboard_dir(workdir: str, cache_dir: str = "") -> str:
 
 
 def with_absolute_paths(cfg):
-  """A copy of `cfg` whose data.sources entries, data.tokenizer and data.cache_dir are absolute
+  """A copy of `cfg` whose data.sources entries, data.tokenizer, data.cache_dir, distill.teacher and distill.cache are absolute
   (as a run records them, so `eval` and `generate` work from any directory)."""
   cfg = cfg.copy_and_resolve_references()
   d = cfg.data
@@ -53,6 +53,10 @@ def with_absolute_paths(cfg):
     d.tokenizer = os.fspath(files.path(d.tokenizer))
   if d.cache_dir:
     d.cache_dir = os.path.abspath(os.path.expanduser(d.cache_dir))
+  for name in ("teacher", "cache"):
+    value = cfg.distill[name]
+    if value and not files.is_remote(value):
+      cfg.distill[name] = os.path.abspath(os.path.expanduser(value))
   return cfg
 
 
@@ -251,6 +255,11 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     iterator.load_state_dict(restored.data)
   if store_sync is not None:  # from the run's newest global parameters, into its next round
     state = store_sync.join(spec, state, start)
+  distill_step = None
+  if typed.distill.teacher:  # the student's step, with the teacher's distribution as target (teacher checked here)
+    from manifold.distill.step import DistillStep
+
+    distill_step = DistillStep(cfg, spec, tx, mesh, token_bytes, data, start, say)
   record_run(cfg, workdir, step=start, changes=changes, data=data)  # every check has passed
   checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
   for step, why in (restored.skipped if restored else {}).items():
@@ -263,6 +272,8 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     outer = island_mesh.make_outer_sync(spec, mesh, typed.islands)
     sync = island_mesh.InJobIslands(outer, typed.islands, tc, in_job, start=start)
     batch_sharding = island_mesh.island_batch_sharding(mesh)
+  elif distill_step is not None:
+    train_step = distill_step
   else:
     train_step = make_train_step(spec, tx, mesh, token_bytes, tc)
   return Run(

@@ -32,9 +32,27 @@ def make_train_step(spec: StateSpec, tx: optax.GradientTransformation, mesh: Mes
   )
 
 
-def train_step_fn(spec: StateSpec, tx: optax.GradientTransformation, token_bytes: jax.Array, train_cfg):
-  """`(state, batch [B, T+1]) -> (state, metrics)`, not jitted (`make_train_step` jits it;
+def next_token_objective(logits: jax.Array, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token cross-entropy of `logits` [B, T, V] against the batch [B, T+1], and its sum ("nats")."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])  # [B, T]
+  return losses.mean(), {"nats": losses.sum()}
+
+
+def batch_tokens(batch) -> jax.Array:
+  """The [B, T+1] tokens of a batch: the array itself, or a dict's "tokens" (with per-row extras)."""
+  return batch["tokens"] if isinstance(batch, dict) else batch
+
+
+def train_step_fn(
+  spec: StateSpec, tx: optax.GradientTransformation, token_bytes: jax.Array, train_cfg, objective=next_token_objective
+):
+  """`(state, batch) -> (state, metrics)`, not jitted (`make_train_step` jits it;
   `manifold.islands.mesh` maps it over islands first).
+
+  The batch is [B, T+1] tokens, or a dict of per-row arrays with "tokens" that `objective`
+  reads (distillation). `objective(logits [B, T, V], batch) -> (loss, stats)` is the token
+  term; its stats are sums over the batch, and with "nats" (label cross-entropy) the
+  metrics report loss and bits per byte from them (else loss is the objective's value).
 
   `token_bytes` [V] gives the UTF-8 bytes each token stands for (bits per byte). With
   MoE, the objective adds `train.balance_loss_weight` times the sequence-wise balance
@@ -48,28 +66,32 @@ def train_step_fn(spec: StateSpec, tx: optax.GradientTransformation, token_bytes
 
   def loss_fn(params, extra, batch):
     model = spec.merge(params, extra)
-    logits, _, aux = model.forward_with_aux(batch[:, :-1])  # [B, T, V]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])  # [B, T]
-    objective = losses.mean()
-    stats = {"nats": losses.sum()}
+    tokens = batch_tokens(batch)
+    logits, _, aux = model.forward_with_aux(tokens[:, :-1])  # [B, T, V]
+    loss, stats = objective(logits, batch)
+    stats = {**stats, "objective": loss}
     if aux.expert_load is not None:
-      objective = objective + train_cfg.balance_loss_weight * aux.balance_loss
+      loss = loss + train_cfg.balance_loss_weight * aux.balance_loss
       stats.update(expert_load=aux.expert_load, balance_loss=aux.balance_loss)
     if model_cfg.mtp_depth:  # depth k at position i predicts t_{i+k+1}
       depth_losses = [
-        optax.softmax_cross_entropy_with_integer_labels(depth_logits, batch[:, k + 1 :]).mean()
-        for k, depth_logits in enumerate(model.mtp_logits(aux.hidden, batch[:, :-1]), start=1)
+        optax.softmax_cross_entropy_with_integer_labels(depth_logits, tokens[:, k + 1 :]).mean()
+        for k, depth_logits in enumerate(model.mtp_logits(aux.hidden, tokens[:, :-1]), start=1)
       ]
       stats["mtp_loss"] = sum(depth_losses) / len(depth_losses)
-      objective = objective + train_cfg.mtp_weight * stats["mtp_loss"]
-    return objective, stats
+      loss = loss + train_cfg.mtp_weight * stats["mtp_loss"]
+    return loss, stats
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
   def accumulated_grads(params, extra, batch):
     """Mean gradient over M slices [B/M, T+1]; stats summed (nats, load) or averaged."""
-    slices = batch.reshape(batch.shape[0] // microbatches, microbatches, -1).swapaxes(0, 1)  # [M, B/M, T+1]
-    slices = sharding.constrain(slices, (None, "batch", None))  # keep each slice split like the batch
+
+    def split(a):  # [B, ...] -> [M, B/M, ...], each slice split like the batch
+      a = a.reshape(a.shape[0] // microbatches, microbatches, *a.shape[1:]).swapaxes(0, 1)
+      return sharding.constrain(a, (None, "batch") + (None,) * (a.ndim - 2))
+
+    slices = jax.tree.map(split, batch)
 
     def like_params(tree):  # the float32 accumulator is sharded like the parameters, not replicated
       grads, stats = tree
@@ -79,10 +101,11 @@ def train_step_fn(spec: StateSpec, tx: optax.GradientTransformation, token_bytes
       grads, stats = grad_fn(params, extra, mb)
       return like_params(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry, (grads, stats))), None
 
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(grad_fn, params, extra, slices[0]))
+    first = jax.tree.map(lambda a: a[0], slices)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(grad_fn, params, extra, first))
     (grads, stats), _ = jax.lax.scan(one, like_params(zeros), slices)
     mean = lambda tree: jax.tree.map(lambda g: g / microbatches, tree)  # noqa: E731
-    averaged = {k: v / microbatches for k, v in stats.items() if k in ("balance_loss", "mtp_loss")}
+    averaged = {k: v / microbatches for k, v in stats.items() if k in ("balance_loss", "mtp_loss", "objective")}
     return mean(grads), {**stats, **averaged}
 
   def train_step(state: TrainState, batch: jax.Array):
@@ -92,14 +115,20 @@ def train_step_fn(spec: StateSpec, tx: optax.GradientTransformation, token_bytes
       grads, stats = accumulated_grads(state.params, state.extra, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-      "loss": stats["nats"] / batch[:, 1:].size,
-      "bits_per_byte": stats["nats"] / math.log(2) / token_bytes[batch[:, 1:]].sum(),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
-    }
+    labels = batch_tokens(batch)[:, 1:]
+    positions = stats.get("positions", labels.size)
+    metrics = {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+    if "nats" in stats:
+      metrics["loss"] = stats["nats"] / positions
+      metrics["bits_per_byte"] = stats["nats"] / math.log(2) / token_bytes[labels].sum()
+    else:
+      metrics["loss"] = stats["objective"]
     if "mtp_loss" in stats:
       metrics["mtp_loss"] = stats["mtp_loss"]
+    if objective is not next_token_objective:  # its other stats are sums over positions
+      metrics["objective"] = stats["objective"]
+      reserved = ("nats", "positions", "objective", "mtp_loss", "expert_load", "balance_loss")
+      metrics.update({k: v / positions for k, v in stats.items() if k not in reserved})
     extra = state.extra
     if "expert_load" in stats:
       extra = updated_router_biases(extra, stats["expert_load"], model_cfg, train_cfg.router_bias_rate)
