@@ -447,8 +447,15 @@ def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
     f"train.batch_size={t.batch_size}: must split over the mesh.island={island} islands",
   )
   d = sections["distill"]
+  if d.teacher:
+    _check_distillation(d, m, t, island, i)
+  return Config(sections)
+
+
+def _check_distillation(d: DistillConfig, m: ModelConfig, t: TrainConfig, island: int, i: IslandsConfig) -> None:
+  """The rules between distill.* and the other sections (only when distill.teacher is set)."""
   require(
-    not d.teacher or (island == 1 and not i.store),
+    island == 1 and not i.store,
     f"distill.teacher={d.teacher!r}: distillation runs in one island; drop mesh.island / islands.store",
   )
   require(
@@ -460,7 +467,6 @@ def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
     d.prompt_tokens <= t.seq_len,
     f"distill.prompt_tokens={d.prompt_tokens}: must be <= train.seq_len={t.seq_len} (prompts start data windows)",
   )
-  return Config(sections)
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
