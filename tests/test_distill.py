@@ -195,3 +195,24 @@ def test_bad_inputs_are_one_line_errors(tiny_distill, tmp_path, capsys):
       str(runs / "teacher"), step=-1, dtype="float32", student_cfg=cfg.model, tokenizer_fingerprint="0" * 64,
       mesh=make_mesh(cfg.mesh), say=lambda _: None,
     )  # fmt: skip
+
+
+def test_a_teacher_imported_from_hugging_face_scores_like_the_imported_run(tmp_path):
+  from manifold.config import config_from_json, model_config
+  from manifold.data import load_tokenizer
+  from manifold.distill.teacher import load_teacher
+  from manifold.parallel.mesh import make_mesh
+  from manifold.train.restore import load_trained
+
+  workdir = tmp_path / "imported"
+  fixture = "tests/fixtures/deepseek_v3_tiny"
+  assert cli.main(["convert", "--from-hf", fixture, "--workdir", str(workdir)]) == 0
+  cfg = config_from_json((workdir / "config.json").read_text())
+  teacher = load_teacher(
+    str(workdir), step=-1, dtype="float32", student_cfg=model_config(cfg),
+    tokenizer_fingerprint=load_tokenizer(cfg.data.tokenizer).fingerprint, mesh=make_mesh(cfg.mesh),
+    say=lambda _: None,
+  )  # fmt: skip
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(2, 7)), jnp.int32)
+  expected, _ = load_trained(str(workdir), data=False).model(tokens)
+  np.testing.assert_allclose(np.asarray(teacher.logits(teacher.variables, tokens)), np.asarray(expected), atol=1e-6)
