@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import operator
 import os
 import sys
@@ -477,6 +478,32 @@ def cmd_distill(args, overrides) -> int:
   return 0
 
 
+def cmd_provenance(args, overrides) -> int:
+  from manifold.provenance import data_roots
+
+  if args.provenance_command == "prove":
+    _check_run_dir(args.workdir)
+    proof = data_roots.prove(args.workdir, data_roots.read_document(args.document))
+    text = json.dumps(proof, indent=1)
+    if args.out:
+      _check_output("--out", args.out, directory=False)
+      files.write_atomic(args.out, text)
+    else:
+      print(text)
+    where = "in" if proof["present"] else "NOT in"
+    print(
+      f"{args.document} is {where} the training data of {args.workdir} (root {proof['root'][:16]}...)", file=sys.stderr
+    )
+    return 0
+  text = files.read_text(args.proof)
+  if text is None:
+    raise ConfigError(f"{args.proof}: no such proof file; write one with `manifold provenance prove`")
+  document = data_roots.read_document(args.document) if args.document else None
+  ok, why = data_roots.verify(json.loads(text), document)
+  print(("valid: " if ok else "invalid: ") + why)
+  return 0 if ok else 1
+
+
 def _say(text: str) -> None:
   print(text, flush=True)
 
@@ -715,6 +742,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--files", type=int, default=10, help="generate: .jsonl files to spread the documents over")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(fn=cmd_distill)
+
+  p = sub.add_parser("provenance", help="prove that a document was (or was not) in a run's training data; verify")
+  psub = p.add_subparsers(dest="provenance_command", required=True)
+  r = psub.add_parser("prove", help="the Merkle proof for a document against the run's data_roots.json")
+  r.add_argument("workdir")
+  r.add_argument("--document", required=True, help="a file holding the document's text")
+  r.add_argument("--out", default="", help="write the proof here (default: stdout)")
+  r.set_defaults(fn=cmd_provenance)
+  r = psub.add_parser("verify", help="check a proof (exit 0 valid, 1 not)")
+  r.add_argument("proof")
+  r.add_argument("--document", default="", help="also check that the proof is about this document")
+  r.set_defaults(fn=cmd_provenance)
 
   p = sub.add_parser("tokenizer", help="tokenizer tools")
   tsub = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -21,6 +21,7 @@ from manifold.model import ModelConfig
 from manifold.model.accounting import training_flops_per_token
 from manifold.parallel import sharding
 from manifold.parallel.mesh import check_fits, islands_of, make_mesh
+from manifold.provenance.data_roots import write_data_roots
 from manifold.schema import differences
 from manifold.train.checkpoint import Checkpointer
 from manifold.train.hardware import peak_tflops
@@ -82,8 +83,8 @@ def resume_changes(cfg, workdir: str) -> dict[str, list]:
 
 
 def record_run(cfg, workdir: str, *, step: int, changes: dict[str, list], data: Data | None = None) -> None:
-  """Writes config.json (the config of the newest `train` in `workdir`), manifest.json (with
-  `data`), and appends `{step, changes}` to config_history.jsonl when a resume changed fields."""
+  """Writes config.json (the config of the newest `train` in `workdir`), manifest.json and
+  data_roots.json (with `data`), and appends `{step, changes}` to config_history.jsonl when a resume changed fields."""
   root = files.path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   files.write_atomic(root / "config.json", cfg.to_json(indent=2))  # every process of a job writes it
@@ -92,6 +93,7 @@ def record_run(cfg, workdir: str, *, step: int, changes: dict[str, list], data: 
   if data is not None:
     tokens = {"train": len(data.train), "val": len(data.val)}
     write_manifest(root / "manifest.json", data.records, tokenizer=data.tokenizer, tokens=tokens)
+    write_data_roots(workdir, data.records, cfg.data.jsonl_field)
   if changes:
     row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}
     files.append_text(root / "config_history.jsonl", json.dumps(row) + "\n")
