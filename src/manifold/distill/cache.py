@@ -69,12 +69,15 @@ def batch_digest(tokens: np.ndarray) -> np.ndarray:
   return np.frombuffer(hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).digest(), np.uint8)
 
 
-def _array(url: str, name: str, shape, chunks, dtype: str, *, create: bool):
-  spec = {"driver": "zarr", "kvstore": url + name + "/"}
-  if not create:
-    return ts.open(spec, open=True, read=True).result()
-  spec["metadata"] = {"shape": list(shape), "chunks": list(chunks), "dtype": dtype, "compressor": {"id": "zstd"}}
+def _new_array(url: str, name: str, shape, chunks, dtype: str):
+  """A fresh zstd-compressed zarr array `name` under `url`."""
+  metadata = {"shape": list(shape), "chunks": list(chunks), "dtype": dtype, "compressor": {"id": "zstd"}}
+  spec = {"driver": "zarr", "kvstore": url + name + "/", "metadata": metadata}
   return ts.open(spec, create=True, delete_existing=True).result()
+
+
+def _open_array(url: str, name: str):
+  return ts.open({"driver": "zarr", "kvstore": url + name + "/"}, open=True, read=True).result()
 
 
 def _kvstore(url: str):
@@ -97,10 +100,10 @@ def build_cache(
   store = _kvstore(url)
   _clear(store, d.cache)
   arrays = {
-    "ids": _array(url, "ids", (rows, seq, k), (tc.batch_size, seq, k), "<i4", create=True),
-    "logp": _array(url, "logp", (rows, seq, k), (tc.batch_size, seq, k), "<f4", create=True),
-    "log_rest": _array(url, "log_rest", (rows, seq), (tc.batch_size, seq), "<f4", create=True),
-    "digests": _array(url, "digests", (tc.steps, 32), (tc.steps, 32), "|u1", create=True),
+    "ids": _new_array(url, "ids", (rows, seq, k), (tc.batch_size, seq, k), "<i4"),
+    "logp": _new_array(url, "logp", (rows, seq, k), (tc.batch_size, seq, k), "<f4"),
+    "log_rest": _new_array(url, "log_rest", (rows, seq), (tc.batch_size, seq), "<f4"),
+    "digests": _new_array(url, "digests", (tc.steps, 32), (tc.steps, 32), "|u1"),
   }
 
   def top_k(variables, batch):
@@ -235,5 +238,5 @@ def open_cache(location: str, data, train_cfg, teacher: Teacher, temperature: fl
     raise ConfigError(
       f"{flag}: holds {manifest['steps']} batches, fewer than train.steps={train_cfg.steps}; rebuild it"
     )
-  arrays = {name: _array(url, name, None, None, "", create=False) for name in ("ids", "logp", "log_rest", "digests")}
+  arrays = {name: _open_array(url, name) for name in ("ids", "logp", "log_rest", "digests")}
   return TopKCache(location=location, manifest=manifest, arrays=arrays, batch_size=train_cfg.batch_size)

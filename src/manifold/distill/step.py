@@ -115,14 +115,12 @@ class DistillStep:
   def __call__(self, state, batch: jax.Array):
     batch = {"tokens": batch}
     if self.d.mode == "cache":
-      batch.update(jax.device_put(self.cache.rows(self.step, jax.device_get(batch["tokens"])), self._rows()))
+      rows = self.cache.rows(self.step, jax.device_get(batch["tokens"]))
+      batch.update(jax.device_put(rows, sharding.batch_sharding(self.mesh)))
     elif self.d.mode == "on_policy":
       batch = self._own_samples(state, jax.device_get(batch["tokens"]))
     self.step += 1
     return self._step(state, self.teacher.variables, batch)
-
-  def _rows(self):
-    return sharding.batch_sharding(self.mesh)
 
   def _own_samples(self, state, windows: np.ndarray) -> dict[str, jax.Array]:
     """The student's continuations of the windows' first prompt_tokens: tokens [B, P+N] (padded) and
@@ -138,4 +136,4 @@ class DistillStep:
       eos_id=self.tokenizer.eos_id,
     )
     tokens, mask, _ = rollout.pack(prompts, sampled, d.prompt_tokens + d.max_new_tokens - 1)
-    return jax.device_put({"tokens": tokens, "mask": mask.astype(np.float32)}, self._rows())
+    return jax.device_put({"tokens": tokens, "mask": mask.astype(np.float32)}, sharding.batch_sharding(self.mesh))
