@@ -68,3 +68,20 @@ def test_an_edited_roots_file_is_refused_when_proving(trained_workdir, tmp_path,
   document = next(f["path"] for f in roots["files"] if f["split"] == "train")
   assert cli.main(["provenance", "prove", str(copy), "--document", document]) == 2
   assert "was edited" in capsys.readouterr().err
+
+
+def test_keys_new_writes_a_private_key_only_its_owner_reads_and_never_overwrites_one(tmp_path, capsys):
+  import os
+  import stat
+
+  from manifold.store.signing import Identity, verify
+
+  key = tmp_path / "keys" / "me.pem"
+  assert cli.main(["keys", "new", "--out", str(key)]) == 0
+  out = capsys.readouterr().out
+  assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and "PRIVATE" not in out
+  public = (tmp_path / "keys" / "me.pem.pub").read_text().strip()
+  assert public in out and verify(public, Identity.load_or_create(key).sign(b"x"), b"x")
+  before = key.read_bytes()
+  assert cli.main(["keys", "new", "--out", str(key)]) == 2
+  assert "never overwrites" in capsys.readouterr().err and key.read_bytes() == before

@@ -504,6 +504,21 @@ def cmd_provenance(args, overrides) -> int:
   return 0 if ok else 1
 
 
+def cmd_keys_new(args, overrides) -> int:
+  from manifold.store.signing import Identity, IdentityError
+
+  path = os.path.abspath(os.path.expanduser(args.out))
+  if os.path.lexists(path):
+    raise ConfigError(f"--out {path}: exists; `keys new` never overwrites a key, pass a new path")
+  try:
+    identity = Identity.load_or_create(path)
+  except IdentityError as e:
+    raise ConfigError(str(e)) from None
+  files.write_atomic(path + ".pub", identity.public_key + "\n")
+  print(f"private key: {path} (mode 0600; keep it secret)\npublic key:  {path}.pub = {identity.public_key}")
+  return 0
+
+
 def _say(text: str) -> None:
   print(text, flush=True)
 
@@ -754,6 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("proof")
   r.add_argument("--document", default="", help="also check that the proof is about this document")
   r.set_defaults(fn=cmd_provenance)
+
+  p = sub.add_parser("keys", help="Ed25519 identities that sign what islands, learners and workers publish")
+  ksub = p.add_subparsers(dest="keys_command", required=True)
+  r = ksub.add_parser("new", help="write a new key pair: the private key (mode 0600) and <out>.pub")
+  r.add_argument("--out", required=True, help="path of the private key file (must not exist)")
+  r.set_defaults(fn=cmd_keys_new)
 
   p = sub.add_parser("tokenizer", help="tokenizer tools")
   tsub = p.add_subparsers(dest="tokenizer_command", required=True)
