@@ -115,7 +115,8 @@ def tiny_config(corpus_dir, tmp_path):
 
 @pytest.fixture(scope="session")
 def trained_workdir(corpus_dir, tmp_path_factory):
-  """A finished 20-step tiny run (shared by the CLI tests; treat as read-only)."""
+  """A finished 20-step tiny run with checkpoints 10, 15 and 20 (5 retired by keep-N), each with a
+  signed manifest (shared by the CLI and provenance tests; treat as read-only)."""
   from manifold.train.loop import train
 
   def make(root):
@@ -123,6 +124,7 @@ def trained_workdir(corpus_dir, tmp_path_factory):
       f"--config.data.sources={corpus_dir}/*.py",
       "--config.data.val_fraction=0.2",
       f"--config.data.cache_dir={root / 'cache'}",
+      "--config.train.checkpoint_every=5",
     ]
     train(load_config(TINY, overrides), str(root / "run"), progress=False)
 

@@ -166,9 +166,9 @@ def test_load_trained_falls_back_past_a_corrupt_newest_checkpoint_and_leaves_it(
   before = tree_digest(workdir)
   said = []
   run = load_trained(str(workdir), data=False, say=said.append)
-  assert run.step == 10
+  assert run.step == 15
   assert len(said) == 1 and re.match(
-    r"checkpoint 20 does not restore \(\w+: .+\); skipped it .* using step 10$", said[0]
+    r"checkpoint 20 does not restore \(\w+: .+\); skipped it .* using step 15$", said[0]
   )
   assert tree_digest(workdir) == before
 
@@ -194,9 +194,13 @@ def test_resume_sets_a_corrupt_checkpoint_aside_and_keep_n_then_keeps_only_good_
   cfg = config_from_json((workdir / "config.json").read_text())
   cfg.train.update(steps=40, keep_checkpoints=2)
   result = train(cfg, str(workdir), progress=False)
-  assert result.start == 10 and result.step == 40
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["30", "40"]  # the new 20 was saved, then rotated out
+  assert result.start == 15 and result.step == 40
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["35", "40"]  # the new 20 was saved, then rotated out
   assert tree_digest(workdir / "checkpoints_unreadable" / "20") == bad
+  from manifold.provenance.verify import verify_run
+
+  summary = verify_run(str(workdir))  # the chain runs 15 -> new 20 -> ... -> 40; the set-aside 20 is retired
+  assert summary.checkpoints == 2 and summary.manifests == 9
 
 
 def test_failed_checks_write_nothing_so_the_corrected_retry_trains(tiny_config, corpus_dir, tmp_path):

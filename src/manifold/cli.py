@@ -504,6 +504,50 @@ def cmd_provenance(args, overrides) -> int:
   return 0 if ok else 1
 
 
+def cmd_verify(args, overrides) -> int:
+  from manifold.provenance.verify import BrokenLink, verify_run
+
+  _check_run_dir(args.workdir)
+  try:
+    summary = verify_run(args.workdir, args.trust)
+  except BrokenLink as e:
+    print(f"BROKEN: {e}")
+    return 1
+  print(f"verified {args.workdir}")
+  for line in summary.lines():
+    print(f"  {line}")
+  return 0
+
+
+def cmd_ledger(args, overrides) -> int:
+  from manifold.provenance import ledger, report
+
+  _check_run_dir(args.workdir)
+  try:
+    chains = {"run": ledger.read(args.workdir)}
+    if args.store:
+      from manifold.store import Store, StoreError
+
+      try:
+        chains.update(ledger.read_store(Store.open(args.store)))
+      except StoreError as e:
+        raise ConfigError(f"--store {args.store}: {e}") from None
+  except ledger.LedgerError as e:
+    print(f"BROKEN: {e}")
+    return 1
+  entries = {ledger.entry_hash(e): e for c in chains.values() for e in c.entries}  # the run's own mirror counts once
+  rows = ledger.totals(entries.values())
+  if not rows:
+    print(f"{args.workdir}: no contributions in the ledger ({sum(len(c.entries) for c in chains.values())} entries)")
+    return 0
+  print(report.table(rows))
+  out = args.png or str(files.path(args.workdir) / "ledger.png")
+  _check_output("--png", out, directory=False)
+  report.plot(rows, out)
+  print(f"wrote {out}")
+  return 0
+
+
 def cmd_keys_new(args, overrides) -> int:
   from manifold.store.signing import Identity, IdentityError
 
@@ -769,6 +813,19 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("proof")
   r.add_argument("--document", default="", help="also check that the proof is about this document")
   r.set_defaults(fn=cmd_provenance)
+
+  p = sub.add_parser(
+    "verify", help="re-hash a run's checkpoints and files; check its signatures, manifest chain, ledger"
+  )
+  p.add_argument("workdir")
+  p.add_argument("--trust", action="append", default=[], help="a trusted public key (.pub file or hex); repeatable")
+  p.set_defaults(fn=cmd_verify)
+
+  p = sub.add_parser("ledger", help="per-contributor credit from a run's verified contribution ledger (table + PNG)")
+  p.add_argument("workdir")
+  p.add_argument("--store", default="", help="also read every judge's ledger mirrored in this store")
+  p.add_argument("--png", default="", help="where to write the chart (default <workdir>/ledger.png)")
+  p.set_defaults(fn=cmd_ledger)
 
   p = sub.add_parser("keys", help="Ed25519 identities that sign what islands, learners and workers publish")
   ksub = p.add_subparsers(dest="keys_command", required=True)

@@ -387,6 +387,17 @@ class DistillConfig(Section):
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class ProvenanceConfig(Section):
+  """Checkpoint lineage and the contribution ledger (manifold/provenance): on for every run."""
+
+  SECTION = "provenance"
+  RESUME = FREE
+
+  enabled: bool = field(True, "sign a manifest for every checkpoint and keep ledger.jsonl (manifold verify checks them)")
+  key: str = field("", 'the Ed25519 private key that signs them; "": <workdir>/run.key (island.key, learner.key)')
+
+
 SECTIONS: dict[str, type[Section]] = {
   "model": ModelConfig,
   "data": DataConfig,
@@ -397,6 +408,7 @@ SECTIONS: dict[str, type[Section]] = {
   "islands": IslandsConfig,
   "rl": RLConfig,
   "distill": DistillConfig,
+  "provenance": ProvenanceConfig,
 }
 
 # Fields that were renamed: using the old name is an error that names the new one.

@@ -233,3 +233,25 @@ def totals(entries: Iterable[dict]) -> dict[str, dict[str, float]]:
       row["tokens"] += e["tokens"]
       row["flops"] += e["flops"]
   return out
+
+
+def read_store(store: Store) -> dict[str, Checked]:
+  """Every judge's ledger mirrored in `store` ({signer: verified chain}); `LedgerError` names the
+  first object or line that does not verify."""
+  from manifold.store import BadObject, fetch
+
+  by_signer: dict[str, list[str]] = {}
+  for key in sorted(store.list("ledger/")):
+    parts = key.split("/")
+    if len(parts) != 3:
+      continue
+    try:
+      obj = fetch(store, key, kind=STORE_KIND)
+    except BadObject as e:
+      raise LedgerError(str(e)) from None
+    if obj is None:
+      continue
+    if obj.producer != parts[1] or obj.meta.get("signer") != parts[1]:
+      raise LedgerError(f"{store.url}{key}: stored under {parts[1][:16]}... but signed by {obj.producer[:16]}...")
+    by_signer.setdefault(parts[1], []).append(canonical_json(obj.meta).decode("utf-8"))
+  return {s: check_entries(lines, f"{store.url}ledger/{s}", [s]) for s, lines in by_signer.items()}

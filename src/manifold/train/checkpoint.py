@@ -37,10 +37,14 @@ class Checkpointer:
   array is written, so a crash mid-save never replaces the last complete one.
   `create=False` (eval, generate, and a run before its checks have passed) leaves a missing
   directory missing; only `save` removes old checkpoints.
+
+  With a `lineage` (`manifold.provenance.lineage`), each save hashes the state it saves, and once
+  its files are complete (at the next save, `wait` or `close`) signs its manifest.
   """
 
-  def __init__(self, workdir: str, *, keep: int, create: bool = True):
+  def __init__(self, workdir: str, *, keep: int, create: bool = True, lineage=None):
     self.workdir = files.path(workdir)  # a local path made absolute, or a gs:// URL as it is
+    self.keep, self.lineage = keep, lineage
     self.directory = self.workdir / "checkpoints"
     self._manager = ocp.CheckpointManager(
       self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
@@ -54,6 +58,9 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
+    if self.lineage is not None:
+      self.wait()  # orbax finishes the previous save before it starts this one anyway
+      self.lineage.begin(step, state, data_state)
     self._manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
@@ -113,12 +120,18 @@ class Checkpointer:
 
       multihost_utils.sync_global_devices(f"manifold: set aside checkpoint {step}")
     self._manager.reload()
+    if self.lineage is not None:
+      self.lineage.retire(step, f"it does not restore; set aside to {target}")
     return str(target)
 
   def wait(self) -> None:
+    """Blocks until the pending save is complete (and its manifest signed)."""
     self._manager.wait_until_finished()
+    if self.lineage is not None and self.lineage.pending is not None:
+      self.lineage.finish(self.keep)
 
   def close(self) -> None:
+    self.wait()
     self._manager.close()
 
 

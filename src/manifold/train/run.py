@@ -263,7 +263,16 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
 
     distill_step = DistillStep(cfg, spec, tx, mesh, token_bytes, data, start, say)
   record_run(cfg, workdir, step=start, changes=changes, data=data)  # every check has passed
-  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
+  lineage = None
+  if typed.provenance.enabled:
+    from manifold.provenance.lineage import Lineage, key_path, load_key, newest_manifest
+
+    origin = {"kind": "init", "seed": tc.seed}
+    if typed.distill.teacher:
+      origin["teacher"] = {"workdir": typed.distill.teacher, "manifest": newest_manifest(typed.distill.teacher)}
+    lineage = Lineage(workdir, load_key(key_path(typed, workdir)), origin=origin, say=say)
+    lineage.resume(start if restored is not None else None, state)
+  checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, lineage=lineage)
   for step, why in (restored.skipped if restored else {}).items():
     where = checkpointer.set_aside(step)
     if is_main:

@@ -1,0 +1,84 @@
+"""Hashes of tensors and files that do not depend on how they were sharded or stored.
+
+A tensor's hash is blake3 over a header (`dtype`, `shape`) and its bytes in C order, taken from
+the whole array (gathered from every device and host), so a parameter saved from one device or
+from eight hashes the same. Leaves are named by their path in the tree (`params/layers/0/...`),
+the same for a train state in memory and for its checkpoint read back. blake3 hashes ~3.5x faster
+than sha256 on one core here (`manifold.provenance` README section); small digests use sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import blake3
+import jax
+import numpy as np
+
+from manifold import files
+
+CHUNK = 1 << 24
+
+
+def _key(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def leaf_name(path) -> str:
+  return "/".join(_key(k) for k in path)
+
+
+def _host(x) -> np.ndarray:
+  """The whole of `x` on this host (every process must call this for a multi-host array)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def tensor_hash(x) -> str:
+  a = np.ascontiguousarray(_host(x))
+  h = blake3.blake3(f"{a.dtype.str}|{list(a.shape)}|".encode(), max_threads=blake3.blake3.AUTO)
+  h.update(memoryview(a.reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
+def tree_hashes(tree: Any, prefix: str = "") -> dict[str, str]:
+  """{leaf name: tensor hash} for every array leaf of `tree` (None leaves skipped)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {prefix + leaf_name(path): tensor_hash(leaf) for path, leaf in flat if leaf is not None}
+
+
+def digest(hashes: dict[str, str]) -> str:
+  """One sha256 over named hashes (sorted by name)."""
+  h = hashlib.sha256()
+  for name in sorted(hashes):
+    h.update(f"{name}={hashes[name]}\n".encode())
+  return h.hexdigest()
+
+
+def file_hash(path) -> str:
+  h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+  with files.path(path).open("rb") as f:
+    while chunk := f.read(CHUNK):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def directory_resources(directory) -> list[dict[str, str]]:
+  """{name (relative, '/'-separated), algorithm, digest} of every file under `directory` (a local
+  folder or a bucket URL), sorted by name."""
+  root = files.path(directory)
+  out, folders = [], [root]
+  while folders:
+    for p in folders.pop().iterdir():
+      if p.is_dir():
+        folders.append(p)
+      else:
+        out.append({"name": p.relative_to(root).as_posix(), "algorithm": "blake3", "digest": file_hash(p)})
+  return sorted(out, key=lambda r: r["name"])
