@@ -236,6 +236,14 @@ def test_rl_local_with_two_workers_trains_on_their_rollouts_and_logs_it(tiny_grp
   for k in (0, 1):
     log = (workdir / f"worker-{k}" / "log.txt").read_text()
     assert "published rollouts/" in log and "the learner is done" in log, log[-2000:]
+  # the learner's ledger credits both workers' accepted batches, and its signed chain verifies
+  from manifold.provenance import ledger
+  from manifold.provenance.verify import verify_run
+
+  credit = ledger.totals(ledger.read(str(workdir / "learner")).entries)
+  assert len(credit) == 2 and sum(r["accepted"] for r in credit.values()) == 8
+  assert all(r["rejected"] == 0 and r["flops"] > 0 for r in credit.values())
+  assert verify_run(str(workdir / "learner")).checkpoints >= 1
 
 
 # ---------------------------------------------------------------------------------------- (3) faults

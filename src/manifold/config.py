@@ -329,6 +329,24 @@ class RLConfig(Section):
   deadline_s: float = field(
     600.0, "a learner without usable rollouts, or a worker without a live learner, this long stops", POSITIVE_FLOAT
   )
+  commit_positions: int = field(
+    16, "completion positions (row, col) a worker commits to per batch, derived from the batch's hash", POSITIVE
+  )
+  commit_top_k: int = field(4, "top-k log-probs (temperature 1) a worker commits to at each position", POSITIVE)
+  commit_tolerance: float = field(
+    0.0,
+    "max |committed log-prob - the learner's recomputation|; 0: by model.dtype (manifold/rl/commitment.py)",
+    NONNEGATIVE_FLOAT,
+  )
+  behaviour_tolerance: float = field(
+    0.0,
+    "max |behaviour log-prob - the learner's recomputation|; 0: by model.dtype (manifold/rl/commitment.py)",
+    NONNEGATIVE_FLOAT,
+  )
+  verify_fraction: float = field(1.0, "share of rollout batches the learner recomputes (picked with a secret)", UNIT)
+  sampling_z: float = field(
+    5.0, "the sampling test rejects at this many standard deviations (false rejections <= exp(-z^2/2))", POSITIVE_FLOAT
+  )
 
   def check(self) -> None:
     from manifold.rl.tasks import get_task
@@ -395,7 +413,10 @@ class ProvenanceConfig(Section):
   RESUME = FREE
 
   enabled: bool = field(True, "sign a manifest for every checkpoint and keep ledger.jsonl (manifold verify checks them)")
-  key: str = field("", 'the Ed25519 private key that signs them; "": <workdir>/run.key (island.key, learner.key)')
+  key: str = field(
+    "", 'the Ed25519 key file a train run signs with; "": <workdir>/run.key (store islands and RL learners sign '
+    "with their store identity: island.key, learner.key)"
+  )
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -19,11 +19,28 @@ hashes of its recent policies); killed and restarted with the same --workdir it 
 newest checkpoint, withdraws the policy versions it had published past it, re-publishes its own
 (byte for byte the same object when the parameters are the same), and drops rollouts made from the
 withdrawn ones. Metrics go to `<workdir>/metrics.jsonl` and TensorBoard, one row per step.
+
+Workers are not trusted: every batch that passes the store's checks and `check_rollout` is judged by
+`manifold.rl.commitment.Verifier` (copies, prompts, rewards, commitment positions, and for a share
+rl.verify_fraction a recomputation under the claimed policy version). The parameters of that version:
+the training state's for the current one; for older ones (up to rl.max_staleness behind), the host
+copy kept when it was published ((rl.max_staleness + 1) x the parameters' bytes of host memory, and
+one device copy of an older version at a time), or after a restart the learner's own
+`policy/<version>` object while the store keeps it (rl.keep_policies); a batch whose version is in
+neither is dropped as "unverifiable".
+Every batch judged is recorded in the learner's contribution ledger (`manifold.provenance.ledger`,
+`<workdir>/ledger.jsonl`, mirrored to the store): kind "rollout", the worker's key, the object's hash,
+its generated tokens, its generation FLOPs (`commitment.generation_flops`), the verdict, the reason
+(a `rejected/<reason>` counter's name, or "stale" / "lineage" / "unverifiable" for batches dropped
+without a judgment of honesty: recorded as rejected, earning no credit either) and the check's numbers.
+A batch whose object cannot be read or verified (corrupt, unsigned, another run's) names no
+contributor and is only counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -39,7 +56,9 @@ from manifold.config import ConfigError, model_config, task_settings, validate
 from manifold.data import load_tokenizer
 from manifold.parallel import sharding
 from manifold.parallel.mesh import make_mesh
+from manifold.provenance import ledger
 from manifold.rl import grpo
+from manifold.rl.commitment import Verdict, Verifier, generation_flops
 from manifold.rl.protocol import (
   KIND_CLAIM,
   KIND_HEARTBEAT,
@@ -52,6 +71,7 @@ from manifold.rl.protocol import (
   arrays_digest,
   check_rollout,
   claim_key,
+  from_named,
   load_identity,
   named_arrays,
   open_store,
@@ -104,9 +124,11 @@ class Counters:
   batches: int = 0
   tokens_per_worker: dict[str, int] = dataclasses.field(default_factory=dict)
   staleness: dict[str, int] = dataclasses.field(default_factory=dict)  # version lag -> accepted batches
-  dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # stale | lineage
-  rejected: dict[str, int] = dataclasses.field(default_factory=dict)  # corrupt | schema | producer | ...
+  dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # stale | lineage | unverifiable
+  rejected: dict[str, int] = dataclasses.field(default_factory=dict)  # corrupt | schema | ... | commitment | ...
   policy_hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # version -> policy object hash
+  verified: int = 0  # batches recomputed under their policy version
+  verify_s: float = 0.0  # seconds spent judging batches
   init_step: int = -1  # the step of rl.init_from the policy started from (-1: fresh)
   reference_step: int = -1  # likewise for rl.reference
 
@@ -168,6 +190,8 @@ class Learner:
         f"model.max_seq_len={self.model_cfg.max_seq_len}"
       )
     self.shape = RolloutShape.of(c)
+    if rl.commit_top_k > self.model_cfg.vocab_size:
+      raise ConfigError(f"rl.commit_top_k={rl.commit_top_k}: must be <= model.vocab_size={self.model_cfg.vocab_size}")
     rows = rl.batches_per_step * self.shape.rows
     ways = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
     if rows % ways:
@@ -195,7 +219,7 @@ class Learner:
     record_run(cfg, workdir, step=self.start, changes=changes)  # every check has passed
     self.identity = load_identity(workdir, "learner")
     self.fingerprint = publish_config(self.store, self.identity, cfg)
-    self.checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints)
+    self.checkpointer = Checkpointer(workdir, keep=tc.keep_checkpoints, lineage=self._lineage(restored))
     for step, why in (restored.skipped if restored else {}).items():
       where = self.checkpointer.set_aside(step)
       say(
@@ -208,6 +232,14 @@ class Learner:
     self.published: tuple[int, str] = (self.start, "")  # the newest policy out: version, object hash
     self.worker_keys: dict[int, str] = {}
     self._consumed: list[str] = []  # keys of the rollouts taken for the step in progress
+    self.ledger = ledger.Ledger.open(workdir, self.identity, store=self.store, fingerprint=self.fingerprint, say=say)
+    entries = map(json.loads, ledger.read_lines(workdir) or [])  # verified by `open`
+    accepted = [
+      e["detail"].get("fingerprint") for e in entries if e["kind"] == "rollout" and e["verdict"] == "accepted"
+    ]
+    self.verifier = Verifier(c, spec.graphdef, task=self.task, tokenizer=self.tokenizer, seen=filter(None, accepted))
+    self._policies: dict[int, dict[str, np.ndarray]] = {}  # version -> host arrays of the versions still usable
+    self._device_policy: tuple[int, tuple] | None = None  # (version, (params, extra)) of an older version
     self._logprobs, self._update = self._compile(tx)
     self._lock = threading.Lock()
     self._stop_beats = threading.Event()
@@ -216,6 +248,22 @@ class Learner:
     self._stop = None  # the stop request (SIGTERM / SIGINT) while `run` runs
 
   # -- set-up ----------------------------------------------------------------------------------
+
+  def _lineage(self, restored):
+    """The signer of the learner's checkpoint manifests (None with provenance.enabled=false); the
+    chain begins at rl.init_from's checkpoint, or at the seeded initialisation."""
+    if not self.c.provenance.enabled:
+      return None
+    from manifold.provenance.lineage import Lineage, newest_manifest
+
+    origin = {"kind": "init", "seed": self.tc.seed}
+    if self.rl.init_from:
+      step = self.counters.init_step
+      origin = {"kind": "run", "workdir": self.rl.init_from, "step": step,
+                "manifest": newest_manifest(self.rl.init_from, step)}  # fmt: skip
+    lineage = Lineage(self.workdir, self.identity, origin=origin, say=self.say)
+    lineage.resume(self.start if restored is not None else None, self.state)
+    return lineage
 
   def _initial_state(self, tx) -> TrainState:
     if not self.rl.init_from:
@@ -373,6 +421,9 @@ class Learner:
           self.store.delete(k)
 
     self._retrying(f"publish {key}", write)
+    self._policies[v] = arrays
+    for old in [k for k in self._policies if k < v - self.rl.max_staleness]:
+      del self._policies[old]
     hashes = self.counters.policy_hashes
     hashes[str(v)] = digest
     for old in [k for k in hashes if int(k) < v - self.rl.max_staleness]:
@@ -426,8 +477,11 @@ class Learner:
 
   def _take(self, key: str, version: int, worker: int, seq: int) -> StoredObject | None:
     """The rollout under `key` if this step may train on it, else None; either way it is counted
-    (but for a key that vanished), and one it may not train on is deleted."""
+    (but for a key that vanished) and, if its signer is known, recorded in the ledger; one it may not
+    train on is deleted."""
     rl, counters = self.rl, self.counters
+    obj = None
+    where = {"version": version, "worker": worker, "seq": seq, "key": key}
     try:
       obj = fetch(self.store, key, kind=KIND_ROLLOUT, config_fingerprint=self.fingerprint)
       if obj is None:
@@ -446,23 +500,89 @@ class Learner:
         else REJECT_REASONS.get(getattr(e, "reason", ""), "other")
       )
       counters.bump("rejected", reason)
-      self.say(f"rejected rollout {key} ({reason}): {' '.join(str(e).split())[:300]}")
+      message = " ".join(str(e).split())[:300]
+      self.say(f"rejected rollout {key} ({reason}): {message}")
+      if obj is not None:  # signed, but not by worker's key or not a rollout batch: no tokens to credit
+        self._record(obj, reason, {**where, "message": message}, tokens=0, flops=0.0)
       self.store.delete(key)
       return None
-    counters.bump("tokens_per_worker", worker, int(obj.meta["tokens"]))
     lag = self.version - version
     if 0 <= version <= self.version and lag > rl.max_staleness:
-      counters.bump("dropped", "stale")
-      obj = None
+      dropped = "stale"
     elif version > self.version or obj.parents != [counters.policy_hashes.get(str(version))]:
-      counters.bump("dropped", "lineage")  # made from a policy this learner no longer stands behind
-      obj = None
+      dropped = "lineage"  # made from a policy this learner no longer stands behind
     else:
-      counters.bump("staleness", lag)
-      self._consumed.append(key)  # deleted once the next policy is out (see `release`)
-      return obj
+      began = time.monotonic()
+      verdict = self.verifier.judge(obj, version=version, worker=worker, seq=seq, policy=lambda: self._policy(version))
+      counters.verify_s += time.monotonic() - began
+      counters.verified += bool(verdict.detail.get("verified"))
+      if verdict.ok:
+        counters.bump("tokens_per_worker", worker, int(obj.meta["tokens"]))
+        counters.bump("staleness", lag)
+        self.verifier.seen.add(verdict.fingerprint)
+        self._record(obj, "", {**where, **verdict.detail})
+        self._consumed.append(key)  # deleted once the next policy is out (see `release`)
+        return obj
+      self._judged_bad(key, obj, verdict, where)
+      return None
+    counters.bump("tokens_per_worker", worker, int(obj.meta["tokens"]))
+    counters.bump("dropped", dropped)
+    self._record(obj, dropped, {**where, "message": f"policy version {version}, the learner's {self.version}"})
     self.store.delete(key)
-    return obj
+    return None
+
+  def _judged_bad(self, key: str, obj: StoredObject, verdict: Verdict, where: dict) -> None:
+    """Counts, reports, records and deletes a batch the verifier did not accept."""
+    if verdict.reason == "unverifiable":  # not the worker's doing: dropped, like a stale batch
+      self.counters.bump("dropped", verdict.reason)
+    else:
+      self.counters.bump("rejected", verdict.reason)
+    self.say(f"rejected rollout {key} ({verdict.reason}): {verdict.message}")
+    self._record(obj, verdict.reason, {**where, **verdict.detail, "message": verdict.message})
+    self.store.delete(key)
+
+  def _record(self, obj: StoredObject, reason: str, detail: dict, **work) -> None:
+    """A ledger entry for the batch `obj` ("" reason: accepted): by default its claimed tokens and
+    generation FLOPs (credited only when accepted)."""
+    if not work:
+      a = obj.arrays
+      work = {"tokens": int(a["lengths"].sum()), "flops": generation_flops(self.model_cfg, a["mask"], a["lengths"])}
+    self.ledger.record(
+      "rollout",
+      contributor=obj.producer,
+      object_hash=obj.content_hash,
+      verdict="rejected" if reason else "accepted",
+      reason=reason,
+      detail=detail,
+      **work,
+    )
+
+  def _policy(self, version: int):
+    """(params, extra) of policy `version` (None if neither this learner nor the store has them)."""
+    if version == self.version:
+      return self.state.params, self.state.extra
+    if self._device_policy is not None and self._device_policy[0] == version:
+      return self._device_policy[1]
+    arrays = self._policies.get(version)
+    source = f"{self.store.url}{policy_key(version)}"
+    try:
+      if arrays is None:
+        obj = self._retrying(
+          f"fetch {policy_key(version)}",
+          lambda: fetch(self.store, policy_key(version), kind=KIND_POLICY, config_fingerprint=self.fingerprint,
+                        trusted_keys=[self.identity.public_key]),
+        )  # fmt: skip
+        if obj is None or obj.content_hash != self.counters.policy_hashes.get(str(version)):
+          return None
+        arrays = obj.arrays
+      params = from_named(arrays, self.spec.abstract.params, "params", source)
+      extra = from_named(arrays, self.spec.abstract.extra, "extra", source)
+    except BadObject as e:
+      self.say(f"policy version {version} is unusable: {' '.join(str(e).split())[:300]}")
+      return None
+    params, extra = jax.device_put(params, self.spec.shardings.params), jax.device_put(extra, self.spec.shardings.extra)
+    self._device_policy = (version, (params, extra))
+    return params, extra
 
   def release(self) -> None:
     """Deletes the rollouts trained on. Not before the new policy is published: until then they tell
@@ -518,7 +638,10 @@ class Learner:
       batches=float(c.batches),
       dropped_stale=float(c.dropped.get("stale", 0)),
       dropped_lineage=float(c.dropped.get("lineage", 0)),
+      dropped_unverifiable=float(c.dropped.get("unverifiable", 0)),
       rejected=float(sum(c.rejected.values())),
+      verified=float(c.verified),
+      verify_s_total=c.verify_s,
       store_bytes_read=float(self.store.bytes_read),
       store_bytes_written=float(self.store.bytes_written),
       store_retries=float(self.store.transient_failures),

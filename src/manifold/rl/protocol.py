@@ -24,12 +24,18 @@ A rollout batch holds `prompts_per_step` prompts x `group_size` completions, row
     correct         uint8  [N]       whether the answer is right
     lengths         int32  [N]       completion tokens
     groups          int32  [N]       prompt index of each row: 0,0,..,0 (G times), 1,...
+    commit_rows     int32  [K]       the completion positions committed to (K = rl.commit_positions), derived
+    commit_cols     int32  [K]       from the batch's hash (`manifold.rl.commitment.positions`); sorted
+    commit_ids      int32  [K, k]    the sampling policy's top-k token ids there (k = rl.commit_top_k) ...
+    commit_logp     float32 [K, k]   ... and their log-probs (log-softmax of the logits: temperature 1)
     meta: version, worker, seq, seed (of the prompts), prompts (their text), tokens (sum of lengths), seconds
 
 The learner drops a batch whose version is more than rl.max_staleness behind its own, or whose
 parent is not the policy it published under that version (a policy from before a learner restart),
 and rejects one that fails its hash, signature, producer, config fingerprint or this schema
-(`check_rollout`): each is counted, deleted, and never trained on.
+(`check_rollout`), or the checks of `manifold.rl.commitment.Verifier` (copies, prompts and rewards,
+positions, and a recomputation under the claimed policy of the commitments, the behaviour log-probs
+and the sampling): each is counted, deleted, never trained on, and recorded in the learner's ledger.
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ WORKER_FIELDS = (
   "rl.temperature",
   "rl.max_staleness",
   "rl.batches_per_step",
+  "rl.commit_positions",
+  "rl.commit_top_k",
 )
 
 
@@ -322,6 +330,8 @@ class RolloutShape:
   seq_len: int  # train.seq_len
   max_new_tokens: int
   vocab: int
+  commit_positions: int  # K: rl.commit_positions
+  commit_top_k: int  # k: rl.commit_top_k
 
   @property
   def rows(self) -> int:
@@ -330,7 +340,9 @@ class RolloutShape:
   @classmethod
   def of(cls, c) -> RolloutShape:
     """From a validated `Config`."""
-    return cls(c.rl.prompts_per_step, c.rl.group_size, c.train.seq_len, c.rl.max_new_tokens, c.model.vocab_size)
+    rl = c.rl
+    return cls(rl.prompts_per_step, rl.group_size, c.train.seq_len, rl.max_new_tokens, c.model.vocab_size,
+               rl.commit_positions, rl.commit_top_k)  # fmt: skip
 
 
 def rollout_spec(shape: RolloutShape) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -343,6 +355,10 @@ def rollout_spec(shape: RolloutShape) -> dict[str, tuple[np.dtype, tuple[int, ..
     "correct": (np.dtype(np.uint8), (n,)),
     "lengths": (np.dtype(np.int32), (n,)),
     "groups": (np.dtype(np.int32), (n,)),
+    "commit_rows": (np.dtype(np.int32), (shape.commit_positions,)),
+    "commit_cols": (np.dtype(np.int32), (shape.commit_positions,)),
+    "commit_ids": (np.dtype(np.int32), (shape.commit_positions, shape.commit_top_k)),
+    "commit_logp": (np.dtype(np.float32), (shape.commit_positions, shape.commit_top_k)),
   }
 
 
@@ -381,3 +397,10 @@ def check_rollout(obj: StoredObject, shape: RolloutShape, *, version: int, worke
     bad("rewards are not finite")
   if meta.get("tokens") != int(lengths.sum()):
     bad(f"meta tokens={meta.get('tokens')!r}, the lengths sum to {int(lengths.sum())}")
+  rows, cols = a["commit_rows"], a["commit_cols"]
+  if np.any((rows < 0) | (rows >= shape.rows) | (cols < 0) | (cols >= shape.seq_len)):
+    bad(f"commit positions outside the [{shape.rows}, {shape.seq_len}] batch")
+  if np.any((a["commit_ids"] < 0) | (a["commit_ids"] >= shape.vocab)):
+    bad(f"committed token ids outside [0, {shape.vocab})")
+  if not np.all(np.isfinite(a["commit_logp"])) or np.any(a["commit_logp"] > 1e-3):
+    bad("committed log-probs are not finite and <= 0")

@@ -8,13 +8,17 @@ a worker shares with the learner (`manifold.rl.protocol.WORKER_FIELDS`, named in
 `workers/<id>` with the key in `<workdir>/worker.key`, then loops: read the learner's heartbeat
 (newest policy version and its object's hash); fetch that policy if it is not the one held (a
 signed, hashed object from the learner's key, checked leaf by leaf against the model); make a batch
-if one is wanted; publish it as `rollouts/<version>/<id>/<seq>`, with the policy's hash as parent.
+if one is wanted, with its commitment (`manifold.rl.commitment.commit`: the top-k log-probs at
+positions derived from the batch's hash); publish it as `rollouts/<version>/<id>/<seq>`, with the
+policy's hash as parent.
 
 When is a batch wanted: synchronous (rl.max_staleness = 0), while the store holds fewer than
 rl.batches_per_step batches for the newest version (the learner's need for its step); asynchronous,
 while this worker has fewer than rl.batches_per_step batches waiting in the store, so generation runs
 at most a step ahead of the learner. The prompts of a batch are drawn from the train split with a
-seed of (train.seed, worker id, version, seq), the samples with a key from the same.
+seed of (train.seed, worker id, version, seq), the samples with a key from the same; the learner
+checks the prompts against that seed, so a seq whose key an earlier run left in the store is skipped
+and its batch made again with the next one.
 
 It exits when the learner's heartbeat says done; stops with one line when the learner has been
 silent for rl.deadline_s; rides out a store that is briefly unreadable; SIGTERM or Ctrl-C ends it
@@ -39,6 +43,7 @@ from manifold.config import ConfigError, model_config, task_settings, validate
 from manifold.data import load_tokenizer
 from manifold.parallel import sharding
 from manifold.parallel.mesh import make_mesh
+from manifold.rl.commitment import commit
 from manifold.rl.protocol import (
   KIND_HEARTBEAT,
   KIND_POLICY,
@@ -191,8 +196,11 @@ class Worker:
   # -- rollouts --------------------------------------------------------------------------------
 
   def make(self, version: int, seq: int) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays and meta of batch `seq` for policy `version` (with the parameters held)."""
+    """The arrays (with the commitment) and meta of batch `seq` for policy `version`, the one held."""
     rl, tc = self.rl, self.c.train
+    held, parent = self.held
+    if held != version:
+      raise RLError(f"worker {self.id}: asked for a batch of policy version {version} while holding {held}")
     seed = seed_of(tc.seed, self.id, version, seq)
     examples = self.task.prompts("train", seed, rl.prompts_per_step)
     model = nnx.merge(self.graphdef, *self.params)
@@ -209,6 +217,8 @@ class Worker:
       format_weight=rl.format_weight,
       key=jax.random.key(seed % 2**63),
     )
+    policy = (self.graphdef, *self.params)
+    arrays.update(commit(policy, arrays, parent, count=rl.commit_positions, top_k=rl.commit_top_k))
     meta = {
       "version": version,
       "worker": self.id,
@@ -220,17 +230,16 @@ class Worker:
     }
     return arrays, meta
 
-  def publish(self, arrays: dict[str, np.ndarray], meta: dict) -> str:
-    """Writes the batch under the first free `rollouts/<version>/<id>/<seq>`; its key."""
+  def publish(self, arrays: dict[str, np.ndarray], meta: dict) -> str | None:
+    """Writes the batch as `rollouts/<version>/<id>/<seq>` (meta's); its key, or None if an earlier run
+    of this worker left that key (the batch's prompts are drawn with its seq: make one for the next)."""
     version, digest = self.held
-    while True:
-      key = rollout_key(version, self.id, self.seq)
-      meta = {**meta, "seq": self.seq}
-      try:
-        publish(self.store, key, KIND_ROLLOUT, arrays, meta, self.identity, self.fingerprint, parents=[digest])
-        return key
-      except KeyExists:  # left by an earlier run of this worker
-        self.seq += 1
+    key = rollout_key(version, self.id, meta["seq"])
+    try:
+      publish(self.store, key, KIND_ROLLOUT, arrays, meta, self.identity, self.fingerprint, parents=[digest])
+      return key
+    except KeyExists:
+      return None
 
   def run(self) -> int:
     """Makes and publishes batches until the learner is done (0), a signal (130 for SIGINT, else 0)."""
@@ -276,6 +285,11 @@ class Worker:
             arrays, meta = self.make(version, self.seq)
             key = self.publish(arrays, meta)
             self.seq += 1
+            if key is None:
+              self.say(
+                f"{rollout_key(version, self.id, self.seq - 1)} exists (an earlier run's); moving to the next seq"
+              )
+              continue
             with self._lock:
               self.batches += 1
               self.tokens += meta["tokens"]
