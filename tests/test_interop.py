@@ -265,6 +265,13 @@ def test_convert_from_hf_finds_its_default_config_from_any_working_directory(tmp
   monkeypatch.chdir(tmp_path)
   assert main(["convert", "--from-hf", str(CHECKPOINT), "--workdir", "run"]) == 0
   assert (tmp_path / "run" / "config.json").is_file()
+  from manifold.provenance.lineage import Lineage
+  from manifold.provenance.verify import verify_run
+
+  (manifest,) = Lineage.read_all("run")  # step 0, chained to the HF files it came from
+  assert manifest.step == 0 and manifest.body["origin"]["kind"] == "hf"
+  assert set(manifest.body["origin"]["files"]) == {p.name for p in CHECKPOINT.iterdir() if p.is_file()}
+  assert verify_run("run").checkpoints == 1
 
 
 def test_fp8_dequantisation_matches_a_numpy_reference_per_128_block():

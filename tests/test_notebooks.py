@@ -1,6 +1,6 @@
 """Every notebook runs top to bottom against real (tiny) runs: a plain / mhc sweep and its mhc run, a
-two-island run for the islands notebook, a `manifold rl local` run for the GRPO notebook and the
-tiny distillation table for the distillation notebook."""
+two-island run for the islands notebook, a `manifold rl local` run for the GRPO and provenance
+notebooks and the tiny distillation table for the distillation notebook."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def test_notebook_executes(path, tiny_sweep, request, monkeypatch):
     monkeypatch.setenv("MANIFOLD_DISTILL_RESULTS", str(request.getfixturevalue("tiny_distill")[1]))
   if path.name == "grpo.ipynb":
     monkeypatch.setenv("MANIFOLD_GRPO_RUN", str(request.getfixturevalue("tiny_grpo")[0]))
+  if path.name == "provenance.ipynb":  # the learner's ledger credits its workers' rollouts
+    monkeypatch.setenv("MANIFOLD_PROVENANCE_RUN", str(request.getfixturevalue("tiny_grpo")[0] / "learner"))
   monkeypatch.setenv("MANIFOLD_RESULTS", str(results))
   monkeypatch.setenv("MANIFOLD_WORKDIR", str(mhc_run))
   notebook = nbformat.read(path, as_version=4)

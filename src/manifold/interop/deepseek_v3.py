@@ -559,6 +559,20 @@ def _save_step_zero(directory: str, state, data_state: dict[str, Any]) -> None:
   manager.close()
 
 
+def _sign_step_zero(cfg, workdir: str, hf_dir: str, state, data_state: dict) -> None:
+  """Signs the imported step 0 with the origin {"kind": "hf", "files": {name: blake3}}."""
+  from manifold.provenance import tensors
+  from manifold.provenance.lineage import Lineage, key_path, load_key
+
+  typed = validate(cfg)
+  names = sorted(n for n in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, n)))
+  origin = {"kind": "hf", "files": {n: tensors.file_hash(os.path.join(hf_dir, n)) for n in names}}
+  lineage = Lineage(workdir, load_key(key_path(typed, workdir)), origin=origin, say=lambda _: None)
+  lineage.begin(0, state, data_state)
+  lineage.finish(typed.train.keep_checkpoints)
+  lineage.ledger.close()
+
+
 def import_checkpoint(hf_dir: str, workdir: str, base_cfg) -> int:
   """Writes a manifold run directory (config.json + a step-0 checkpoint) for an HF checkpoint.
 
@@ -618,7 +632,10 @@ def import_checkpoint(hf_dir: str, workdir: str, base_cfg) -> int:
       # AdamW starts from zero moments and counts: broadcast zeros take no memory
       opt_state=jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), abstract.opt_state),
     )
-    _save_step_zero(checkpointer.directory, state, {"epoch": 0, "position": 0, "seed": cfg.train.seed})
+    data_state = {"epoch": 0, "position": 0, "seed": cfg.train.seed}
+    _save_step_zero(checkpointer.directory, state, data_state)
+    if validate(cfg).provenance.enabled:  # step 0's manifest: the chain's origin is the HF files
+      _sign_step_zero(cfg, workdir, hf_dir, state, data_state)
   finally:
     shutil.rmtree(staging)
   return sum(a.size for path, a in written.items() if path[0] == "params")

@@ -47,12 +47,14 @@ _NAME = re.compile(r"(\d{8})\.([0-9a-f]{12})\.json")
 
 
 def key_path(cfg, workdir: str) -> str:
-  """The run's signing key: `provenance.key`, else its role's key in the workdir (`island.key` for
-  a store island, `learner.key` for an RL learner, `run.key` otherwise)."""
-  if cfg.provenance.key:
-    return cfg.provenance.key
-  role = "island" if cfg.islands.store else "learner" if cfg.rl.store or cfg.rl.worker >= 0 else "run"
-  return str(files.path(workdir) / f"{role}.key")
+  """The key a `manifold train` run signs with: a store island's own identity (`island.key`, the key
+  its store objects carry), else `provenance.key`, else `<workdir>/run.key`. (An RL learner signs
+  with its `learner.key`.)"""
+  if cfg.islands.store:
+    from manifold.islands.store_sync import identity_path
+
+    return identity_path(workdir)
+  return cfg.provenance.key or str(files.path(workdir) / "run.key")
 
 
 def load_key(path: str) -> Identity:
@@ -138,7 +140,7 @@ class Lineage:
     self.ledger = ledger.Ledger.open(workdir, identity, say=say) if self.is_main else None
     self.parent: Manifest | None = None
     self.pending: dict[str, Any] | None = None
-    self.seconds = 0.0  # hashing and signing time of the newest manifest
+    self.tensor_s = self.file_s = 0.0  # the newest manifest's time: hashing the state; its files and signing
 
   def resume(self, step: int | None, state=None) -> None:
     """Continues the chain from the newest manifest of checkpoint `step` (the one restored, whose
@@ -177,7 +179,7 @@ class Lineage:
     began = time.perf_counter()
     named, optimizer = state_hashes(state)
     self.pending = {"step": step, "tensors": named, "optimizer": optimizer, "data_state": data_state}
-    self.seconds = time.perf_counter() - began
+    self.tensor_s = time.perf_counter() - began
 
   def finish(self, keep: int) -> Manifest | None:
     """Writes the pending manifest (its checkpoint's files must be complete); None if none pending."""
@@ -229,7 +231,8 @@ class Lineage:
     self.ledger.record("checkpoint", contributor=self.identity.public_key, object_hash=digest, detail={"step": step})
     self.parent = read_manifest(path)
     self._retire_removed(keep)
-    self.seconds += time.perf_counter() - began
+    self.file_s = time.perf_counter() - began
+    self.say(f"checkpoint {step}: manifest {digest[:12]} signed ({self.tensor_s + self.file_s:.2f} s)")
     return self.parent
 
   def retire(self, step: int, reason: str) -> None:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from manifold.files import atomic_path  # noqa: E402
+from manifold.files import atomic_path
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
@@ -29,7 +26,8 @@ def plot(rows: dict[str, dict[str, float]], out_path: str | os.PathLike) -> None
   """Accepted model FLOPs and accepted / rejected batches per contributor."""
   keys = sorted(rows, key=lambda k: -rows[k]["flops"])
   names = [k[:8] for k in keys]
-  fig, (ax_flops, ax_count) = plt.subplots(1, 2, figsize=(10, 3.5))
+  fig = Figure(figsize=(10, 3.5))  # no pyplot: importing this leaves a notebook's backend alone
+  ax_flops, ax_count = fig.subplots(1, 2)
   ax_flops.bar(names, [rows[k]["flops"] for k in keys])
   ax_flops.set(xlabel="contributor (public key)", ylabel="accepted model FLOPs", title="credit")
   ax_count.bar(names, [rows[k]["accepted"] for k in keys], label="accepted")
@@ -42,4 +40,3 @@ def plot(rows: dict[str, dict[str, float]], out_path: str | os.PathLike) -> None
   fig.tight_layout()
   with atomic_path(out_path) as tmp:
     fig.savefig(tmp, dpi=120, format="png")
-  plt.close(fig)

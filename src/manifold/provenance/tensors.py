@@ -50,8 +50,11 @@ def tensor_hash(x) -> str:
 
 def tree_hashes(tree: Any, prefix: str = "") -> dict[str, str]:
   """{leaf name: tensor hash} for every array leaf of `tree` (None leaves skipped)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {prefix + leaf_name(path): tensor_hash(leaf) for path, leaf in flat if leaf is not None}
+  flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if leaf is not None]
+  for _, leaf in flat:  # start every device-to-host copy now, so the copies overlap the hashing
+    if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+      leaf.copy_to_host_async()
+  return {prefix + leaf_name(path): tensor_hash(leaf) for path, leaf in flat}
 
 
 def digest(hashes: dict[str, str]) -> str:
