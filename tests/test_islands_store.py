@@ -31,6 +31,7 @@ from manifold.islands.store_sync import (
   shared_config,
   update_key,
 )
+from manifold.provenance import ledger
 from manifold.store import Identity, Store, fetch
 from manifold.train.metrics import read_metrics
 
@@ -137,7 +138,14 @@ def test_two_islands_match_a_numpy_outer_step_and_count_their_bytes(corpus_dir, 
   store = Store.open(outage.url)
   rows = membership(tmp_path / "run" / "island-0")
   assert {(r["fragment"], r["round"]) for r in rows} == {(p, r) for p in (0, 1) for r in range(1, 7)}  # 24 / H=4
-  assert all(r["members"] == [0, 1] and not r["dropped"] for r in rows), rows
+  assert all(r["members"] == [0, 1] and not r["dropped"] for r in rows), rows  # the default screen passes honest ones
+  judged = [  # each island's ledger verifies; the deltas it judged as a round's leader
+    e for k in (0, 1) for e in ledger.read(str(tmp_path / "run" / f"island-{k}")).entries if e["kind"] == "island_delta"
+  ]
+  assert sorted((e["detail"]["fragment"], e["detail"]["round"], e["detail"]["island"]) for e in judged) == [
+    (p, r, k) for p in (0, 1) for r in range(1, 7) for k in (0, 1)
+  ]  # each delta judged once, by its round's leader
+  assert all(e["verdict"] == "accepted" for e in judged)
   num_params = 0
   for p in (0, 1):
     assert sorted(store.list(f"global/{p}/")) == [global_key(p, 0), global_key(p, 4)]
@@ -271,6 +279,13 @@ def test_islands_survive_a_kill_a_corrupt_delta_and_a_restart(corpus_dir, tmp_pa
     )
     assert row["members"] == [0, 1] and "corrupt object (payload hash)" in row["dropped"]["2"], row
     assert f"round {planted}: island 2's delta rejected, not used" in _log(dirs[0])
+    entry = next(
+      e
+      for e in ledger.read(str(dirs[0])).entries
+      if e["kind"] == "island_delta" and e["detail"]["round"] == planted and e["detail"]["island"] == 2
+    )
+    assert entry["verdict"] == "rejected" and "corrupt object (payload hash)" in entry["reason"], entry
+    assert entry["contributor"] == Identity.load_or_create(str(dirs[2] / "island.key")).public_key
 
     # Island 2 restarts from its own checkpoint and rejoins the run at its next round.
     procs[2] = _train(corpus_dir, cache, dirs[2], url, 2, *extra)

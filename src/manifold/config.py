@@ -254,6 +254,29 @@ class IslandsConfig(Section):
     "momentum (for joiners and a new leader); 1: every round",
     POSITIVE,
   )
+  aggregate: str = field(
+    "mean",
+    "store: how the round's leader combines the deltas it kept (manifold/islands/robust.py): mean (token-weighted) "
+    "| trimmed_mean | median (coordinate-wise, unweighted)",
+    one_of("mean", "trimmed_mean", "median"),
+  )
+  trim: float = field(
+    0.25,
+    "trimmed_mean: share of the islands dropped at each end per coordinate (floor(trim x n))",
+    Check(lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+  )
+  max_norm_ratio: float = field(
+    10.0,
+    "store: the leader rejects a delta whose L2 norm is > this x the median of the other islands' (honest runs: "
+    "0.81-1.30); 0: off",
+    _FACTOR,
+  )
+  min_cosine: float = field(
+    0.0,
+    "store: the leader rejects a delta whose cosine to the coordinate-wise median of the round's deltas is < this "
+    "(with 3 or more; honest runs: 0.68-0.98); -1: off",
+    Check(lambda v: -1 <= v <= 1, "a number in [-1, 1]"),
+  )
 
   def check(self) -> None:
     require(
@@ -412,10 +435,13 @@ class ProvenanceConfig(Section):
   SECTION = "provenance"
   RESUME = FREE
 
-  enabled: bool = field(True, "sign a manifest for every checkpoint and keep ledger.jsonl (manifold verify checks them)")
+  enabled: bool = field(
+    True, "sign a manifest for every checkpoint and keep ledger.jsonl (manifold verify checks them)"
+  )
   key: str = field(
-    "", 'the Ed25519 key file a train run signs with; "": <workdir>/run.key (store islands and RL learners sign '
-    "with their store identity: island.key, learner.key)"
+    "",
+    'the Ed25519 key file a train run signs with; "": <workdir>/run.key (store islands and RL learners sign '
+    "with their store identity: island.key, learner.key)",
   )
 
 

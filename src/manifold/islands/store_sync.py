@@ -27,10 +27,16 @@ feedback, quantised to islands.bits), then (overlap_steps = 0) waits for `global
 trains on and takes it tau steps later, mixed in. The leader of the round is the lowest live island
 (fresh heartbeat) among those that reported it; it waits until every live island that will report the
 round has (an island silent for deadline_s is dropped; a hung one is dropped after 10 x deadline_s),
-checks every delta (hash, signature, producer, config, base round), takes the token-weighted mean of
-the valid ones in float32 and computes the outer Nesterov update u with the previous round's
-momentum. u is quantised like the deltas (islands.bits, islands.quant_block), and the round's global
-parameters are defined as `global_{r-1} + dequantize(quantize(u))`, in float32 numpy from the update
+checks every delta (hash, signature, producer, config, base round), screens the valid ones (a norm
+bound against the others' median norm and a cosine bound against their coordinate-wise median:
+`manifold.islands.robust`, islands.max_norm_ratio and islands.min_cosine), combines the kept ones in
+float32 (islands.aggregate: the token-weighted mean, or the coordinate-wise trimmed mean or median)
+and computes the outer Nesterov update u with the previous round's momentum. The update's meta says
+which deltas were rejected and why, and every island's norm, norm ratio and cosine; once its update
+has landed, the leader records a signed verdict on each delta in its contribution ledger
+(`manifold.provenance.ledger`, kind island_delta, with the tokens and FLOPs it claims). u is
+quantised like the deltas (islands.bits, islands.quant_block), and the round's global parameters are
+defined as `global_{r-1} + dequantize(quantize(u))`, in float32 numpy from the update
 object's bytes, so the leader and every island make the same bits (with bits = 32 it is the plain
 outer step). The leader writes `update/p/r` once (a conditional write: of two would-be leaders, the
 one whose update lands wins, and only it writes `outer/...` and then the full `global/p/r`); its
@@ -69,7 +75,8 @@ import numpy as np
 
 from manifold import files
 from manifold.config import ConfigError, validate
-from manifold.islands import diloco
+from manifold.islands import diloco, robust
+from manifold.provenance.ledger import Ledger, LedgerError
 from manifold.schema import FREE, Section, first_difference
 from manifold.store import (
   BadObject,
@@ -331,7 +338,8 @@ class StoreSync:
   after every step sends, leads and takes the rounds that are due."""
 
   def __init__(self, cfg, workdir: str, store: Store, identity: Identity, fingerprint: str, say: Callable):
-    ic = validate(cfg).islands
+    typed = validate(cfg)
+    ic = typed.islands
     self.ic = ic
     self.id, self.count = ic.id, ic.count
     self.H, self.P = ic.inner_steps, ic.fragments
@@ -341,6 +349,10 @@ class StoreSync:
     self.say = say
     self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     self.total_steps = cfg.train.steps
+    self.model_cfg, self.seq_len = typed.model, cfg.train.seq_len
+    self.flops_per_token: float | None = None  # computed when this island first leads a round
+    self.keeps_ledger = typed.provenance.enabled
+    self.ledger: Ledger | None = None  # opened by join
     self.tx = diloco.outer_optimizer(ic.outer_learning_rate, ic.outer_momentum, nesterov=True)
     self.poll_s = min(0.25, ic.heartbeat_s / 4)  # the longest pause between looks at the store while waiting
     self.layout: Layout | None = None
@@ -378,6 +390,13 @@ class StoreSync:
       raise IslandsError(f"island {self.id}: the store failed past its retries: {e}") from None
 
   def _join(self, spec, state, start: int):
+    try:  # the deltas this island judges as a round's leader, one signed entry each
+      if self.keeps_ledger:
+        self.ledger = Ledger.open(
+          self.workdir, self.identity, store=self.store, fingerprint=self.fingerprint, say=self.say
+        )
+    except LedgerError as e:
+      raise IslandsError(f"island {self.id}: {e}; move ledger.jsonl aside to start a new ledger") from None
     self.layout = layout = Layout.of(spec.abstract.params, self.ic)
     self.num_params = layout.size()
     self.start = self.step = start
@@ -712,6 +731,7 @@ class StoreSync:
       "members": m.get("members", []),
       "tokens": m.get("tokens", []),
       "dropped": dropped,
+      "screen": m.get("screen", {}),
       "leader": m.get("leader"),
       "step": self.step,
       "time": _now(),
@@ -875,22 +895,25 @@ class StoreSync:
     """Computes round r of fragment p from every valid delta, writes its update (once: the commit
     point), then on snapshot rounds outer/ and global/; the new global parameters, or None if another
     island wrote the round first."""
-    deltas, rejected = {}, {}
+    deltas, bad = {}, {}
     for k in sorted(reporters):
       try:
         deltas[k] = self._delta_of(p, r, k)
       except BadObject as e:
-        rejected[str(k)] = str(e)
+        bad[k] = str(e)
         self.say(f"island {self.id}: fragment {p} round {r}: island {k}'s delta rejected, not used: {e}")
+    screened = robust.screen(
+      {k: d[0] for k, d in deltas.items()}, max_norm_ratio=self.ic.max_norm_ratio, min_cosine=self.ic.min_cosine
+    )
+    for k, why in screened.rejected.items():
+      self.say(f"island {self.id}: fragment {p} round {r}: island {k}'s delta rejected, not used: {why}")
+    rejected = {str(k): why for k, why in sorted({**bad, **screened.rejected}.items())}
     held = self.held[p]
-    members = sorted(deltas)
+    members = screened.kept
     weights = [deltas[k][1] for k in members]
     total = float(sum(weights))
     if total > 0:
-      mean = [
-        sum(np.float32(w / total) * deltas[k][0][j] for k, w in zip(members, weights)).astype(np.float32)
-        for j in range(len(held.arrays))
-      ]
+      mean = robust.aggregate(self.ic.aggregate, [deltas[k][0] for k in members], weights, self.ic.trim)
       update, state = self.tx.update(mean, self._outer_state(p, r - 1), held.arrays)
       update = [np.asarray(u, np.float32) for u in update]
     else:  # nothing valid arrived (or no tokens): the parameters and the momentum stay
@@ -908,6 +931,7 @@ class StoreSync:
       "members": members,
       "tokens": weights,
       "dropped": self._dropped(p, members, rejected, missing),
+      "screen": {"aggregate": self.ic.aggregate, "islands": screened.numbers(), "note": screened.note},
       "leader": self.id,
       "params_sha256": _digest(new_global),
     }
@@ -923,7 +947,36 @@ class StoreSync:
       self.store.put(okey, data)
       data, _ = self._encode("global", global_key(p, r), self.layout.named(p, new_global), meta, parents=[digest])
       self.store.put_new(global_key(p, r), data)  # for islands that join, restart or fall behind
+    self._record(p, r, deltas, screened, bad)  # only the round's leader (its update landed) judges its deltas
     return Held(r, new_global, digest, meta, snapshot=held.snapshot)
+
+  def _record(self, p: int, r: int, deltas: dict, screened: robust.Screen, bad: dict[int, str]) -> None:
+    """One ledger entry per delta this island judged as round r's leader: accepted, or rejected with the
+    reason (the screen's numbers, or the check that failed); tokens and the model FLOPs they claim."""
+    if self.ledger is None:
+      return
+    if self.flops_per_token is None:
+      from manifold.model.accounting import training_flops_per_token
+
+      self.flops_per_token = training_flops_per_token(self.model_cfg, self.seq_len)
+    numbers = screened.numbers()
+    for k in sorted(set(deltas) | set(bad)):
+      if k in deltas:
+        _, tokens, digest = deltas[k]
+        why, found = screened.rejected.get(k, ""), numbers[str(k)]
+      else:  # failed a check: the object is not trusted, so neither are its hash and tokens
+        tokens, digest, why, found = 0, "", bad[k], {"norm": None, "ratio": None, "cosine": None}
+      contributor = self.identity.public_key if k == self.id else self.claims.get(k, "")
+      self.ledger.record(
+        "island_delta",
+        contributor=contributor,
+        object_hash=digest,
+        tokens=tokens,
+        flops=tokens * self.flops_per_token,
+        verdict="rejected" if why else "accepted",
+        reason=why,
+        detail={"fragment": p, "round": r, "island": k, **found},
+      )
 
   # -- the end -------------------------------------------------------------------------------
 

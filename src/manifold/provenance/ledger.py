@@ -148,6 +148,7 @@ class Ledger:
       say(f"{self.path}: a torn last line (a crash mid-write) moved to {LEDGER_FILE}.torn")
       text = body + "\n" if body else ""
     checked = check_entries(text.splitlines(), str(self.path))
+    self.entries = checked.entries  # every entry so far (this writer's view of the file)
     self.seq, self.head = len(checked.entries), checked.head
 
   @classmethod
@@ -210,6 +211,7 @@ class Ledger:
     entry["signature"] = self.identity.sign(_signed_bytes(entry)).hex()
     line = canonical_json(entry).decode("utf-8")
     files.append_text(self.path, line + "\n")
+    self.entries.append(entry)
     self.seq, self.head = self.seq + 1, entry_hash(entry)
     if self.store is not None:
       try:

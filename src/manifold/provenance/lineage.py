@@ -138,6 +138,9 @@ class Lineage:
     self.workdir, self.identity, self.origin, self.say = workdir, identity, origin, say
     self.is_main = jax.process_index() == 0
     self.ledger = ledger.Ledger.open(workdir, identity, say=say) if self.is_main else None
+    self.known = self.read_all(workdir)  # every manifest, kept up to date here (so a save reads none back)
+    entries = self.ledger.entries if self.ledger else []
+    self.retired = {e["object"] for e in entries if e["kind"] == "retired"}
     self.parent: Manifest | None = None
     self.pending: dict[str, Any] | None = None
     self.tensor_s = self.file_s = 0.0  # the newest manifest's time: hashing the state; its files and signing
@@ -149,16 +152,13 @@ class Lineage:
     self.parent = None
     if step is None:
       return
-    mine = [m for m in self.manifests() if m.step == step]
+    mine = [m for m in self.known if m.step == step]
     self.parent = mine[-1] if mine else None
     if self.parent is None:
       digest = tensors.digest(state_hashes(state)[0])
       self.origin = {"kind": "unsigned-checkpoint", "step": step, "tensors_digest": digest}
       if self.is_main:
         self.say(f"checkpoint {step} has no signed manifest; the chain of its successors starts at it")
-
-  def manifests(self) -> list[Manifest]:
-    return self.read_all(self.workdir)
 
   @staticmethod
   def read_all(workdir: str) -> list[Manifest]:
@@ -199,7 +199,7 @@ class Lineage:
     roots_text = files.read_text(root / ROOTS_FILE)
     parent = self.parent
     begun = parent.body["contributions"]["to"] if parent else 0
-    entries = ledger.read(self.workdir).entries[begun:]
+    entries = self.ledger.entries[begun:]
     body = {
       "format": FORMAT,
       "step": step,
@@ -229,7 +229,8 @@ class Lineage:
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomic(path, json.dumps(envelope, indent=1))
     self.ledger.record("checkpoint", contributor=self.identity.public_key, object_hash=digest, detail={"step": step})
-    self.parent = read_manifest(path)
+    self.parent = Manifest(str(path), step, digest, self.identity.public_key, body, stmt["predicate"]["resources"])
+    self.known.append(self.parent)
     self._retire_removed(keep)
     self.file_s = time.perf_counter() - began
     self.say(f"checkpoint {step}: manifest {digest[:12]} signed ({self.tensor_s + self.file_s:.2f} s)")
@@ -239,16 +240,17 @@ class Lineage:
     """Records that checkpoint `step`'s files are gone for `reason` (its manifests stay)."""
     if not self.is_main:
       return
-    retired = {e["object"] for e in ledger.read(self.workdir).entries if e["kind"] == "retired"}
-    for m in self.manifests():
-      if m.step == step and m.hash not in retired:
+    for m in self.known:
+      if m.step == step and m.hash not in self.retired:
+        self.retired.add(m.hash)
         self.ledger.record(
           "retired", contributor=self.identity.public_key, object_hash=m.hash, reason=reason, detail={"step": step}
         )
 
   def _retire_removed(self, keep: int) -> None:
     """Retires the manifested steps older than the newest `keep` whose files keep-N removed."""
-    steps = sorted({m.step for m in self.manifests()})
+    live = {m.step for m in self.known if m.hash not in self.retired}
+    steps = sorted({m.step for m in self.known})
     for step in steps[: max(0, len(steps) - keep)]:
-      if not (files.path(self.workdir) / "checkpoints" / str(step)).exists():
+      if step in live and not (files.path(self.workdir) / "checkpoints" / str(step)).exists():
         self.retire(step, "keep-N removed its files")
