@@ -19,6 +19,7 @@ import numpy as np
 from manifold import files
 
 CHUNK = 1 << 24
+PREFETCH_BYTES = 1 << 30
 
 
 def _key(k) -> str:
@@ -51,10 +52,17 @@ def tensor_hash(x) -> str:
 def tree_hashes(tree: Any, prefix: str = "") -> dict[str, str]:
   """{leaf name: tensor hash} for every array leaf of `tree` (None leaves skipped)."""
   flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if leaf is not None]
-  for _, leaf in flat:  # start every device-to-host copy now, so the copies overlap the hashing
-    if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
-      leaf.copy_to_host_async()
-  return {prefix + leaf_name(path): tensor_hash(leaf) for path, leaf in flat}
+  out, started, ahead = {}, 0, 0  # device-to-host copies run up to PREFETCH_BYTES ahead of the hashing
+  for i, (path, leaf) in enumerate(flat):
+    while started < len(flat) and (started <= i or ahead < PREFETCH_BYTES):
+      x = flat[started][1]
+      if isinstance(x, jax.Array) and x.is_fully_addressable:
+        x.copy_to_host_async()
+        ahead += x.nbytes
+      started += 1
+    out[prefix + leaf_name(path)] = tensor_hash(leaf)
+    ahead -= leaf.nbytes if isinstance(leaf, jax.Array) and leaf.is_fully_addressable else 0
+  return out
 
 
 def digest(hashes: dict[str, str]) -> str:
