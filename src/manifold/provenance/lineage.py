@@ -11,7 +11,7 @@ lists the blake3 of every file of the checkpoint (model-signing's `resources`) a
                                  {"kind": "run", "workdir", "step", "manifest"} (RL / distillation starts)
     tensors, tensors_digest      the hash of every parameter and model variable (`tensors`: the same from 1
                                  device or 8) and one digest over them
-    optimizer_digest             one digest over the optimizer state's tensors
+    optimizer_digest             one digest over the rest of the state: optimizer, step (an in-job island run: inner states)
     config                       sha256 of the run's config.json then (a copy: provenance/configs/<sha256>.json)
     data                         sha256 of data_roots.json, its train root, and the data position (the
                                  iterator state) at the parent and now
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 from typing import Any, Callable
@@ -54,7 +55,13 @@ def key_path(cfg, workdir: str) -> str:
     from manifold.islands.store_sync import identity_path
 
     return identity_path(workdir)
-  return cfg.provenance.key or str(files.path(workdir) / "run.key")
+  if cfg.provenance.key:
+    return cfg.provenance.key
+  if files.is_remote(workdir):  # a private key never goes to a bucket: keep it on this machine
+    from manifold.train.run import default_cache_dir
+
+    return os.path.join(default_cache_dir(), "keys", workdir.split("://", 1)[1].strip("/"), "run.key")
+  return str(files.path(workdir) / "run.key")
 
 
 def load_key(path: str) -> Identity:
@@ -107,10 +114,13 @@ def newest_manifest(workdir: str, step: int | None = None) -> str | None:
 
 
 def state_hashes(state) -> tuple[dict[str, str], str]:
-  """({name: hash} of the parameters and model variables, the optimizer state's digest) of a
-  TrainState (every process of a job must call it: it gathers sharded arrays)."""
-  named = tensors.tree_hashes(state.params, "params/") | tensors.tree_hashes(state.extra, "extra/")
-  return named, tensors.digest(tensors.tree_hashes(state.opt_state))
+  """({name: hash} of the parameters and model variables, one digest of the rest: the optimizer
+  state and step, and an in-job island run's inner states) of a train state, in memory (a TrainState
+  or IslandState) or restored as a dict. Every process of a job must call it: it gathers sharded arrays."""
+  fields = state if isinstance(state, dict) else {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  named = tensors.tree_hashes(fields["params"], "params/") | tensors.tree_hashes(fields["extra"], "extra/")
+  rest = {k: v for k, v in fields.items() if k not in ("params", "extra")}
+  return named, tensors.digest(tensors.tree_hashes(rest))
 
 
 def _since(entries: list[dict]) -> dict[str, dict[str, float]]:

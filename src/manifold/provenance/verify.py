@@ -109,12 +109,12 @@ def _check_checkpoint(workdir: str, step: int, m: lineage.Manifest) -> None:
     state = _restore_state(str(folder / "state"))
   except Exception as e:  # noqa: BLE001 -- orbax raises many kinds for damaged files
     raise BrokenLink(f"{where}: does not restore ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-  named = tensors.tree_hashes(state["params"], "params/") | tensors.tree_hashes(state["extra"], "extra/")
+  named, rest = lineage.state_hashes(state)
   for name in sorted(set(named) | set(m.body["tensors"])):
     if named.get(name) != m.body["tensors"].get(name):
       raise BrokenLink(f"{where}: tensor {name} does not hash as its manifest says")
-  if tensors.digest(tensors.tree_hashes(state["opt_state"])) != m.body["optimizer_digest"]:
-    raise BrokenLink(f"{where}: the optimizer state does not hash as its manifest says")
+  if rest != m.body["optimizer_digest"]:
+    raise BrokenLink(f"{where}: the optimizer state (or step) does not hash as its manifest says")
 
 
 def _check_data(workdir: str, summary: Summary, newest: lineage.Manifest | None) -> None:
