@@ -68,6 +68,18 @@ def read_data_roots(workdir: str) -> dict:
   return json.loads(text)
 
 
+def check_file(f: dict) -> bool:
+  """Whether the corpus file of a `data_roots.json` row is here (False: gone); raises `DataError`
+  if it no longer hashes as the run recorded."""
+  try:
+    digest = hashlib.sha256(files.path(f["path"]).read_bytes()).hexdigest()
+  except OSError:
+    return False
+  if digest != f["sha256"]:
+    raise DataError(f"{f['path']}: changed since the run read it (sha256 {digest[:12]}..., was {f['sha256'][:12]}...)")
+  return True
+
+
 def prove(workdir: str, document: str) -> dict:
   """The proof (JSON-ready) that `document` is, or is not, one of the run's training documents."""
   roots = read_data_roots(workdir)
@@ -75,15 +87,8 @@ def prove(workdir: str, document: str) -> dict:
   for f in roots["files"]:
     if f["split"] != "train":
       continue
-    try:
-      with open(f["path"], "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    except OSError:
-      raise DataError(f"{f['path']}: the run's training file is gone; a proof needs every training file") from None
-    if digest != f["sha256"]:
-      raise DataError(
-        f"{f['path']}: changed since the run read it (sha256 {digest[:12]}..., was {f['sha256'][:12]}...)"
-      )
+    if not check_file(f):
+      raise DataError(f"{f['path']}: the run's training file is gone; a proof needs every training file")
     leaves += _leaves(f["path"], f["name"], roots["jsonl_field"])
   tree = Tree(leaves)
   if tree.root.hex() != roots["train_root"]:

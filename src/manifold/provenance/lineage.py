@@ -148,9 +148,9 @@ class Lineage:
     self.workdir, self.identity, self.origin, self.say = workdir, identity, origin, say
     self.is_main = jax.process_index() == 0
     self.ledger = ledger.Ledger.open(workdir, identity, say=say) if self.is_main else None
-    self.known = self.read_all(workdir)  # every manifest, kept up to date here (so a save reads none back)
-    entries = self.ledger.entries if self.ledger else []
-    self.retired = {e["object"] for e in entries if e["kind"] == "retired"}
+    entries = self.ledger.entries if self.ledger else None  # verified when the ledger was opened
+    self.known = self.read_all(workdir, entries)  # every manifest, kept up to date here (so a save reads none back)
+    self.retired = {e["object"] for e in entries or [] if e["kind"] == "retired"}
     self.parent: Manifest | None = None
     self.pending: dict[str, Any] | None = None
     self.tensor_s = self.file_s = 0.0  # the newest manifest's time: hashing the state; its files and signing
@@ -171,12 +171,14 @@ class Lineage:
         self.say(f"checkpoint {step} has no signed manifest; the chain of its successors starts at it")
 
   @staticmethod
-  def read_all(workdir: str) -> list[Manifest]:
-    """Every readable manifest, in step order, newest of a step last (by ledger order)."""
+  def read_all(workdir: str, entries: list[dict] | None = None) -> list[Manifest]:
+    """Every readable manifest, in step order, newest of a step last (by the order of the ledger,
+    read here unless its verified `entries` are given)."""
     try:
-      order = {e["object"]: e["seq"] for e in ledger.read(workdir).entries if e["kind"] == "checkpoint"}
+      entries = ledger.read(workdir).entries if entries is None else entries
     except ledger.LedgerError:
-      order = {}  # `manifold verify` reports it
+      entries = []  # `manifold verify` reports it
+    order = {e["object"]: e["seq"] for e in entries if e["kind"] == "checkpoint"}
     out = []
     for _, path in manifest_files(workdir):
       try:

@@ -16,7 +16,8 @@ import logging
 from typing import Iterable
 
 from manifold import files
-from manifold.provenance import attestation, ledger, lineage, tensors
+from manifold.data.errors import DataError
+from manifold.provenance import attestation, data_roots, ledger, lineage, tensors
 from manifold.provenance.data_roots import ROOTS_FILE
 
 KEY_FILES = ("run.key", "island.key", "learner.key")
@@ -125,14 +126,12 @@ def _check_data(workdir: str, summary: Summary, newest: lineage.Manifest | None)
     raise BrokenLink(f"{workdir}/{ROOTS_FILE}: not the data roots checkpoint {newest.step}'s manifest signed (edited)")
   for f in json.loads(text)["files"]:
     try:
-      digest = hashlib.sha256(files.path(f["path"]).read_bytes()).hexdigest()
-    except OSError:
+      present = data_roots.check_file(f)
+    except DataError as e:
+      raise BrokenLink(str(e)) from None
+    if not present:
       summary.data_missing += 1
       continue
-    if digest != f["sha256"]:
-      raise BrokenLink(
-        f"{f['path']}: changed since the run read it (sha256 {digest[:12]}..., was {f['sha256'][:12]}...)"
-      )
     summary.data_files += 1
 
 
