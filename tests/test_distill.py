@@ -90,6 +90,26 @@ def test_the_cache_with_k_equal_to_v_trains_like_the_online_teacher(tiny_distill
     assert a == pytest.approx(b, rel=1e-5, abs=1e-5), k
 
 
+def test_a_run_lists_its_caches_root_and_verify_rehashes_the_cache(tiny_distill, tmp_path):
+  import tensorstore as ts
+
+  from manifold.data.errors import DataError
+  from manifold.distill.cache import check_shard, kvstore_url
+  from manifold.provenance.verify import verify_run
+
+  runs, _ = tiny_distill
+  (shard,) = json.loads((runs / "logit_cache" / "data_roots.json").read_text())["shards"]
+  manifest = json.loads((runs / "cache" / "manifest.json").read_text())
+  assert shard["kind"] == "distill cache" and shard["root"] == manifest["root"] and shard["documents"] > 1
+  assert verify_run(str(runs / "logit_cache")).data_shards == 1
+  copy = tmp_path / "cache"
+  shutil.copytree(runs / "cache", copy)
+  logp = ts.open({"driver": "zarr", "kvstore": kvstore_url(str(copy)) + "logp/"}, open=True).result()
+  logp[1, 0, 0].write(logp[1, 0, 0].read().result() - 0.5).result()  # one teacher log-prob of batch 0 changed
+  with pytest.raises(DataError, match="its batches hash to root"):
+    check_shard({**shard, "location": str(copy)})
+
+
 def test_gradients_never_reach_the_teacher(tiny_distill):
   from manifold.distill.step import distill_objective
   from manifold.distill.teacher import load_teacher

@@ -226,3 +226,42 @@ def test_the_ledger_survives_a_torn_line_mirrors_to_the_store_and_credits_accept
   assert cli.main(["ledger", str(tmp_path / "run")]) == 0
   out = capsys.readouterr().out
   assert "75.0%" in out and "25.0%" in out and (tmp_path / "run" / "ledger.png").stat().st_size > 0
+
+
+def test_a_learner_proves_its_accepted_prompts_in_and_held_out_prompts_out(tiny_grpo, tmp_path, capsys):
+  """Each accepted rollout batch's prompts and rollouts are data shards: the ledger holds their roots,
+  the manifests list them, `prove` shows a worker's drawn prompt in and a held-out one out, and an
+  edited leaves file breaks `verify`."""
+  from manifold.config import config_from_json, task_settings, validate
+  from manifold.provenance.verify import BrokenLink, verify_run
+  from manifold.rl.rollout import seed_of
+  from manifold.rl.tasks import get_task
+
+  learner = tiny_grpo[0] / "learner"
+  entries = ledger.read(str(learner)).entries
+  accepted = [e for e in entries if e["kind"] == "rollout" and e["verdict"] == "accepted"]
+  assert accepted and all(set(e["detail"]["data"]) == {"prompts", "rollouts"} for e in accepted)
+  manifests = lineage.Lineage.read_all(str(learner))
+  newest, to = manifests[-1], manifests[-1].body["contributions"]["to"]
+  listed = [s["root"] for m in manifests for s in m.body["data"]["shards"]]
+  assert sorted(listed) == sorted(r["root"] for e in accepted if e["seq"] < to for r in e["detail"]["data"].values())
+  c = validate(config_from_json((learner / "config.json").read_text()))
+  task = get_task(c.rl.task, **task_settings(c.rl.difficulty))
+  d = next(e["detail"] for e in accepted if e["seq"] < to)
+  drawn = task.prompts("train", seed_of(c.train.seed, d["worker"], d["version"], d["seq"]), c.rl.prompts_per_step)
+  held_out = task.prompts("heldout", 0, 1)[0].prompt
+  document, proof_path = tmp_path / "document.txt", tmp_path / "proof.json"
+  for text, present in ((drawn[0].prompt, True), (held_out, False)):
+    document.write_text(text)
+    assert cli.main(["provenance", "prove", str(learner), "--document", str(document), "--out", str(proof_path)]) == 0
+    proof = json.loads(proof_path.read_text())
+    assert proof["present"] is present and proof["root"] == newest.body["data"]["train_root"]
+    assert proof["checkpoint"] == {"step": newest.step, "manifest": newest.hash}
+    assert cli.main(["provenance", "verify", str(proof_path), "--document", str(document)]) == 0
+  assert verify_run(str(learner)).data_shards == 2 * len(accepted)
+  copy = tmp_path / "learner"
+  shutil.copytree(learner, copy)
+  leaves = copy / "provenance" / "leaves" / f"{d['data']['rollouts']['root']}.bin"
+  leaves.write_bytes(leaves.read_bytes()[:-32])  # one rollout dropped from the record
+  with pytest.raises(BrokenLink, match="does not hash to its root"):
+    verify_run(str(copy))

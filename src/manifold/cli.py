@@ -491,8 +491,10 @@ def cmd_provenance(args, overrides) -> int:
     else:
       print(text)
     where = "in" if proof["present"] else "NOT in"
+    signed = f"checkpoint {proof['checkpoint']['step']}" if proof["checkpoint"] else "data_roots.json"
     print(
-      f"{args.document} is {where} the training data of {args.workdir} (root {proof['root'][:16]}...)", file=sys.stderr
+      f"{args.document} is {where} the training data of {args.workdir} ({signed}, root {proof['root'][:16]}...)",
+      file=sys.stderr,
     )
     return 0
   text = files.read_text(args.proof)

@@ -72,13 +72,14 @@ def _upload(local: str, target: epath.Path) -> None:
       _upload(os.path.join(root, name), target / os.path.relpath(os.path.join(root, name), local))
 
 
-def write_atomic(p: str | os.PathLike, text: str) -> None:
-  """Writes `text` (UTF-8) to `p` all at once."""
+def write_atomic(p: str | os.PathLike, content: str | bytes) -> None:
+  """Writes `content` (text as UTF-8) to `p` all at once."""
+  data = content.encode("utf-8") if isinstance(content, str) else content
   if is_remote(p):
-    path(p).write_text(text, encoding="utf-8")  # one upload: whole or not at all
+    path(p).write_bytes(data)  # one upload: whole or not at all
     return
-  with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
+  with atomic_path(p) as tmp, open(tmp, "wb") as f:
+    f.write(data)
 
 
 def append_text(p: str | os.PathLike, text: str) -> None:

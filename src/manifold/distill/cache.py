@@ -13,7 +13,9 @@ file://, gs:// or s3:// URL):
   digests   [steps, 32]       uint8    sha256 of each batch's tokens
 
 and `manifest.json`, written last, with the fingerprints of the data (tokenizer, files, batch
-order) and of the teacher (workdir, step, parameter digest, temperature, k). Training opens the
+order) and of the teacher (workdir, step, parameter digest, temperature, k), and the cache's Merkle
+root (`manifold.provenance.merkle`): a batch's leaf hashes its tokens' digest and its ids, logp and
+log_rest bytes, and a run that reads the cache lists the root among its data shards. Training opens the
 cache only if both fingerprints match its own, and checks each batch's digest as it reads it: a
 cache built for other data or another teacher is refused, never silently used.
 """
@@ -37,6 +39,7 @@ from manifold.config import ConfigError
 from manifold.distill.losses import top_k_teacher
 from manifold.distill.teacher import Teacher
 from manifold.parallel import sharding
+from manifold.provenance.merkle import Tree, leaf_hash
 
 FORMAT = "manifold-topk-cache/1"
 
@@ -67,6 +70,14 @@ def teacher_fingerprint(teacher: Teacher, temperature: float, top_k: int) -> str
 def batch_digest(tokens: np.ndarray) -> np.ndarray:
   """[32] uint8: sha256 of a batch's int32 tokens."""
   return np.frombuffer(hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).digest(), np.uint8)
+
+
+def batch_leaf(digest: np.ndarray, ids: np.ndarray, logp: np.ndarray, log_rest: np.ndarray) -> bytes:
+  """The Merkle leaf of one cached batch: its tokens' digest [32] and its arrays' little-endian bytes."""
+  content = hashlib.sha256()
+  for array, dtype in ((ids, "<i4"), (logp, "<f4"), (log_rest, "<f4")):
+    content.update(np.ascontiguousarray(array, dtype).tobytes())
+  return leaf_hash(np.asarray(digest, np.uint8).tobytes() + content.digest())
 
 
 def _new_array(url: str, name: str, shape, chunks, dtype: str):
@@ -117,11 +128,13 @@ def build_cache(
   )
   iterator = BatchIterator(data.train, batch_size=tc.batch_size, seq_len=seq, seed=tc.seed)
   digests = np.zeros((tc.steps, 32), np.uint8)
+  leaves = []
   began, pending = time.perf_counter(), []
   for step in tqdm.trange(tc.steps, disable=not progress, unit="batch", desc="teacher top-k", mininterval=1.0):
     host = next(iterator)
     digests[step] = batch_digest(host)
     ids, logp, rest = jax.device_get(top_k_jit(teacher.variables, global_batch(host, mesh)))
+    leaves.append(batch_leaf(digests[step], ids, logp, rest))
     at = slice(step * tc.batch_size, (step + 1) * tc.batch_size)
     pending += [arrays["ids"][at].write(ids), arrays["logp"][at].write(logp), arrays["log_rest"][at].write(rest)]
     if len(pending) > 24:  # bounded writes in flight
@@ -148,6 +161,8 @@ def build_cache(
     "bytes": stored,
     "bytes_per_token": stored / tokens,
     "seconds": time.perf_counter() - began,
+    "root": Tree(leaves).root.hex(),
+    "leaves": [leaf.hex() for leaf in leaves],
   }
   store.write("manifest.json", json.dumps(manifest, indent=2).encode()).result()
   say(
@@ -179,6 +194,50 @@ def _stored_bytes(location: str, store) -> int:
     walk = os.walk(os.fspath(files.path(location)))
     return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in walk for name in names)
   return sum(len(store.read(key).result().value) for key in store.list().result())
+
+
+def _read_manifest(location: str) -> dict | None:
+  """The cache's manifest.json (None when it has none); `ConfigError` if the store cannot be read."""
+  try:
+    raw = _kvstore(kvstore_url(location)).read("manifest.json").result()
+  except Exception as e:  # noqa: BLE001 -- tensorstore reports an unreachable store in many ways
+    raise ConfigError(f"distill.cache={location}: cannot read it ({' '.join(str(e).split())[:200]})") from None
+  return json.loads(raw.value) if raw.state == "value" else None
+
+
+def data_shard(location: str) -> dict:
+  """The cache as a data shard of the run that reads it (`manifold.provenance.data_roots`)."""
+  manifest = _read_manifest(location) or {}
+  return {"kind": "distill cache", "location": location, "root": manifest.get("root"),
+          "documents": manifest.get("steps")}  # fmt: skip
+
+
+def check_shard(shard: dict) -> bool:
+  """Whether the cache of a data shard row is reachable (False: not checked); raises `DataError`
+  if its batches no longer hash to the row's root."""
+  from manifold.data.errors import DataError
+
+  location = shard["location"]
+  try:
+    manifest = _read_manifest(location)
+  except ConfigError:
+    return False
+  if manifest is None:
+    return False
+  url = kvstore_url(location)
+  arrays = {name: _open_array(url, name) for name in ("ids", "logp", "log_rest", "digests")}
+  digests, b = arrays["digests"].read().result(), manifest["batch_size"]
+  leaves = []
+  for step in range(manifest["steps"]):
+    at = slice(step * b, (step + 1) * b)
+    ids, logp, rest = (arrays[name][at].read().result() for name in ("ids", "logp", "log_rest"))
+    leaves.append(batch_leaf(digests[step], ids, logp, rest))
+  root = Tree(leaves).root.hex()
+  if root != shard["root"]:
+    raise DataError(
+      f"distill.cache={location}: its batches hash to root {root[:16]}..., the run read {str(shard['root'])[:16]}..."
+    )
+  return True
 
 
 @dataclasses.dataclass
@@ -213,13 +272,9 @@ def open_cache(location: str, data, train_cfg, teacher: Teacher, temperature: fl
   this data, batch order, teacher, temperature and k, for at least train.steps batches."""
   url = kvstore_url(location)
   flag = f"distill.cache={location}"
-  try:
-    raw = _kvstore(url).read("manifest.json").result()
-  except Exception as e:  # noqa: BLE001 -- tensorstore reports an unreachable store in many ways
-    raise ConfigError(f"{flag}: cannot read it ({' '.join(str(e).split())[:200]})") from None
-  if raw.state != "value":
+  manifest = _read_manifest(location)
+  if manifest is None:
     raise ConfigError(f"{flag}: no complete cache there (no manifest.json); build it with `manifold distill cache`")
-  manifest = json.loads(raw.value)
   k = min(top_k, teacher.model_cfg.vocab_size)
   if manifest.get("format") != FORMAT:
     raise ConfigError(f"{flag}: format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild it")

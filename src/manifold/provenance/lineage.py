@@ -13,8 +13,11 @@ lists the blake3 of every file of the checkpoint (model-signing's `resources`) a
                                  device or 8) and one digest over them
     optimizer_digest             one digest over the rest of the state: optimizer, step (an in-job island run: inner states)
     config                       sha256 of the run's config.json then (a copy: provenance/configs/<sha256>.json)
-    data                         sha256 of data_roots.json, its train root, and the data position (the
-                                 iterator state) at the parent and now
+    data                         sha256 of data_roots.json; the shards read since the parent (the first
+                                 manifest of a run: its corpus files and distillation cache; each:
+                                 the accepted rollout batches' prompts and rollouts); train_root, the
+                                 root of every training document so far (`data_roots`); and the data
+                                 position (the iterator state) at the parent and now
     contributions                the ledger range since the parent ({from, to, head}) and its accepted
                                  tokens and FLOPs per contributor
 
@@ -37,7 +40,7 @@ from typing import Any, Callable
 import jax
 
 from manifold import files
-from manifold.provenance import attestation, ledger, tensors
+from manifold.provenance import attestation, data_roots, ledger, tensors
 from manifold.provenance.data_roots import ROOTS_FILE
 from manifold.store import Identity, IdentityError, canonical_json
 
@@ -153,6 +156,7 @@ class Lineage:
     self.retired = {e["object"] for e in entries or [] if e["kind"] == "retired"}
     self.parent: Manifest | None = None
     self.pending: dict[str, Any] | None = None
+    self.documents: data_roots.TrainingDocuments | None = None  # read at the first save
     self.tensor_s = self.file_s = 0.0  # the newest manifest's time: hashing the state; its files and signing
 
   def resume(self, step: int | None, state=None) -> None:
@@ -212,6 +216,9 @@ class Lineage:
     parent = self.parent
     begun = parent.body["contributions"]["to"] if parent else 0
     entries = self.ledger.entries[begun:]
+    if self.documents is None:
+      self.documents = data_roots.TrainingDocuments(self.workdir)
+    self.documents.add(self.ledger.entries)
     body = {
       "format": FORMAT,
       "step": step,
@@ -224,7 +231,8 @@ class Lineage:
       "config": config_sha,
       "data": {
         "roots": hashlib.sha256(roots_text.encode()).hexdigest() if roots_text is not None else None,
-        "train_root": json.loads(roots_text)["train_root"] if roots_text is not None else None,
+        "shards": (self.documents.run_shards() if parent is None else []) + data_roots.ledger_shards(entries),
+        "train_root": self.documents.root(),
         "position_from": parent.body["data"]["position_to"] if parent else None,
         "position_to": hashlib.sha256(canonical_json(pending["data_state"])).hexdigest(),
       },

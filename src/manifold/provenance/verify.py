@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from typing import Iterable
 
@@ -35,6 +34,7 @@ class Summary:
   manifests: int = 0
   ledger_entries: int = 0
   data_files: int = 0
+  data_shards: int = 0  # distillation caches re-hashed, rl shards' leaves checked
   data_missing: int = 0
   notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -44,7 +44,7 @@ class Summary:
       f"manifests: {self.manifests} signed, chained from the first to the newest",
       f"checkpoints: {self.checkpoints} re-hashed (files and tensors), {self.retired} retired by keep-N",
       f"ledger: {self.ledger_entries} entries, chain and signatures intact",
-      f"data: {self.data_files} corpus files re-hashed"
+      f"data: {self.data_files} corpus files re-hashed, {self.data_shards} other shards checked"
       + (f", {self.data_missing} not present here (not checked)" if self.data_missing else ""),
     ]
     return out + self.notes
@@ -118,21 +118,42 @@ def _check_checkpoint(workdir: str, step: int, m: lineage.Manifest) -> None:
     raise BrokenLink(f"{where}: the optimizer state (or step) does not hash as its manifest says")
 
 
-def _check_data(workdir: str, summary: Summary, newest: lineage.Manifest | None) -> None:
+def _check_data(workdir: str, summary: Summary, newest: lineage.Manifest | None, entries: list[dict]) -> None:
+  """Re-hashes the corpus files, the distillation cache and the rl shards' leaves the run read, and
+  the newest manifest's training root when everything it covers is here."""
   text = files.read_text(files.path(workdir) / ROOTS_FILE)
-  if text is None:
-    return
-  if newest is not None and newest.body["data"]["roots"] != hashlib.sha256(text.encode()).hexdigest():
+  if (
+    text is not None
+    and newest is not None
+    and newest.body["data"]["roots"] != hashlib.sha256(text.encode()).hexdigest()
+  ):
     raise BrokenLink(f"{workdir}/{ROOTS_FILE}: not the data roots checkpoint {newest.step}'s manifest signed (edited)")
-  for f in json.loads(text)["files"]:
-    try:
-      present = data_roots.check_file(f)
-    except DataError as e:
-      raise BrokenLink(str(e)) from None
-    if not present:
-      summary.data_missing += 1
-      continue
-    summary.data_files += 1
+  docs = data_roots.TrainingDocuments(workdir)
+  try:
+    for f in (docs.roots or {}).get("files", []):
+      if data_roots.check_file(f):
+        summary.data_files += 1
+      else:
+        summary.data_missing += 1
+    for shard in (docs.roots or {}).get("shards", []):
+      from manifold.distill.cache import check_shard
+
+      if check_shard(shard):
+        summary.data_shards += 1
+      else:
+        summary.data_missing += 1
+    shards = data_roots.ledger_shards(entries)
+    for shard in shards:
+      data_roots.read_leaves(workdir, shard["root"])
+    summary.data_shards += len(shards)
+    if newest is not None and shards and not summary.data_missing:
+      docs.add(entries[: newest.body["contributions"]["to"]])
+      if docs.tree().root.hex() != newest.body["data"]["train_root"]:
+        raise BrokenLink(
+          f"checkpoint {newest.step}: its manifest's train_root is not the root of the run's training documents"
+        )
+  except DataError as e:
+    raise BrokenLink(str(e)) from None
 
 
 def verify_run(workdir: str, trust: Iterable[str] = ()) -> Summary:
@@ -181,6 +202,9 @@ def verify_run(workdir: str, trust: Iterable[str] = ()) -> Summary:
     c = m.body["contributions"]
     if not (0 <= c["to"] < len(heads)) or heads[c["to"]] != c["head"]:
       raise BrokenLink(f"checkpoint {m.step}: its manifest pins ledger line {c['to']}, which has changed")
+    listed = [s for s in m.body["data"].get("shards", []) if s["kind"].startswith("rl ")]
+    if listed != data_roots.ledger_shards(checked.entries[c["from"] : c["to"]]):
+      raise BrokenLink(f"checkpoint {m.step}: its manifest's rl shards are not those its ledger range accepted")
     config = root / lineage.CONFIGS / f"{m.body['config']}.json"
     if not config.exists() or hashlib.sha256(config.read_bytes()).hexdigest() != m.body["config"]:
       raise BrokenLink(f"checkpoint {m.step}: its config {config} is missing or changed")
@@ -192,7 +216,7 @@ def verify_run(workdir: str, trust: Iterable[str] = ()) -> Summary:
   newest = max(newest_of.values(), key=lambda m: order[m.hash], default=None)
   if newest is not None and hashlib.sha256((root / "config.json").read_bytes()).hexdigest() != newest.body["config"]:
     raise BrokenLink(f"{workdir}/config.json: not the config checkpoint {newest.step}'s manifest signed (replaced)")
-  _check_data(workdir, summary, newest)
+  _check_data(workdir, summary, newest, checked.entries)
 
   retired = {e["object"] for e in checked.entries if e["kind"] == "retired"}
   folder = root / "checkpoints"

@@ -32,7 +32,9 @@ Every batch judged is recorded in the learner's contribution ledger (`manifold.p
 `<workdir>/ledger.jsonl`, mirrored to the store): kind "rollout", the worker's key, the object's hash,
 its generated tokens, its generation FLOPs (`commitment.generation_flops`), the verdict, the reason
 (a `rejected/<reason>` counter's name, or "stale" / "lineage" / "unverifiable" for batches dropped
-without a judgment of honesty: recorded as rejected, earning no credit either) and the check's numbers.
+without a judgment of honesty: recorded as rejected, earning no credit either) and the check's numbers;
+an accepted batch's entry also holds the Merkle roots of its prompts and rollouts (`detail.data`, their
+leaves kept under `provenance/leaves/`: `manifold.provenance.data_roots`).
 A batch whose object cannot be read or verified (corrupt, unsigned, another run's) names no
 contributor and is only counted.
 """
@@ -57,6 +59,7 @@ from manifold.data import load_tokenizer
 from manifold.parallel import sharding
 from manifold.parallel.mesh import make_mesh
 from manifold.provenance import ledger
+from manifold.provenance.data_roots import write_leaves
 from manifold.rl import grpo
 from manifold.rl.commitment import Verdict, Verifier, generation_flops
 from manifold.rl.protocol import (
@@ -81,7 +84,7 @@ from manifold.rl.protocol import (
   version_of_policy_key,
   write_heartbeat,
 )
-from manifold.rl.rollout import greedy_accuracy, token_logprobs
+from manifold.rl.rollout import documents, greedy_accuracy, token_logprobs
 from manifold.rl.tasks import get_task
 from manifold.schema import differences
 from manifold.store import (
@@ -520,7 +523,9 @@ class Learner:
         counters.bump("tokens_per_worker", worker, int(obj.meta["tokens"]))
         counters.bump("staleness", lag)
         self.verifier.seen.add(verdict.fingerprint)
-        self._record(obj, "", {**where, **verdict.detail})
+        prompts, rollouts = documents(self.tokenizer, obj.arrays["tokens"], obj.arrays["mask"])
+        data = {"prompts": write_leaves(self.workdir, prompts), "rollouts": write_leaves(self.workdir, rollouts)}
+        self._record(obj, "", {**where, **verdict.detail, "data": data})
         self._consumed.append(key)  # deleted once the next policy is out (see `release`)
         return obj
       self._judged_bad(key, obj, verdict, where)

@@ -79,6 +79,18 @@ def pack(prompts: Sequence[np.ndarray], sampled: Sampled, seq_len: int) -> tuple
   return tokens, mask, logp
 
 
+def documents(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> tuple[list[str], list[str]]:
+  """(prompts, rollouts) of `pack`ed rows [B, S+1] / [B, S], as the learner trains on them: each
+  row's prompt text, and its prompt + completion text (cut at end-of-text)."""
+  prompts, rollouts = [], []
+  for row, on in zip(tokens, mask.astype(bool)):
+    at = np.flatnonzero(on)  # targets: the completion's tokens are row[at + 1]
+    prompt = tokenizer.decode(row[1 : at[0] + 1]) if at.size else ""  # after the leading end-of-text
+    prompts.append(prompt)
+    rollouts.append(prompt + decode_completion(tokenizer, row[at + 1]))
+  return prompts, rollouts
+
+
 def make_batch(
   model,
   task: Task,

@@ -93,7 +93,12 @@ def record_run(cfg, workdir: str, *, step: int, changes: dict[str, list], data: 
   if data is not None:
     tokens = {"train": len(data.train), "val": len(data.val)}
     write_manifest(root / "manifest.json", data.records, tokenizer=data.tokenizer, tokens=tokens)
-    write_data_roots(workdir, data.records, cfg.data.jsonl_field)
+    d, shards = cfg.distill, []
+    if d.teacher and d.mode == "cache":
+      from manifold.distill.cache import data_shard
+
+      shards.append(data_shard(d.cache))
+    write_data_roots(workdir, data.records, cfg.data.jsonl_field, shards)
   if changes:
     row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}
     files.append_text(root / "config_history.jsonl", json.dumps(row) + "\n")
