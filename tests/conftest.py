@@ -88,6 +88,16 @@ def compile_cache(tmp_path_factory):
   return str(made_once(tmp_path_factory, "xla_cache", lambda root: None))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def in_process_compile_cache(compile_cache):
+  """The tests' own programs (many tests train the same tiny model) share that cache too."""
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", compile_cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
   """40 standard-library modules (real Python text, ~0.5 MB) copied into a temp dir."""

@@ -201,19 +201,44 @@ def cmd_eval(args, overrides) -> int:
     other.data.sources = args.sources
     data = load_run_data(other)
   mesh = make_mesh(cfg.mesh)
+  spec, state = run.spec, run.state
+  if args.quantize != "none" or args.dtype:  # the model as `manifold serve` would run it
+    spec, state = _inference_state(run, mesh, args.quantize, args.dtype)
   batches = eval_batches(
     data.val,
     batch_size=cfg.eval.batch_size,
     seq_len=cfg.train.seq_len,
     num_batches=num_batches or cfg.eval.num_batches,
   )
-  eval_step = make_eval_step(run.spec, mesh, token_byte_table(data, cfg.model.vocab_size))
-  result = evaluate(eval_step, run.state, batches, mesh)
+  eval_step = make_eval_step(spec, mesh, token_byte_table(data, cfg.model.vocab_size))
+  result = evaluate(eval_step, state, batches, mesh)
   print(
     f"step {run.step}: val_loss {result['val_loss']:.4f}  val_bits_per_byte {result['val_bits_per_byte']:.4f}  "
     f"({len(batches)} batches x {cfg.eval.batch_size} x {cfg.train.seq_len} tokens)"
   )
   return 0
+
+
+def _inference_state(run, mesh, quantize: str, dtype: str | None):
+  """(spec, state) of `run`'s model with its weights in `quantize`, computing in `dtype`, replicated over `mesh`."""
+  import dataclasses
+
+  import jax
+  from flax import nnx
+
+  from manifold.inference.quantize import MODES, for_inference
+  from manifold.parallel import sharding
+
+  if quantize not in MODES or dtype not in (None, "float32", "bfloat16"):
+    raise ConfigError(f"--quantize {quantize} --dtype {dtype}: --quantize is one of {', '.join(MODES)}, "
+                      "--dtype float32 or bfloat16")  # fmt: skip
+  graphdef, params, extra = nnx.split(for_inference(run.model, quantize, dtype), nnx.Param, ...)
+  params, extra = nnx.to_pure_dict(params), nnx.to_pure_dict(extra)
+  everywhere = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)  # noqa: E731
+  shardings = run.spec.shardings.replace(params=everywhere(params), extra=everywhere(extra))
+  return dataclasses.replace(run.spec, graphdef=graphdef, shardings=shardings), run.state.replace(
+    params=params, extra=extra
+  )
 
 
 def cmd_generate(args, overrides) -> int:
@@ -241,6 +266,26 @@ def cmd_generate(args, overrides) -> int:
   if args.speculative:
     rate = accepted / proposed if proposed else 0.0
     print(f"--- speculative (greedy, MTP drafts): accepted {accepted}/{proposed} drafts ({rate:.0%})", file=sys.stderr)
+  return 0
+
+
+def cmd_serve(args, overrides) -> int:
+  from manifold.serve.server import serve
+
+  _check_run_dir(args.workdir)
+  serve(
+    args.workdir,
+    host=args.host,
+    port=args.port,
+    step=args.step,
+    slots=args.slots,
+    max_queue=args.max_queue,
+    quantize=args.quantize,
+    dtype=args.dtype,
+    api_key=args.api_key,
+    cors_origins=tuple(args.cors_origin),
+    model_name=args.model_name,
+  )
   return 0
 
 
@@ -673,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--sources", default="", help="validate on these data.sources' held-out files instead (the run's tokenizer)"
   )
+  p.add_argument("--quantize", default="none", help="matmul weights as `manifold serve` stores them: none | bfloat16 | "
+                 "int8 | int4")  # fmt: skip
+  p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 (default: the run's)")
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("generate", help="sample a continuation with the KV cache")
@@ -688,6 +736,20 @@ def build_parser() -> argparse.ArgumentParser:
     "--speculative", action="store_true", help="greedy, drafting with the MTP modules; prints the acceptance rate"
   )
   p.set_defaults(fn=cmd_generate)
+
+  p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run's model, on this machine")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--slots", type=int, default=16, help="requests decoded together (rows of the KV cache)")
+  p.add_argument("--max-queue", type=int, default=64, help="completions that may wait for a slot; beyond: HTTP 429")
+  p.add_argument("--quantize", default="none", help="matmul weights: none | bfloat16 | int8 | int4")
+  p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 (default: the run's)")
+  p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $MANIFOLD_API_KEY)")
+  p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin")
+  p.add_argument("--model-name", default=None, help="the model id clients name (default: the workdir's name)")
+  p.set_defaults(fn=cmd_serve)
 
   p = sub.add_parser("sweep", help="train every variant in the config's get_sweep(), then tabulate and plot")
   p.add_argument("--config", required=True, help="experiments/<name>.py (with get_sweep())")

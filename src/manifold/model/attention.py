@@ -16,10 +16,21 @@ KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]}
 
 def cache_mask(cache_len: int, cache_index: jax.Array | int, num_queries: int, kv_mask: jax.Array | None = None):
   """[1 or B, 1, T, S] which cache slots each of T queries sees: the query written at slot
-  `cache_index + t` sees the slots up to its own, and with `kv_mask` [B, S] only those it marks."""
-  query_slots = cache_index + jnp.arange(num_queries)  # [T]
-  mask = (jnp.arange(cache_len)[None, :] <= query_slots[:, None])[None, None]  # [1, 1, T, S]
+  `cache_index + t` (a scalar, or [B]: one per row) sees the slots up to its own, and with
+  `kv_mask` [B, S] only those it marks."""
+  query_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(num_queries)  # [T] or [B, T]
+  mask = jnp.arange(cache_len) <= query_slots[..., None]  # [T, S] or [B, T, S]
+  mask = mask.reshape(-1, 1, num_queries, cache_len)  # [1 or B, 1, T, S]
   return mask if kv_mask is None else mask & kv_mask[:, None, None, :]
+
+
+def write_cache(cache_bs: jax.Array, new_bt: jax.Array, cache_index: jax.Array | int) -> jax.Array:
+  """`cache_bs` [B, S, ...] with `new_bt` [B, T, ...] written at slots `cache_index ..` (a scalar,
+  or [B]: each row at its own slot, as a server's rows of different lengths are)."""
+  new_bt = new_bt.astype(cache_bs.dtype)
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache_bs, new_bt, cache_index, axis=1)
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache_bs, new_bt, cache_index)
 
 
 class Attention(nnx.Module):
@@ -59,8 +70,7 @@ class Attention(nnx.Module):
     if cache is None:
       out = dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
     else:
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+      k_all, v_all = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
       cache = {"k": k_all, "v": v_all}  # [B, S, K, H]
       mask = cache_mask(k_all.shape[1], cache_index, x_btd.shape[1], kv_mask)  # [B, 1, T, S]
       out = dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from kernels.attention.api import dot_product_attention
 
-from manifold.model.attention import cache_mask
+from manifold.model.attention import cache_mask, write_cache
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
 from manifold.model.rope import apply_rope, rope_scaling
@@ -65,11 +65,9 @@ class MultiHeadLatentAttention(nnx.Module):
 
     mask, is_causal = None, True
     if cache is not None:
-      latent = jax.lax.dynamic_update_slice_in_dim(
-        cache["latent"], latent.astype(cache["latent"].dtype), cache_index, 1
-      )
-      k_rope = jax.lax.dynamic_update_slice_in_dim(
-        cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), cache_index, 1
+      latent, k_rope = (
+        write_cache(cache["latent"], latent, cache_index),
+        write_cache(cache["k_rope"], k_rope, cache_index),
       )
       cache = {"latent": latent, "k_rope": k_rope}  # [B, S, ...]
       mask = cache_mask(latent.shape[1], cache_index, x_btd.shape[1], kv_mask)  # [B, 1, T, S]

@@ -134,7 +134,8 @@ class Transformer(nnx.Module):
     """Returns (logits [B, T, V] float32, updated cache or None).
 
     Without a cache the T tokens sit at positions 0..T-1; with one, they are written at
-    cache slots `cache_index .. cache_index + T - 1` and sit at those positions. A batch of
+    cache slots `cache_index .. cache_index + T - 1` and sit at those positions (`cache_index`
+    a scalar, or [B]: one per row, for rows of different lengths decoding together). A batch of
     left-padded rows passes `positions_bt` [B, T] (each row's own positions, for RoPE) and
     `kv_mask` [B, S] (the cache slots a row may attend to: not its padding); attention stays
     causal over the slots either way.
@@ -159,7 +160,7 @@ class Transformer(nnx.Module):
     if kv_mask is not None and cache is None:
       raise ValueError("kv_mask hides cache slots; it needs a cache")
     if positions_bt is None:
-      positions_bt = jnp.broadcast_to(cache_index + jnp.arange(length), (batch, length))  # [B, T]
+      positions_bt = jnp.broadcast_to(jnp.asarray(cache_index)[..., None] + jnp.arange(length), (batch, length))
     x = self.embed(tokens_bt, dt)  # [B, T, D]
     if cfg.residual != "plain":
       x = residual.widen(x, cfg.streams)  # [B, T, n, D], once

@@ -1,0 +1,201 @@
+"""`manifold serve`: a real server process on a loopback port, spoken to with the real `openai` client.
+
+One server (2 slots, a queue of 4, an API key) serves the trained tiny run for the whole module and
+is always stopped. Its answers are checked against `manifold generate` (the same prompt, seed and
+settings), against themselves one at a time, and for every bad input the API names.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from manifold import cli
+from manifold.serve.api import CHAT_STOP, chat_prompt
+
+from .conftest import REPO, child_env
+
+KEY = "test-key"
+SLOTS, QUEUE = 2, 4
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_workdir, compile_cache, tmp_path_factory):
+  """(base URL, model name, the server's log path) of `manifold serve` on a free loopback port."""
+  port = free_port()
+  log = tmp_path_factory.mktemp("serve") / "serve.txt"
+  command = [
+    sys.executable, "-m", "manifold.cli", "serve", "--workdir", str(trained_workdir), "--port", str(port),
+    "--slots", str(SLOTS), "--max-queue", str(QUEUE), "--api-key", KEY,
+  ]  # fmt: skip
+  with open(log, "w") as out:
+    proc = subprocess.Popen(command, env=child_env(compile_cache), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 300
+    while True:
+      assert proc.poll() is None, log.read_text()[-3000:]
+      try:
+        if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.monotonic() < deadline, "the server did not come up: " + log.read_text()[-3000:]
+      time.sleep(0.5)
+    yield url, trained_workdir.name, log
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+  return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def generate(workdir, prompt: str, capsys, **flags) -> str:
+  """What `manifold generate` prints (the prompt and its continuation)."""
+  args = ["generate", "--workdir", str(workdir), "--prompt", prompt]
+  for name, value in flags.items():
+    args += [f"--{name.replace('_', '-')}", str(value)]
+  capsys.readouterr()
+  assert cli.main(args) == 0
+  return capsys.readouterr().out[:-1]  # print's newline
+
+
+def stream_text(chunks, chat: bool) -> str:
+  if chat:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_completions_and_chat_equal_manifold_generate_streaming_or_not(server, trained_workdir, capsys):
+  url, name, _ = server
+  api = client(url)
+  assert [m.id for m in api.models.list().data] == [name]
+  for settings in (dict(temperature=0.0, top_p=1.0, seed=0), dict(temperature=0.8, top_p=0.95, seed=7)):
+    want = generate(trained_workdir, "def ", capsys, max_new_tokens=24, top_k=0, **settings)
+    args = dict(model=name, prompt="def ", max_tokens=24, **settings)
+    done = api.completions.create(**args)
+    assert "def " + done.choices[0].text == want, settings
+    assert done.usage.prompt_tokens == 4 and 1 <= done.usage.completion_tokens <= 24
+    streamed = stream_text(api.completions.create(**args, stream=True), chat=False)
+    assert "def " + streamed == want, settings
+
+    prompt = chat_prompt_text("say hi")
+    want = generate(trained_workdir, prompt, capsys, max_new_tokens=24, top_k=0, **settings)[len(prompt) :]
+    want = want.split(CHAT_STOP)[0]
+    messages = [{"role": "user", "content": "say hi"}]
+    chat = api.chat.completions.create(model=name, messages=messages, max_tokens=24, **settings)
+    assert chat.choices[0].message.content == want
+    streamed = stream_text(api.chat.completions.create(model=name, messages=messages, max_tokens=24, stream=True,
+                                                       **settings), chat=True)  # fmt: skip
+    assert streamed == want
+
+
+def chat_prompt_text(user: str) -> str:
+  from manifold.serve.api import Message
+
+  return chat_prompt([Message(role="user", content=user)])
+
+
+def test_concurrent_requests_give_the_tokens_they_give_one_at_a_time(server):
+  """More completions than slots (some wait), sampled with seeds and n = 2: the same text as alone."""
+  url, name, _ = server
+  api = client(url)
+  requests = [dict(prompt=p, seed=s, n=n, temperature=0.9, max_tokens=16 + 4 * s)
+              for s, (p, n) in enumerate([("def ", 1), ("class ", 2), ("    return ", 1)])]  # fmt: skip
+
+  def ask(r):
+    return [c.text for c in api.completions.create(model=name, **r).choices]
+
+  alone = [ask(r) for r in requests]
+  with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+    together = list(pool.map(ask, requests))
+  assert together == alone
+  assert len(alone[1]) == 2 and alone[1][0] != alone[1][1]  # n choices draw with their own keys
+
+
+def test_logprobs_and_echo_score_the_prompt_as_a_scorer_needs(server):
+  url, name, _ = server
+  body = client(url).completions.create(model=name, prompt="def f(x):", max_tokens=0, echo=True, logprobs=3)
+  lp = body.choices[0].logprobs
+  assert body.choices[0].text == "def f(x):" and lp.tokens == list("def f(x):")
+  assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+  for t in range(1, len(lp.tokens)):  # each token's log-prob is at most its position's best
+    assert len(lp.top_logprobs[t]) == 3 and max(lp.top_logprobs[t].values()) >= lp.token_logprobs[t] - 1e-6
+
+
+def test_the_api_key_is_required(server):
+  url, name, _ = server
+  with pytest.raises(openai.AuthenticationError):
+    client(url, key="wrong").completions.create(model=name, prompt="def ", max_tokens=2)
+  assert httpx.get(f"{url}/v1/models").status_code == 401
+
+
+def test_bad_requests_are_400s_naming_the_field_and_the_server_keeps_serving(server):
+  url, name, _ = server
+  headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+  good = {"model": name, "prompt": "def ", "max_tokens": 2}
+  cases = {
+    "malformed JSON": ("{not json", None),
+    "a field of the wrong type": ({**good, "max_tokens": "ten"}, "max_tokens"),
+    "max_tokens beyond the context": ({**good, "max_tokens": 10_000}, "max_tokens"),
+    "a prompt longer than the context": ({**good, "prompt": "x" * 5000}, "prompt"),
+    "negative temperature": ({**good, "temperature": -1}, "temperature"),
+    "n too large": ({**good, "n": SLOTS + 1}, "n"),
+    "an unknown model": ({**good, "model": "gpt-4"}, "model"),
+    "an empty stop string": ({**good, "stop": [""]}, "stop"),
+  }
+  for case, (body, param) in cases.items():
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{url}/v1/completions", content=content, headers=headers, timeout=30)
+    assert r.status_code == 400, (case, r.text)
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"], case
+    if param:
+      assert error["param"] == param and param in error["message"], (case, error)
+  chat = {"model": name, "messages": [], "max_tokens": 2}
+  r = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=headers, timeout=30)
+  assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+  assert client(url).completions.create(**good).choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_full_queue_is_429_and_a_client_gone_mid_stream_frees_its_slot(server):
+  url, name, _ = server
+  headers = {"Authorization": f"Bearer {KEY}"}
+  long = {"model": name, "prompt": "def ", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+  with httpx.Client(headers=headers, timeout=120) as http:
+    before = http.get(f"{url}/health").json()["tokens"]
+    with http.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}) as r:
+      next(r.iter_lines())  # the first chunk, then the client leaves
+    deadline = time.monotonic() + 30
+    while (health := http.get(f"{url}/health").json())["rows_busy"]:
+      assert time.monotonic() < deadline, "a disconnected stream kept its slot"
+      time.sleep(0.05)
+    assert health["tokens"] - before < long["max_tokens"], "the stream's row decoded to the end without its client"
+
+    def ask(_):
+      return http.post(f"{url}/v1/completions", json=long).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(3 * (SLOTS + QUEUE)) as pool:
+      codes = list(pool.map(ask, range(3 * (SLOTS + QUEUE))))
+  assert codes.count(429) >= 1 and codes.count(200) >= SLOTS, codes
+  assert set(codes) <= {200, 429}, codes
