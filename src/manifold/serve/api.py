@@ -281,6 +281,44 @@ def make_app(
     why = next((c.error for c in choices if c.error), None)
     return None if why is None else error(500, f"decoding failed: {why}", None, kind="server_error")
 
+  async def respond(body: _Body, jobs: list[Job], ids: list[list[int]], *, kind: str, chunk, final, opening=()):
+    """The answer to a request whose `jobs` are queued: with `body.stream`, server-sent events
+    (`opening` chunks, then `chunk(i, event, first)` per event unless None, the usage if asked,
+    [DONE]); else one body of `final(i, choice)` per choice and the usage."""
+    queue = await run(jobs)
+    chat = kind == "chat.completion"
+    rid, choices = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", [_Choice() for _ in jobs]
+    streamed = f"{kind}.chunk" if chat else kind  # the object of a stream's chunks, as OpenAI names it
+
+    def frame(obj: str, entries: list) -> dict:
+      return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": entries}
+
+    if not body.stream:
+      async for i, event in relay(jobs, queue):
+        choices[i].add(event)
+      if (response := failed(choices)) is not None:
+        return response
+      return {**frame(kind, [final(i, c) for i, c in enumerate(choices)]), "usage": usage(ids, choices)}
+
+    async def events():
+      for entry in opening:
+        yield _sse(frame(streamed, [entry]))
+      sent = set()
+      async for i, event in relay(jobs, queue):
+        choices[i].add(event)
+        if event.error:
+          yield _sse({"error": {"message": f"decoding failed: {event.error}", "type": "server_error"}})
+          return
+        entry = chunk(i, event, i not in sent)
+        if entry is not None:
+          sent.add(i)
+          yield _sse(frame(streamed, [entry]))
+      if (body.stream_options or {}).get("include_usage"):
+        yield _sse({**frame(streamed, []), "usage": usage(ids, choices)})
+      yield "data: [DONE]\n\n"
+
+    return StreamingResponse(guarded(events(), jobs), media_type="text/event-stream")
+
   @app.post("/v1/completions")
   async def completions(body: CompletionBody):
     stops = check_common(body)
@@ -296,105 +334,50 @@ def make_app(
     if bad_id:
       raise BadRequest("prompt", f"prompt: token id {bad_id[0]} outside [0, {tokenizer.vocab_size})")
     texts = [x if isinstance(x, str) else tokenizer.decode(x) for x in prompts]
-    jobs = jobs_for(ids, body, body.max_tokens, stops, "prompt", scores_prompt=body.echo and body.logprobs is not None)
-    queue = await run(jobs)
-    rid, n = f"cmpl-{uuid.uuid4().hex}", body.n
-    choices = [_Choice() for _ in jobs]
-    top = body.logprobs or 0
+    scores_prompt = body.echo and body.logprobs is not None
+    jobs = jobs_for(ids, body, body.max_tokens, stops, "prompt", scores_prompt=scores_prompt)
+    n, top = body.n, body.logprobs or 0
 
-    def logprobs_of(i: int, tokens: list[Token], first: bool):
-      if body.logprobs is None:
-        return None
-      c = choices[i]
+    def choice(i: int, text: str, tokens: list[Token], finish, prompt, first: bool) -> dict:
       echoed = body.echo and first
-      return completion_logprobs(tokens, top, 0, c.prompt if echoed else None, ids[i // n] if echoed else ())
+      logprobs = None
+      if body.logprobs is not None:
+        logprobs = completion_logprobs(tokens, top, 0, prompt if echoed else None, ids[i // n] if echoed else ())
+      return {"text": (texts[i // n] if echoed else "") + text, "index": i, "logprobs": logprobs,
+              "finish_reason": finish}  # fmt: skip
 
-    def frame(choice: dict) -> dict:
-      return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-              "choices": [choice]}  # fmt: skip
+    def chunk(i: int, event: Event, first: bool):
+      if not (event.text or event.finish or body.logprobs is not None or (body.echo and first)):
+        return None  # text held back (a stop string may be starting): nothing to send yet
+      return choice(i, event.text, event.tokens, event.finish, event.prompt, first)
 
-    if body.stream:
+    def final(i: int, c: _Choice) -> dict:
+      return choice(i, c.text, c.tokens, c.finish, c.prompt, True)
 
-      async def events():
-        started = set()
-        async for i, event in relay(jobs, queue):
-          choices[i].add(event)
-          if event.error:
-            yield _sse({"error": {"message": f"decoding failed: {event.error}", "type": "server_error"}})
-            return
-          first = i not in started
-          if not (event.text or event.finish or body.logprobs is not None or (body.echo and first)):
-            continue  # text held back (a stop string may be starting): nothing to send yet
-          started.add(i)
-          text = (texts[i // n] if body.echo and first else "") + event.text
-          choice = {"text": text, "index": i, "logprobs": logprobs_of(i, event.tokens, first),
-                    "finish_reason": event.finish}  # fmt: skip
-          yield _sse(frame(choice))
-        if (body.stream_options or {}).get("include_usage"):
-          yield _sse({**frame({}), "choices": [], "usage": usage(ids, choices)})
-        yield "data: [DONE]\n\n"
-
-      return StreamingResponse(guarded(events(), jobs), media_type="text/event-stream")
-
-    async for i, event in relay(jobs, queue):
-      choices[i].add(event)
-    if (response := failed(choices)) is not None:
-      return response
-    out = [
-      {"text": (texts[i // n] if body.echo else "") + c.text, "index": i, "logprobs": logprobs_of(i, c.tokens, True),
-       "finish_reason": c.finish}
-      for i, c in enumerate(choices)
-    ]  # fmt: skip
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-            "choices": out, "usage": usage(ids, choices)}  # fmt: skip
+    return await respond(body, jobs, ids, kind="text_completion", chunk=chunk, final=final)
 
   @app.post("/v1/chat/completions")
   async def chat(body: ChatBody):
     stops = check_common(body) + (CHAT_STOP,)
     ids = [tokenizer.encode(chat_prompt(body.messages)).tolist()]
-    limit = body.max_completion_tokens or body.max_tokens
-    jobs = jobs_for(ids, body, limit, stops, "messages")
-    queue = await run(jobs)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    choices = [_Choice() for _ in jobs]
+    jobs = jobs_for(ids, body, body.max_completion_tokens or body.max_tokens, stops, "messages")
     top = body.top_logprobs or 0
 
-    def frame(choice: dict) -> dict:
-      return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-              "choices": [choice]}  # fmt: skip
+    def chunk(i: int, event: Event, first: bool):
+      if not (event.text or event.finish or body.logprobs):
+        return None  # text held back (a stop string may be starting): nothing to send yet
+      logprobs = chat_logprobs(event.tokens, top) if body.logprobs else None
+      delta = {"content": event.text} if event.text else {}
+      return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish}
 
-    if body.stream:
+    def final(i: int, c: _Choice) -> dict:
+      return {"index": i, "message": {"role": "assistant", "content": c.text},
+              "logprobs": chat_logprobs(c.tokens, top) if body.logprobs else None, "finish_reason": c.finish}  # fmt: skip
 
-      async def events():
-        for i in range(len(jobs)):
-          yield _sse(frame({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
-        async for i, event in relay(jobs, queue):
-          choices[i].add(event)
-          if event.error:
-            yield _sse({"error": {"message": f"decoding failed: {event.error}", "type": "server_error"}})
-            return
-          if not (event.text or event.finish or body.logprobs):
-            continue  # text held back (a stop string may be starting): nothing to send yet
-          delta = {"content": event.text} if event.text else {}
-          logprobs = chat_logprobs(event.tokens, top) if body.logprobs else None
-          yield _sse(frame({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish}))
-        if (body.stream_options or {}).get("include_usage"):
-          yield _sse({**frame({}), "choices": [], "usage": usage(ids, choices)})
-        yield "data: [DONE]\n\n"
-
-      return StreamingResponse(guarded(events(), jobs), media_type="text/event-stream")
-
-    async for i, event in relay(jobs, queue):
-      choices[i].add(event)
-    if (response := failed(choices)) is not None:
-      return response
-    out = [
-      {"index": i, "message": {"role": "assistant", "content": c.text},
-       "logprobs": chat_logprobs(c.tokens, top) if body.logprobs else None, "finish_reason": c.finish}
-      for i, c in enumerate(choices)
-    ]  # fmt: skip
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": out, "usage": usage(ids, choices)}  # fmt: skip
+    opening = [
+      {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(len(jobs))
+    ]
+    return await respond(body, jobs, ids, kind="chat.completion", chunk=chunk, final=final, opening=opening)
 
   return app
 
