@@ -434,9 +434,10 @@ def cmd_sweep(args, overrides) -> int:
 def cmd_convert(args, overrides) -> int:
   from manifold.interop import deepseek_v3
 
-  if bool(args.from_hf) == bool(args.to_hf):
-    raise ConfigError("convert: pass exactly one of --from-hf DIR or --to-hf DIR")
-  for flag, path in (("--workdir", args.workdir), ("--from-hf", args.from_hf), ("--to-hf", args.to_hf)):
+  if sum(map(bool, (args.from_hf, args.to_hf, args.to_gguf))) != 1:
+    raise ConfigError("convert: pass exactly one of --from-hf DIR, --to-hf DIR or --to-gguf FILE")
+  outputs = (("--from-hf", args.from_hf), ("--to-hf", args.to_hf), ("--to-gguf", args.to_gguf))
+  for flag, path in (("--workdir", args.workdir), *outputs):
     if files.is_remote(path):
       raise ConfigError(f"{flag} {path}: convert reads and writes local folders only; copy the run or checkpoint first")
   if args.from_hf:
@@ -449,11 +450,18 @@ def cmd_convert(args, overrides) -> int:
       f"imported {count:,} parameters from {args.from_hf} into {args.workdir} (step 0); "
       f"next: manifold eval --workdir {args.workdir}, or train on with manifold train"
     )
-  else:
+  elif args.to_hf:
     _check_run_dir(args.workdir)
     _check_output("--to-hf", args.to_hf)
     count = deepseek_v3.export_checkpoint(args.workdir, args.to_hf)
     print(f"wrote {count} tensors and config.json to {args.to_hf} (DeepseekV3ForCausalLM layout)")
+  else:
+    from manifold.interop.gguf_export import export_gguf
+
+    _check_run_dir(args.workdir)
+    _check_output("--to-gguf", args.to_gguf, directory=False)
+    count = export_gguf(args.workdir, args.to_gguf)
+    print(f"wrote {count} tensors to {args.to_gguf} (llama.cpp deepseek2)")
   return 0
 
 
@@ -757,9 +765,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--results", default="", help="where results.md / results.json / curves.png go (default: --workdir)")
   p.set_defaults(fn=cmd_sweep)
 
-  p = sub.add_parser("convert", help="import / export Hugging Face DeepSeek-V3 checkpoints")
+  p = sub.add_parser("convert", help="import / export Hugging Face DeepSeek-V3 checkpoints; export GGUF")
   p.add_argument("--from-hf", default="", help="HF checkpoint folder (config.json + *.safetensors) to import")
   p.add_argument("--to-hf", default="", help="folder to write the run's newest checkpoint to, in HF layout")
+  p.add_argument(
+    "--to-gguf", default="", help="GGUF file to write the run's newest checkpoint to (llama.cpp deepseek2)"
+  )
   p.add_argument("--workdir", required=True)
   p.add_argument(
     "--config",
