@@ -54,7 +54,7 @@ class _Body(BaseModel):
   n: int = Field(1, ge=1)
   stream: bool = False
   stop: str | list[str] | None = None
-  seed: int | None = None
+  seed: int | None = Field(None, ge=-(2**63), lt=2**63)
   stream_options: dict[str, Any] | None = None
   ignore_eos: bool = False  # not OpenAI's (vLLM's name): decode past end-of-text, for fixed-length benchmarks
 
