@@ -6,7 +6,7 @@ joining and leaving between steps.
 writes its cache into row `row` and draws the first token; `step(...)` then feeds every row's last
 token at the row's own slot (`cache_index` per row: rows of different lengths decode together) and
 draws each row's next token with its own key, temperature and top-p. Rows nobody uses still run
-(the step's shape is fixed), feeding a pad token at slot 0 of their own row.
+(the step's shape is fixed), rewriting one slot of their own row, which the next prefill there replaces.
 
 A row's token i is drawn with `fold_in(key, i)` from the same distribution as `engine.sample`
 draws it, and every step has the same shape whatever else is decoding, so a request gets the same

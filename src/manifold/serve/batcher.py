@@ -153,7 +153,12 @@ class Batcher:
           job = None if job.cancelled.is_set() else job
       if job is None:
         return
-      pre = self.decoder.admit(row, job.prompt, key=job.key, temperature=job.temperature, top_p=job.top_p)
+      try:
+        pre = self.decoder.admit(row, job.prompt, key=job.key, temperature=job.temperature, top_p=job.top_p)
+      except Exception as e:  # noqa: BLE001 -- this job fails; the others go on
+        self.say(f"prefill failed: {type(e).__name__}: {e}")
+        job.sink(Event("", [], error=type(e).__name__))
+        continue
       self.stats["admitted"] += 1
       pre = jax.device_get(pre if job.scores_prompt else pre._replace(prompt_logprobs=None, prompt_top_ids=None,
                                                                      prompt_top_logprobs=None))  # fmt: skip
