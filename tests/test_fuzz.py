@@ -194,7 +194,10 @@ COMMANDS = {  # id: (argv, what the error line names); {run}, {a_file}, ... are 
     ["generate", "--workdir", "{run}", "--prompt", "x", "--speculative"],
     "model.mtp_depth=0",
   ),
-  "convert-neither-direction": (["convert", "--workdir", "{run}"], "exactly one of --from-hf DIR or --to-hf DIR"),
+  "convert-neither-direction": (
+    ["convert", "--workdir", "{run}"],
+    "exactly one of --from-hf DIR, --to-hf DIR or --to-gguf FILE",
+  ),
   "convert-no-folder": (["convert", "--workdir", "{run}", "--from-hf", "/missing/hf"], "/missing/hf: no such folder"),
   "convert-config-garbage": (["convert", "--workdir", "{run}", "--from-hf", "{hf_garbage}"], "config.json is not JSON"),
   "convert-config-list": (["convert", "--workdir", "{run}", "--from-hf", "{hf_list}"], "config.json holds a list"),
