@@ -78,11 +78,6 @@ def write_data_roots(workdir: str, records, jsonl_field: str, shards: Sequence[d
   files.write_atomic(files.path(workdir) / ROOTS_FILE, text)
 
 
-def read_data_roots(workdir: str) -> dict | None:
-  text = files.read_text(files.path(workdir) / ROOTS_FILE)
-  return None if text is None else json.loads(text)
-
-
 def check_file(f: dict) -> bool:
   """Whether the corpus file of a `data_roots.json` row is here (False: gone); raises `DataError`
   if it no longer hashes as the run recorded."""
@@ -134,7 +129,9 @@ class TrainingDocuments:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.roots = read_data_roots(workdir)
+    text = files.read_text(files.path(workdir) / ROOTS_FILE)
+    self.roots = None if text is None else json.loads(text)
+    self.roots_sha = None if text is None else hashlib.sha256(text.encode()).hexdigest()  # what a manifest signs
     self.added: dict[str, list[bytes]] = {}  # root -> leaves of the rl shards
 
   def add(self, entries: Iterable[dict]) -> None:
@@ -186,8 +183,7 @@ def prove(workdir: str, document: str) -> dict:
   manifests = {m.hash: m for m in lineage.Lineage.read_all(workdir, entries)}
   newest = manifests.get(saved[-1]["object"]) if saved else None
   if newest is not None:
-    text = files.read_text(files.path(workdir) / ROOTS_FILE)
-    if newest.body["data"]["roots"] != (None if text is None else hashlib.sha256(text.encode()).hexdigest()):
+    if newest.body["data"]["roots"] != docs.roots_sha:
       raise DataError(f"{workdir}/{ROOTS_FILE}: not the one checkpoint {newest.step}'s manifest signed; it was edited")
     docs.add(entries[: newest.body["contributions"]["to"]])
     want, anchor = newest.body["data"]["train_root"], {"step": newest.step, "manifest": newest.hash}

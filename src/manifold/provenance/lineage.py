@@ -41,7 +41,6 @@ import jax
 
 from manifold import files
 from manifold.provenance import attestation, data_roots, ledger, tensors
-from manifold.provenance.data_roots import ROOTS_FILE
 from manifold.store import Identity, IdentityError, canonical_json
 
 MANIFESTS = "provenance/checkpoints"
@@ -212,7 +211,6 @@ class Lineage:
     if not copy.exists():
       copy.parent.mkdir(parents=True, exist_ok=True)
       files.write_atomic(copy, config_text)
-    roots_text = files.read_text(root / ROOTS_FILE)
     parent = self.parent
     begun = parent.body["contributions"]["to"] if parent else 0
     entries = self.ledger.entries[begun:]
@@ -230,7 +228,7 @@ class Lineage:
       "optimizer_digest": pending["optimizer"],
       "config": config_sha,
       "data": {
-        "roots": hashlib.sha256(roots_text.encode()).hexdigest() if roots_text is not None else None,
+        "roots": self.documents.roots_sha,
         "shards": (self.documents.run_shards() if parent is None else []) + data_roots.ledger_shards(entries),
         "train_root": self.documents.root(),
         "position_from": parent.body["data"]["position_to"] if parent else None,

@@ -121,14 +121,9 @@ def _check_checkpoint(workdir: str, step: int, m: lineage.Manifest) -> None:
 def _check_data(workdir: str, summary: Summary, newest: lineage.Manifest | None, entries: list[dict]) -> None:
   """Re-hashes the corpus files, the distillation cache and the rl shards' leaves the run read, and
   the newest manifest's training root when everything it covers is here."""
-  text = files.read_text(files.path(workdir) / ROOTS_FILE)
-  if (
-    text is not None
-    and newest is not None
-    and newest.body["data"]["roots"] != hashlib.sha256(text.encode()).hexdigest()
-  ):
-    raise BrokenLink(f"{workdir}/{ROOTS_FILE}: not the data roots checkpoint {newest.step}'s manifest signed (edited)")
   docs = data_roots.TrainingDocuments(workdir)
+  if docs.roots_sha is not None and newest is not None and newest.body["data"]["roots"] != docs.roots_sha:
+    raise BrokenLink(f"{workdir}/{ROOTS_FILE}: not the data roots checkpoint {newest.step}'s manifest signed (edited)")
   try:
     for f in (docs.roots or {}).get("files", []):
       if data_roots.check_file(f):
@@ -142,12 +137,13 @@ def _check_data(workdir: str, summary: Summary, newest: lineage.Manifest | None,
         summary.data_shards += 1
       else:
         summary.data_missing += 1
-    shards = data_roots.ledger_shards(entries)
-    for shard in shards:
+    covered = newest.body["contributions"]["to"] if newest is not None else 0
+    docs.add(entries[:covered])  # each leaves file read and checked once: these for the tree, the rest below
+    for shard in data_roots.ledger_shards(entries[covered:]):
       data_roots.read_leaves(workdir, shard["root"])
+    shards = data_roots.ledger_shards(entries)
     summary.data_shards += len(shards)
     if newest is not None and shards and not summary.data_missing:
-      docs.add(entries[: newest.body["contributions"]["to"]])
       if docs.tree().root.hex() != newest.body["data"]["train_root"]:
         raise BrokenLink(
           f"checkpoint {newest.step}: its manifest's train_root is not the root of the run's training documents"
