@@ -184,12 +184,14 @@ def cmd_train(args, overrides) -> int:
 
 def cmd_eval(args, overrides) -> int:
   from manifold.data import eval_batches
+  from manifold.inference.quantize import check_weights
   from manifold.parallel.mesh import make_mesh
   from manifold.train.restore import load_trained
   from manifold.train.run import evaluate, token_byte_table
   from manifold.train.step import make_eval_step
 
   num_batches = _checked_flags(EvalConfig, args, ("num_batches",)).get("num_batches")
+  check_weights(args.quantize, args.dtype)  # before the checkpoint loads
   _check_run_dir(args.workdir)
   run = load_trained(args.workdir, args.step, data=not args.sources)
   cfg = run.cfg
@@ -226,12 +228,9 @@ def _inference_state(run, mesh, quantize: str, dtype: str | None):
   import jax
   from flax import nnx
 
-  from manifold.inference.quantize import MODES, for_inference
+  from manifold.inference.quantize import for_inference
   from manifold.parallel import sharding
 
-  if quantize not in MODES or dtype not in (None, "float32", "bfloat16"):
-    raise ConfigError(f"--quantize {quantize} --dtype {dtype}: --quantize is one of {', '.join(MODES)}, "
-                      "--dtype float32 or bfloat16")  # fmt: skip
   graphdef, params, extra = nnx.split(for_inference(run.model, quantize, dtype), nnx.Param, ...)
   params, extra = nnx.to_pure_dict(params), nnx.to_pure_dict(extra)
   everywhere = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)  # noqa: E731

@@ -63,11 +63,12 @@ class ByteTokenizer:
     return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
-def _byte_level_alphabet() -> frozenset[str]:
-  """The 256 characters GPT-2's `bytes_to_unicode` maps bytes to; each stands for one byte."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-  remapped = range(256, 256 + 256 - len(printable))
-  return frozenset(map(chr, [*printable, *remapped]))
+def byte_level_characters() -> list[str]:
+  """GPT-2's `bytes_to_unicode`: the character that stands for each byte 0..255 (printable bytes
+  for themselves, the others for 256, 257, ... in byte order)."""
+  printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+  remapped = iter(range(256, 512))
+  return [chr(b if b in printable else next(remapped)) for b in range(256)]
 
 
 class BpeTokenizer:
@@ -95,7 +96,7 @@ class BpeTokenizer:
 
   def _byte_lengths(self) -> np.ndarray:
     """[vocab_size] int32: each byte-level character is one byte; special tokens count 1."""
-    alphabet = _byte_level_alphabet()
+    alphabet = frozenset(byte_level_characters())
     special = self._tokenizer.get_added_tokens_decoder()
     lengths = np.ones(self.vocab_size, np.int32)
     for token_id in range(self.vocab_size):

@@ -75,12 +75,21 @@ def quantize_array(w: jax.Array, mode: str, axis: int) -> QuantizedWeight:
   return QuantizedWeight(values, scale)
 
 
+def check_weights(quantize: str, dtype: str | None) -> None:
+  """`ConfigError` naming the flag unless `quantize` is one of MODES and `dtype` None, float32 or bfloat16."""
+  from manifold.config import ConfigError
+
+  if quantize not in MODES:
+    raise ConfigError(f"--quantize {quantize}: must be one of {', '.join(MODES)}")
+  if dtype not in (None, "float32", "bfloat16"):
+    raise ConfigError(f"--dtype {dtype}: must be float32 or bfloat16")
+
+
 def quantize_model(model: nnx.Module, mode: str) -> dict[str, int]:
   """Stores `model`'s matmul weights in `mode`, in place: "bfloat16" casts them, "int8" / "int4"
   replace them by `QuantizedWeight`s, "none" leaves them; returns {"quantized": weights changed,
   "bytes_before", "bytes_after"} of those weights."""
-  if mode not in MODES:
-    raise ValueError(f"--quantize {mode}: must be one of {', '.join(MODES)}")
+  check_weights(mode, None)
   counts = {"quantized": 0, "bytes_before": 0, "bytes_after": 0}
   if mode == "none":
     return counts

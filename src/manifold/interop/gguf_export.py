@@ -21,34 +21,20 @@ from __future__ import annotations
 import json
 import os
 
+import gguf
 import numpy as np
 
 from manifold.config import ConfigError, model_config
+from manifold.data.tokenizer import byte_level_characters, file_path, load_tokenizer
 
 ARCH = "deepseek2"
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5  # gguf.TokenType
-
-
-def _byte_characters() -> list[str]:
-  """GPT-2's `bytes_to_unicode`: the character standing for each byte 0..255."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-  chars, extra = {}, 0
-  for b in range(256):
-    if b in printable:
-      chars[b] = chr(b)
-    else:
-      chars[b] = chr(256 + extra)
-      extra += 1
-  return [chars[b] for b in range(256)]
 
 
 def vocabulary(tokenizer_spec: str, vocab_size: int, eos_id: int) -> tuple[list[str], list[int], list[str]]:
   """(tokens, token types, merges) of the run's tokenizer, padded to `vocab_size` ids."""
   if tokenizer_spec == "byte":
-    tokens, merges = _byte_characters(), []
+    tokens, merges = byte_level_characters(), []
   else:
-    from manifold.data.tokenizer import file_path
-
     spec = json.loads(file_path(tokenizer_spec).read_text())
     vocab = spec["model"]["vocab"]
     tokens = [""] * len(vocab)
@@ -62,17 +48,15 @@ def vocabulary(tokenizer_spec: str, vocab_size: int, eos_id: int) -> tuple[list[
   if eos_id >= len(tokens):
     tokens += [""] * (eos_id + 1 - len(tokens))
   tokens[eos_id] = "<|endoftext|>"
-  types = [TOKEN_CONTROL if i == eos_id else TOKEN_NORMAL for i in range(len(tokens))]
+  types = [gguf.TokenType.CONTROL if i == eos_id else gguf.TokenType.NORMAL for i in range(len(tokens))]
   for i in range(len(tokens), vocab_size):
     tokens.append(f"<|unused_{i}|>")
-    types.append(TOKEN_UNUSED)
+    types.append(gguf.TokenType.UNUSED)
   return tokens, types, merges
 
 
 def gguf_tensors(hf: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
   """GGUF name -> array, from the HF DeepSeek-V3 tensors of `deepseek_v3.params_to_hf`."""
-  import gguf
-
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, cfg.n_layers)
 
   def rename(hf_name: str) -> str:
@@ -118,10 +102,8 @@ def check_exportable(cfg) -> None:
 
 def export_gguf(workdir: str, out_path: str) -> int:
   """Writes the newest checkpoint of the run in `workdir` to `out_path`; returns the tensor count."""
-  import gguf
   import jax
 
-  from manifold.data.tokenizer import load_tokenizer
   from manifold.interop.deepseek_v3 import params_to_hf
   from manifold.train.restore import load_trained
 

@@ -24,7 +24,7 @@ from manifold import files
 from manifold.config import ConfigError
 from manifold.data import check_manifest
 from manifold.data.tokenizer import load_tokenizer
-from manifold.inference.quantize import MODES, for_inference, parameter_bytes, quantize_model
+from manifold.inference.quantize import check_weights, for_inference, parameter_bytes, quantize_model
 from manifold.inference.slots import SlotDecoder
 from manifold.model import Transformer
 from manifold.serve.batcher import Batcher
@@ -49,10 +49,7 @@ def load_model(
   `quantize` ("none" | "bfloat16" | "int8" | "int4"), computing in `dtype` (None: the run's)."""
   from manifold.train.restore import load_trained
 
-  if quantize not in MODES:
-    raise ConfigError(f"--quantize {quantize}: must be one of {', '.join(MODES)}")
-  if dtype not in (None, "float32", "bfloat16"):
-    raise ConfigError(f"--dtype {dtype}: must be float32 or bfloat16")
+  check_weights(quantize, dtype)  # before the checkpoint loads
   run = load_trained(workdir, step, data=False, say=say)
   tokenizer = load_tokenizer(run.cfg.data.tokenizer)
   check_manifest(files.path(workdir) / "manifest.json", tokenizer)
