@@ -607,6 +607,8 @@ class StoreSync:
   # -- every step ----------------------------------------------------------------------------
 
   def after_step(self, state, step: int):
+    if isinstance(self.error, StoreUnavailable):  # the heartbeat thread met the outage first
+      raise IslandsError(f"island {self.id}: the store failed past its retries: {self.error}")
     if self.error is not None:
       raise IslandsError(f"island {self.id}: heartbeats to {self.store.url} failed: {self.error}")
     self.step = step
