@@ -30,6 +30,7 @@ import time
 import httpx
 
 from manifold.results import fmt, markdown_table, write_results
+from manifold.serve.server import running_server
 
 COLUMNS = [
   ("weights", lambda r: r["quantize"]),
@@ -52,24 +53,6 @@ def peak_rss_mb(pid: int) -> float:
       if line.startswith("VmHWM:"):
         return int(line.split()[1]) / 1024
   return float("nan")
-
-
-def start_server(workdir: str, quantize: str, slots: int, port: int, log) -> subprocess.Popen:
-  command = [sys.executable, "-m", "manifold.cli", "serve", "--workdir", workdir, "--port", str(port),
-             "--slots", str(slots), "--max-queue", str(4 * slots), "--quantize", quantize]  # fmt: skip
-  proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-  deadline = time.monotonic() + 600
-  while time.monotonic() < deadline:
-    if proc.poll() is not None:
-      raise RuntimeError(f"the server exited ({proc.returncode}); see {log.name}")
-    try:
-      if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-        return proc
-    except httpx.TransportError:
-      pass
-    time.sleep(0.5)
-  proc.kill()
-  raise RuntimeError(f"the server did not come up in 600 s; see {log.name}")
 
 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int):
@@ -140,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--requests", type=int, default=32, help="completions per client count")
   parser.add_argument("--prompt-tokens", type=int, default=32)
   parser.add_argument("--new-tokens", type=int, default=64)
-  parser.add_argument("--port", type=int, default=8931)
   parser.add_argument("--results", default="")
   args = parser.parse_args(argv)
   clients = [int(c) for c in args.clients.split(",")]
@@ -150,23 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or trained_for_one_step(args.config, folder)
     model = os.path.basename(os.path.normpath(workdir))
     for quantize in args.quantize.split(","):
-      with open(os.path.join(folder, f"serve-{quantize}.log"), "w") as log:
-        proc = start_server(workdir, quantize, max(clients), args.port, log)
-        try:
-          url = f"http://127.0.0.1:{args.port}"
-          base = None
-          for c in clients:
-            measured = asyncio.run(load(url, model, c, args.requests, prompt, args.new_tokens))
-            row = {"quantize": quantize, **measured}
-            base = row["aggregate_tokens_per_s"] if c == 1 else base
-            row["speedup"] = row["aggregate_tokens_per_s"] / base if base else None
-            row["peak_rss_mb"] = peak_rss_mb(proc.pid)
-            row["parameter_mb"] = httpx.get(f"{url}/health").json()["parameter_bytes"] / 1e6
-            rows.append(row)
-            print(markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-        finally:
-          proc.terminate()
-          proc.wait(timeout=60)
+      log = os.path.join(folder, f"serve-{quantize}.log")
+      flags = ["--slots", str(max(clients)), "--max-queue", str(4 * max(clients)), "--quantize", quantize]
+      with running_server(workdir, log, flags=flags) as (url, proc):
+        base = None
+        for c in clients:
+          measured = asyncio.run(load(url, model, c, args.requests, prompt, args.new_tokens))
+          row = {"quantize": quantize, **measured}
+          base = row["aggregate_tokens_per_s"] if c == 1 else base
+          row["speedup"] = row["aggregate_tokens_per_s"] / base if base else None
+          row["peak_rss_mb"] = peak_rss_mb(proc.pid)
+          row["parameter_mb"] = httpx.get(f"{url}/health").json()["parameter_bytes"] / 1e6
+          rows.append(row)
+          print(markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
   print(markdown_table(rows, COLUMNS))
   if args.results:
     write_results(args.results, rows, COLUMNS)

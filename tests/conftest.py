@@ -65,6 +65,13 @@ def made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
   return root
 
 
+def error_line(err: str) -> str:
+  """The one stderr line of a refused command; fails on anything longer (a traceback)."""
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("manifold: error: "), err
+  return lines[0]
+
+
 def child_env(cache: str, devices: int = 1) -> dict[str, str]:
   """The environment of a `manifold` child process: this checkout's sources, the CPU, `devices`
   simulated devices (compiling fast) and the persistent XLA cache `cache`."""

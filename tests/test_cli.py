@@ -14,7 +14,7 @@ from manifold.cli import main
 from manifold.config import SECTIONS
 from manifold.data import load_tokenizer
 
-from .conftest import TINY
+from .conftest import TINY, error_line
 
 
 def test_eval_reports_validation_bits_per_byte(trained_workdir, capsys):
@@ -67,13 +67,6 @@ def test_tokenizer_train_writes_a_loadable_bpe(corpus_dir, tmp_path, capsys):
   assert tokenizer.vocab_size == 400
   assert tokenizer.decode(tokenizer.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
   assert "--config.model.vocab_size=400" in capsys.readouterr().out
-
-
-def error_line(err: str) -> str:
-  """The one stderr line of a refused command; fails on anything longer (a traceback)."""
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("manifold: error: "), err
-  return lines[0]
 
 
 @pytest.mark.parametrize("where", ["a-file", "under-a-file", "under-a-read-only-directory"])

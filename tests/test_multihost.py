@@ -10,21 +10,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
+from manifold.serve.server import free_port
 from manifold.train.metrics import read_metrics
 
 from .conftest import xla_flags
 
 SCRIPT = pathlib.Path(__file__).with_name("multihost_train.py")
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def env(devices: int, **extra) -> dict[str, str]:

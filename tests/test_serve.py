@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -19,51 +20,23 @@ import openai
 import pytest
 
 from manifold import cli
-from manifold.serve.api import CHAT_STOP, chat_prompt
+from manifold.serve.api import CHAT_STOP, Message, chat_prompt
+from manifold.serve.server import running_server
 
-from .conftest import REPO, child_env
+from .conftest import REPO, child_env, error_line
 
 KEY = "test-key"
 SLOTS, QUEUE = 2, 4
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained_workdir, compile_cache, tmp_path_factory):
   """(base URL, model name, the server's log path) of `manifold serve` on a free loopback port."""
-  port = free_port()
   log = tmp_path_factory.mktemp("serve") / "serve.txt"
-  command = [
-    sys.executable, "-m", "manifold.cli", "serve", "--workdir", str(trained_workdir), "--port", str(port),
-    "--slots", str(SLOTS), "--max-queue", str(QUEUE), "--api-key", KEY,
-  ]  # fmt: skip
-  with open(log, "w") as out:
-    proc = subprocess.Popen(command, env=child_env(compile_cache), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.monotonic() + 300
-    while True:
-      assert proc.poll() is None, log.read_text()[-3000:]
-      try:
-        if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      assert time.monotonic() < deadline, "the server did not come up: " + log.read_text()[-3000:]
-      time.sleep(0.5)
+  flags = ["--slots", str(SLOTS), "--max-queue", str(QUEUE), "--api-key", KEY]
+  env = child_env(compile_cache)
+  with running_server(str(trained_workdir), str(log), flags=flags, env=env, timeout_s=300) as (url, _):
     yield url, trained_workdir.name, log
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
 
 
 def client(url: str, key: str = KEY) -> openai.OpenAI:
@@ -199,3 +172,118 @@ def test_a_full_queue_is_429_and_a_client_gone_mid_stream_frees_its_slot(server)
       codes = list(pool.map(ask, range(3 * (SLOTS + QUEUE))))
   assert codes.count(429) >= 1 and codes.count(200) >= SLOTS, codes
   assert set(codes) <= {200, 429}, codes
+
+
+TASKS = REPO / "tests" / "fixtures" / "lm_eval"
+
+
+class Direct:
+  """The run's model scored without the server: a full forward per sequence, no cache, no batching."""
+
+  def __init__(self, workdir):
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from manifold.serve.server import load_model
+
+    loaded = load_model(str(workdir), say=lambda _: None)
+    self.tokenizer, model, width = loaded.tokenizer, loaded.model, loaded.model.cfg.max_seq_len
+    forward = nnx.jit(lambda m, tokens: jax.nn.log_softmax(m(tokens)[0][0], axis=-1))
+    # Causal: padding after the sequence leaves its positions' log-probs as they are (one compile).
+    self.log_probs = lambda ids: np.asarray(forward(model, np.pad([ids], ((0, 0), (0, width - len(ids))))))[: len(ids)]
+
+  def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+    """lm-eval's split: the context's trailing whitespace moves to the continuation, whose tokens
+    are then those of context + continuation past the context's."""
+    spaces = len(context) - len(context.rstrip())
+    context, continuation = context[: len(context) - spaces], context[len(context) - spaces :] + continuation
+    start = len(self.tokenizer.encode(context))
+    ids = self.tokenizer.encode(context + continuation).tolist()
+    lp = self.log_probs(ids)
+    rows = range(start - 1, len(ids) - 1)
+    return float(sum(lp[t, ids[t + 1]] for t in rows)), all(int(lp[t].argmax()) == ids[t + 1] for t in rows)
+
+  def greedy(self, prompt: str, max_tokens: int, stops: list[str]) -> str:
+    ids = self.tokenizer.encode(prompt).tolist()
+    new = []
+    for _ in range(max_tokens):
+      new.append(int(self.log_probs(ids + new)[-1].argmax()))
+    text = self.tokenizer.decode(new)
+    return min((text[: text.index(s)] for s in stops if s in text), key=len, default=text)
+
+
+def lm_eval_run(workdir, compile_cache, *flags) -> tuple[dict, dict]:
+  """(scores per task, samples per task) of `manifold eval --tasks ... *flags` in a child process."""
+  command = [sys.executable, "-m", "manifold.cli", "eval", "--workdir", str(workdir), "--include-path", str(TASKS),
+             "--concurrency", str(SLOTS), *flags]  # fmt: skip
+  done = subprocess.run(command, env=child_env(compile_cache), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  (out,) = (workdir / "lm_eval").iterdir()
+  record = json.loads((out / "results.json").read_text())
+  assert record["command"] == shlex.join(["manifold", *command[3:]])
+  samples = {}
+  for path in out.glob("samples_*.jsonl"):
+    samples[path.stem.removeprefix("samples_")] = [json.loads(line) for line in path.read_text().splitlines()]
+  return record["lm_eval"]["results"], samples
+
+
+@pytest.fixture
+def run_copy(trained_workdir, tmp_path):
+  """A copy of the trained run that lm-eval results may be written into."""
+  shutil.copytree(trained_workdir, tmp_path / "run")
+  return tmp_path / "run"
+
+
+def test_lm_eval_through_a_started_server_scores_as_the_model_does(run_copy, compile_cache):
+  scores, samples = lm_eval_run(run_copy, compile_cache, "--tasks", "manifold_choice,manifold_generation")
+  direct = Direct(run_copy)
+  docs = [json.loads(line) for line in (TASKS / "multiple_choice.jsonl").read_text().splitlines()]
+  assert len(samples["manifold_choice"]) == len(docs)
+  acc, acc_norm = [], []
+  for sample in samples["manifold_choice"]:
+    doc = docs[sample["doc_id"]]
+    want = [direct.loglikelihood(doc["context"], " " + choice) for choice in doc["choices"]]
+    got = [tuple(r[0]) for r in sample["resps"]]
+    for (ll, greedy), (ll_served, greedy_served) in zip(want, got, strict=True):
+      assert abs(ll - ll_served) <= 1e-4 * max(1.0, abs(ll)) and greedy == greedy_served, (doc, want, got)
+    lls = [ll for ll, _ in want]
+    acc.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["answer"]))
+    normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]  # lm-eval: by the choice's characters
+    acc_norm.append(float(max(range(len(lls)), key=normed.__getitem__) == doc["answer"]))
+  assert scores["manifold_choice"]["acc,none"] == pytest.approx(sum(acc) / len(acc))
+  assert scores["manifold_choice"]["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
+  assert 0 < sum(acc_norm) < len(docs) or 0 < sum(acc) < len(docs)  # the check sees right and wrong answers
+  matched = []
+  for sample in samples["manifold_generation"]:
+    want = direct.greedy(sample["doc"]["prompt"], 8, ["\n"])
+    assert sample["resps"][0][0] == want, (sample["doc"], want)
+    matched.append(float(want == sample["doc"]["target"]))
+  assert scores["manifold_generation"]["exact_match,none"] == pytest.approx(sum(matched) / len(matched))
+
+
+def test_lm_eval_chat_through_a_running_server_with_its_key(server, run_copy, compile_cache):
+  url, _, _ = server
+  scores, samples = lm_eval_run(
+    run_copy, compile_cache, "--tasks", "manifold_generation", "--chat", "--server", url, "--api-key", KEY
+  )
+  direct = Direct(run_copy)
+  for sample in samples["manifold_generation"]:
+    prompt = chat_prompt([Message(role="user", content=sample["doc"]["prompt"])])
+    assert sample["resps"][0][0] == direct.greedy(prompt, 8, ["\n", CHAT_STOP]), sample
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--tasks", "no_such_task"], "--tasks: unknown lm-eval task 'no_such_task'"),
+    (["--tasks", "x", "--include-path", "/no/such/folder"], "--include-path /no/such/folder: not a folder"),
+    (["--tasks", "x", "--num-batches", "2"], "--tasks scores lm-eval tasks; --sources and --num-batches"),
+    (["--tasks", "x", "--server", "http://127.0.0.1:1", "--quantize", "int8"], "--server: the running server's"),
+    (["--tasks", "x", "--concurrency", "0"], "--concurrency 0: must be at least 1"),
+  ],
+)
+def test_eval_tasks_refuses_bad_flags_in_one_line_before_any_server_starts(run_copy, flags, message, capsys):
+  assert cli.main(["eval", "--workdir", str(run_copy), *flags]) == 2
+  assert message in error_line(capsys.readouterr().err)
+  assert not (run_copy / "lm_eval").exists()

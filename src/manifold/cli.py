@@ -7,6 +7,7 @@ import functools
 import json
 import operator
 import os
+import shlex
 import sys
 import time
 
@@ -190,9 +191,11 @@ def cmd_eval(args, overrides) -> int:
   from manifold.train.run import evaluate, token_byte_table
   from manifold.train.step import make_eval_step
 
-  num_batches = _checked_flags(EvalConfig, args, ("num_batches",)).get("num_batches")
   check_weights(args.quantize, args.dtype)  # before the checkpoint loads
   _check_run_dir(args.workdir)
+  if args.tasks:
+    return _eval_tasks(args)
+  num_batches = _checked_flags(EvalConfig, args, ("num_batches",)).get("num_batches")
   run = load_trained(args.workdir, args.step, data=not args.sources)
   cfg = run.cfg
   data = run.data
@@ -218,6 +221,22 @@ def cmd_eval(args, overrides) -> int:
     f"step {run.step}: val_loss {result['val_loss']:.4f}  val_bits_per_byte {result['val_bits_per_byte']:.4f}  "
     f"({len(batches)} batches x {cfg.eval.batch_size} x {cfg.train.seq_len} tokens)"
   )
+  return 0
+
+
+def _eval_tasks(args) -> int:
+  """`manifold eval --tasks`: lm-eval through `manifold serve` (manifold.serve.harness)."""
+  from manifold.serve.harness import run_tasks
+
+  if args.sources or args.num_batches is not None:
+    raise ConfigError("--tasks scores lm-eval tasks; --sources and --num-batches are for validation bits per byte")
+  tasks = [t for t in args.tasks.split(",") if t]
+  serve_flags = ["--quantize", args.quantize] if args.quantize != "none" else []
+  serve_flags += ["--dtype", args.dtype] if args.dtype else []
+  serve_flags += ["--step", str(args.step)] if args.step is not None else []
+  run_tasks(args.workdir, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot, limit=args.limit,
+            chat=args.chat, server=args.server, api_key=args.api_key, concurrency=args.concurrency,
+            serve_flags=serve_flags, command=shlex.join(["manifold", *args.argv]))  # fmt: skip
   return 0
 
 
@@ -728,6 +747,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--quantize", default="none", help="matmul weights as `manifold serve` stores them: none | bfloat16 | "
                  "int8 | int4")  # fmt: skip
   p.add_argument("--dtype", default=None, help="compute dtype: float32 | bfloat16 (default: the run's)")
+  p.add_argument("--tasks", default="", help="lm-eval tasks, comma-separated, scored through `manifold serve` "
+                 "instead of bits per byte (needs lm_eval[api])")  # fmt: skip
+  p.add_argument("--include-path", action="append", default=[], help="--tasks: a folder of lm-eval task YAML files")
+  p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples in each prompt (default: the task's)")
+  p.add_argument("--limit", type=float, default=None, help="--tasks: documents per task (below 1: a fraction)")
+  p.add_argument("--chat", action="store_true", help="--tasks: through /v1/chat/completions (generation tasks)")
+  p.add_argument("--concurrency", type=int, default=4, help="--tasks: requests in flight (the server's slots)")
+  p.add_argument("--server", default=None, help="--tasks: a running `manifold serve` URL instead of starting one")
+  p.add_argument("--api-key", default=None, help="--tasks: the --server's key (or $MANIFOLD_API_KEY)")
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("generate", help="sample a continuation with the KV cache")
@@ -941,9 +969,11 @@ def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
+  args.argv = list(argv)  # for results that record the command that made them
   if args.command == "rl":
     return _main_rl(args, overrides)
   from manifold.islands.store_sync import IslandsError
+  from manifold.serve.server import ServerError
   from manifold.train.loop import TrainingDiverged
 
   if overrides and args.command not in (
@@ -964,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   except IslandsError as e:
     print(f"manifold: islands: {e}", file=sys.stderr)
+    return 1
+  except ServerError as e:
+    print(f"manifold: serve: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("manifold: interrupted", file=sys.stderr)

@@ -5,9 +5,15 @@ Request fields: `max_tokens` (chat: also `max_completion_tokens`; absent: up to 
 `temperature` in [0, 2] (0: greedy), `top_p` in (0, 1], `n`, `stop` (a string or up to 4), `seed`
 (absent: a random one), `logprobs` (completions: top-N per token, with `echo` the prompt's too;
 chat: `logprobs` and `top_logprobs`), `stream` and `stream_options.include_usage`, and vLLM's
-`ignore_eos` (decode to max_tokens, for benchmarks); other fields are ignored. A bad request (malformed JSON, a field of the wrong type or range, a prompt that does not
-fit the context, an unknown model) is HTTP 400 with an OpenAI error body naming the field; a full
-queue is 429 and a server shutting down 503.
+`ignore_eos` (decode to max_tokens, for benchmarks); other fields are ignored. A bad request
+(malformed JSON, a field of the wrong type or range, a prompt that does not fit the context, an
+unknown model) is HTTP 400 with an OpenAI error body naming the field; a full queue is 429 and a
+server shutting down 503. A prompt is text or token ids; in text, `<|endoftext|>` is the
+document separator's id, as in training data (and as Hugging Face tokenizers read it).
+
+vLLM's tokenizer endpoints, which lm-eval's `local-completions` model finds by itself and then
+sends token ids: `GET /tokenizer_info`, `POST /tokenize` ({"prompt": text} -> {"tokens": ids,
+"count", "max_model_len"}), `POST /detokenize` ({"tokens": ids} -> {"prompt": text}).
 
 Chat template, for models trained without one (every model here): each message becomes
 "<Role>: <content>" followed by a blank line ("System", "User", "Assistant"), and the prompt ends
@@ -32,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from manifold.data.tokenizer import EOS
 from manifold.serve.batcher import Batcher, Closed, Event, Job, QueueFull, Token
 
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -66,6 +73,19 @@ class CompletionBody(_Body):
   echo: bool = False
 
 
+class TokenizeBody(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+
+  prompt: str
+  add_special_tokens: bool = False  # no tokenizer here adds any: accepted and ignored
+
+
+class DetokenizeBody(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+
+  tokens: list[int]
+
+
 class Message(BaseModel):
   model_config = ConfigDict(extra="ignore")
 
@@ -92,6 +112,12 @@ def chat_prompt(messages: list[Message]) -> str:
       content = "".join(str(part.get("text", "")) for part in content)
     parts.append(f"{CHAT_ROLES[m.role]}: {content}\n\n")
   return "".join(parts) + "Assistant:"
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+  """Token ids of `text`, each `<|endoftext|>` in it read as the separator's id."""
+  pieces = [tokenizer.encode(piece).tolist() for piece in text.split(EOS)]
+  return [t for i, piece in enumerate(pieces) for t in ([tokenizer.eos_id] if i else []) + piece]
 
 
 class _Choice:
@@ -144,7 +170,7 @@ def make_app(
 
   @app.middleware("http")
   async def authorize(request: Request, call_next):
-    if api_key is not None and request.url.path.startswith("/v1/"):
+    if api_key is not None and request.url.path != "/health":
       given = request.headers.get("authorization", "")
       if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
         return error(401, "a valid API key is required: Authorization: Bearer <key>", None, "invalid_api_key")
@@ -155,9 +181,30 @@ def make_app(
     return {"status": "ok", "model": model_name, "rows_busy": batcher.busy_rows,
             "waiting": len(batcher.waiting), **batcher.stats, **(info or {})}  # fmt: skip
 
+  def checked_ids(ids: list[int], field: str) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+    if bad:
+      raise BadRequest(field, f"{field}: token id {bad[0]} outside [0, {tokenizer.vocab_size})")
+    return ids
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info():
+    return {"tokenizer_class": type(tokenizer).__name__, "eos_token": EOS, "bos_token": None, "pad_token": None,
+            "vocab_size": tokenizer.vocab_size, "model_max_length": max_len}  # fmt: skip
+
+  @app.post("/tokenize")
+  async def tokenize(body: TokenizeBody):
+    ids = encode_text(tokenizer, body.prompt)
+    return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+
+  @app.post("/detokenize")
+  async def detokenize(body: DetokenizeBody):
+    return {"prompt": tokenizer.decode(checked_ids(body.tokens, "tokens"))}
+
   @app.get("/v1/models")
   async def models():
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "local"}]}
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "local",
+                                          "max_model_len": max_len}]}  # fmt: skip
 
   def check_common(body: _Body) -> tuple[str, ...]:
     if body.model != model_name:
@@ -329,10 +376,7 @@ def make_app(
       prompts = [list(p)]
     else:
       prompts = list(p)
-    ids = [tokenizer.encode(x).tolist() if isinstance(x, str) else list(x) for x in prompts]
-    bad_id = [t for row in ids for t in row if not 0 <= t < tokenizer.vocab_size]
-    if bad_id:
-      raise BadRequest("prompt", f"prompt: token id {bad_id[0]} outside [0, {tokenizer.vocab_size})")
+    ids = [encode_text(tokenizer, x) if isinstance(x, str) else checked_ids(list(x), "prompt") for x in prompts]
     texts = [x if isinstance(x, str) else tokenizer.decode(x) for x in prompts]
     scores_prompt = body.echo and body.logprobs is not None
     jobs = jobs_for(ids, body, body.max_tokens, stops, "prompt", scores_prompt=scores_prompt)
@@ -359,7 +403,7 @@ def make_app(
   @app.post("/v1/chat/completions")
   async def chat(body: ChatBody):
     stops = check_common(body) + (CHAT_STOP,)
-    ids = [tokenizer.encode(chat_prompt(body.messages)).tolist()]
+    ids = [encode_text(tokenizer, chat_prompt(body.messages))]
     jobs = jobs_for(ids, body, body.max_completion_tokens or body.max_tokens, stops, "messages")
     top = body.top_logprobs or 0
 

@@ -10,11 +10,14 @@ names the origins a browser page may call from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
+import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -31,6 +34,10 @@ from manifold.serve.batcher import Batcher
 
 API_KEY_ENV = "MANIFOLD_API_KEY"
 TOP_LOGPROBS = 20  # the most `logprobs` / `top_logprobs` a request may ask for
+
+
+class ServerError(RuntimeError):
+  """A server child process that exited or did not come up; one line naming its log."""
 
 
 @dataclasses.dataclass
@@ -128,3 +135,47 @@ def warm_up(decoder: SlotDecoder) -> None:
     jax.block_until_ready(
       decoder.step(np.zeros((3, n), np.int32), np.ones((2, n), np.float32), jax.random.split(key, n))
     )
+
+
+def free_port() -> int:
+  """A TCP port on loopback that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(
+  workdir: str, log_path: str, *, flags: Sequence[str] = (), env: dict | None = None, timeout_s: float = 600
+) -> Iterator[tuple[str, subprocess.Popen]]:
+  """`manifold serve --workdir workdir *flags` in a child process on a free loopback port, its
+  output in `log_path`: yields (base URL, process) once `/health` answers; always stopped (SIGTERM,
+  then SIGKILL after 30 s). Raises ServerError naming the log if it exits or does not come up."""
+  import httpx
+
+  port = free_port()
+  command = [sys.executable, "-m", "manifold.cli", "serve", "--workdir", workdir, "--port", str(port), *flags]
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + timeout_s
+    while True:
+      if proc.poll() is not None:
+        raise ServerError(f"the server exited ({proc.returncode}) before it served; see {log_path}")
+      try:
+        if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      if time.monotonic() > deadline:
+        raise ServerError(f"the server did not come up in {timeout_s:.0f} s; see {log_path}")
+      time.sleep(0.5)
+    yield url, proc
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()

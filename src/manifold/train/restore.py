@@ -34,6 +34,14 @@ def _warn(text: str) -> None:
   print(f"manifold: warning: {text}", file=sys.stderr)
 
 
+def read_run_config(workdir: str):
+  """The run's config (`workdir`/config.json); one ConfigError line if there is none."""
+  text = files.read_text(files.path(workdir) / "config.json")
+  if text is None:
+    raise ConfigError(f"--workdir {workdir}: no config.json; train there first with `manifold train`")
+  return config_from_json(text)
+
+
 def load_trained(
   workdir: str, step: int | None = None, *, data: bool = True, say: Callable[[str], None] = _warn
 ) -> TrainedRun:
@@ -42,10 +50,7 @@ def load_trained(
   skips building its tokenizer and token streams, which must otherwise match the run's
   manifest. The state is sharded over the run's mesh where it fits the devices here, else
   data-parallel over them."""
-  text = files.read_text(files.path(workdir) / "config.json")
-  if text is None:
-    raise ConfigError(f"--workdir {workdir}: no config.json; train there first with `manifold train`")
-  cfg = config_from_json(text)
+  cfg = read_run_config(workdir)
   run_data = None
   if data:
     run_data = load_run_data(cfg)
