@@ -1,6 +1,7 @@
 """Full training-step speed (forward, backward, AdamW) on this machine's first accelerator(s).
 
   python benchmarks/train_step.py                                   # the four proxies
+  python benchmarks/train_step.py --models moe-27b-layers,moe-27b-layers+mhc   # the mHC paper's 27B layer
   python benchmarks/train_step.py --models moe-1b-active --set model.remat=dots
   python benchmarks/train_step.py --xla-flags "--xla_gpu_enable_latency_hiding_scheduler=true"
   python benchmarks/train_step.py --models moe-1b-active --devices 2 --set mesh.expert=2 --set train.batch_size=8
@@ -34,7 +35,8 @@ from manifold.cli import GPU_MEMORY_FRACTION
 from manifold.results import markdown_table
 
 PROXIES = "experiments/speed_proxies.py"
-MODELS = ("dense-1b", "moe-1b-active", "dense-1b+mhc", "moe-1b-active+mhc")
+MODELS = ("dense-1b", "moe-1b-active", "dense-1b+mhc", "moe-1b-active+mhc")  # the default set
+PAPER_LAYERS = ("moe-27b-layers", "moe-27b-layers+mhc")  # the mHC paper's 27B layer, 5 blocks
 
 
 def matmul_tflops(n: int = 8192, repeats: int = 20) -> float:
@@ -280,7 +282,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+  parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS + PAPER_LAYERS)}")
   parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.remat=dots")
   parser.add_argument("--devices", type=int, default=1, help="run over the first N devices (mesh from --set mesh.*)")
   parser.add_argument("--steps", type=int, default=20)
@@ -299,8 +301,8 @@ def main() -> None:
   env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()}
   rows = []
   for model in args.models.split(","):
-    if model not in MODELS:
-      parser.error(f"--models: unknown {model!r}; use {', '.join(MODELS)}")
+    if model not in MODELS + PAPER_LAYERS:
+      parser.error(f"--models: unknown {model!r}; use {', '.join(MODELS + PAPER_LAYERS)}")
     command = [sys.executable, __file__, "--one", model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--devices", str(args.devices)]
     command += [f"--set={o}" for o in args.set]

@@ -21,7 +21,10 @@ def _benchmark_module(name: str = "train_step"):
   return module
 
 
-@pytest.mark.parametrize("model, total, active", [("dense-1b", 1.036e9, 1.036e9), ("moe-1b-active", 2.871e9, 0.944e9)])
+@pytest.mark.parametrize(
+  "model, total, active",
+  [("dense-1b", 1.036e9, 1.036e9), ("moe-1b-active", 2.871e9, 0.944e9), ("moe-27b-layers", 4.054e9, 0.800e9)],
+)
 def test_speed_proxies_have_their_stated_sizes(model, total, active):
   for residual in ("plain", "mhc"):
     cfg = load_config(f"{ROOT}/experiments/speed_proxies.py:model={model},residual={residual}")
