@@ -88,7 +88,9 @@ def _pre_forward(x, phi, alpha, bias, spec: Spec):
   w = calls.width(spec.n)
   scale, shift = reference.gate_affine(alpha, bias, spec.n)
   affine = jnp.stack([_padded(scale, w), _padded(shift, w)])  # [2, W]
-  phi_p = _padded(phi.astype(jnp.float32), w)
+  # In x's dtype: the kernels multiply x (and dL/dz) by phi in that dtype anyway, and every block of
+  # tokens reads all of phi, which for bfloat16 x moved twice the bytes of its own x block in float32.
+  phi_p = _padded(phi.astype(x.dtype), w)
   h, coeff, logits, rms = calls.pre_forward(
     _backend(spec), x, phi_p, affine, n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps
   )
