@@ -405,3 +405,33 @@ def test_divergence_check_passes_a_noisy_healthy_run_and_each_check_turns_off_at
   off = divergence_check(spike_factor=0, param_norm_factor=0, grad_norm_floor=0)
   assert all(off.update(loss, 0.0, norm) is None for loss, norm in zip([5.0, 1e6, 5.0, 5.0], [20.0, 1e14, 1e15, 1e16]))
   assert off.update(float("nan"), 0.0, 20.0).startswith("non-finite")
+
+
+def test_bfloat16_moments_are_stored_in_bfloat16_and_step_like_float32(tiny_config):
+  """`train.moments_dtype=bfloat16`: AdamW's mu and nu live in bfloat16; five updates of random
+  gradients move the parameters as float32 moments do, to bfloat16's precision (1e-2 of the move)."""
+  import jax
+  import jax.numpy as jnp
+
+  from manifold.train.optimizer import make_optimizer
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(keys[0], (64, 32)), "b": jax.random.normal(keys[1], (32,))}
+  grads = [jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.fold_in(keys[2], i), p.shape), params)
+           for i in range(5)]  # fmt: skip
+  moved = {}
+  for dtype in ("float32", "bfloat16"):
+    optimizer = make_optimizer(
+      tiny_config(f"--config.train.moments_dtype={dtype}", "--config.train.warmup_steps=0").train
+    )
+    p, state = params, optimizer.init(params)
+    for g in grads:
+      updates, state = optimizer.update(g, state, p)
+      p = jax.tree.map(jnp.add, p, updates)
+    floats = {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert floats == {jnp.dtype(dtype)}, floats
+    moved[dtype] = jax.tree.map(jnp.subtract, p, params)
+  for want, got in zip(jax.tree.leaves(moved["float32"]), jax.tree.leaves(moved["bfloat16"]), strict=True):
+    assert (
+      float(jnp.max(jnp.abs(got - want))) <= 1e-2 * float(jnp.max(jnp.abs(want))) and float(jnp.max(jnp.abs(want))) > 0
+    )

@@ -104,6 +104,12 @@ class TrainConfig(Section):
   b1: float = field(0.9, "AdamW beta1", _BELOW_ONE)
   b2: float = field(0.95, "AdamW beta2", _BELOW_ONE)
   eps: float = field(1e-8, "AdamW epsilon (the mHC paper: 1e-20)", POSITIVE_FLOAT)
+  moments_dtype: str = field(
+    "float32",
+    "AdamW moments as stored: float32 | bfloat16 (half their memory and traffic; the update computes in float32)",
+    one_of("float32", "bfloat16"),
+    resume=FIXED,
+  )
   grad_clip: float = field(
     1.0,
     "global-norm clip; 0 disables",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -52,16 +53,32 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`inner` with its float32 state kept in `dtype`: each update reads the state back as float32,
+  runs `inner` and rounds the new state to `dtype` (optax's `mu_dtype` covers only the first moment)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return inner
+  cast = lambda tree, a, b: jax.tree.map(lambda x: x.astype(b) if x.dtype == a else x, tree)  # noqa: E731
+
+  def init(params):
+    return cast(inner.init(params), jnp.float32, dtype)
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, cast(state, dtype, jnp.float32), params)
+    return updates, cast(state, jnp.float32, dtype)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-  parts.append(
-    optax.adamw(
-      learning_rate_schedule(train_cfg),
-      b1=train_cfg.b1,
-      b2=train_cfg.b2,
-      eps=train_cfg.eps,
-      weight_decay=train_cfg.weight_decay,
-      mask=_decay_mask,
-    )
+  adamw = optax.adamw(
+    learning_rate_schedule(train_cfg),
+    b1=train_cfg.b1,
+    b2=train_cfg.b2,
+    eps=train_cfg.eps,
+    weight_decay=train_cfg.weight_decay,
+    mask=_decay_mask,
   )
+  parts.append(stored_as(adamw, train_cfg.moments_dtype))
   return optax.chain(*parts)
