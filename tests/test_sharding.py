@@ -17,7 +17,8 @@ def test_one_step_on_several_meshes_equals_one_device():
   all_to_all), microbatches and remat, the mHC kernels per shard; float32, 1e-5. The
   grouped-matmul kernel path (its Triton calls answered by the reference) runs under a
   tensor-split expert mesh. The
-  ragged_all_to_all exchange (TPU) is traced: its gradient sums nothing over `expert`."""
+  ragged_all_to_all exchange (TPU) is traced: its gradient sums nothing over `expert`. Splash
+  attention (interpret mode) runs per device on its batch rows and heads."""
   env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
   script = pathlib.Path(__file__).with_name("sharded_step.py")
   proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
@@ -31,6 +32,7 @@ def test_one_step_on_several_meshes_equals_one_device():
     "skewed_expert_parallel_vs_dense",
     "skewed_expert_tensor_split_kernel_path_vs_dense",
     "ragged_exchange",
+    "splash_attention_per_shard",
   }
   for run, diffs in report.items():
     if "dispatches_with_all_to_all" in diffs:  # expert parallel iff the mesh has an expert axis

@@ -4,9 +4,11 @@ Implementations: those of `jax.nn.dot_product_attention`, `cudnn` (cuDNN's fused
 attention, GPUs in 16-bit compute) and `xla`; and `matmul`, two batched matmuls in the
 heads-major layout [B, N, T, H] with the softmax's division applied to the [T, Hv] output
 instead of the [T, S] weights (on a 2-core CPU 5x faster forward and 2x faster forward +
-backward than `xla` at the quickstart's shapes). `auto` is cuDNN on GPUs in bfloat16 or
-float16, `matmul` on the CPU and `xla` otherwise: this is the one place that looks at the
-platform.
+backward than `xla` at the quickstart's shapes); and `splash`, JAX's TPU splash attention
+kernels (`splash.py`; interpret mode off the TPU), for causal self-attention over lengths
+that are multiples of 128 (other calls take `xla`). `auto` is cuDNN on GPUs in bfloat16 or
+float16, `splash` on TPUs, `matmul` on the CPU and `xla` otherwise: this is the one place
+that looks at the platform.
 """
 
 from __future__ import annotations
@@ -14,8 +16,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "cudnn", "xla", "matmul")
+from kernels.attention import splash
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla", "matmul", "splash")
 CUDNN_SEQ_MULTIPLE = 64  # cuDNN's flash attention trains on lengths divisible by this
+
+
+def platform() -> str:
+  """The platform the computation is for: the ambient mesh's devices (an ahead-of-time compile
+  for a TPU slice on a CPU machine), else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def resolve(implementation: str, dtype) -> str:
@@ -24,7 +35,9 @@ def resolve(implementation: str, dtype) -> str:
     raise ValueError(f"attention implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
   if implementation == "auto":
     sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    backend = jax.default_backend()
+    backend = platform()
+    if backend == "tpu":
+      return "splash"
     return "cudnn" if backend == "gpu" and sixteen_bit else "matmul" if backend == "cpu" else "xla"
   return implementation
 
@@ -45,6 +58,10 @@ def dot_product_attention(
     return _matmul_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
   length, v_width = q.shape[1], v.shape[-1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if impl == "splash":
+    if splash.supports(q, k, mask=mask, is_causal=is_causal):
+      return splash.attention(q, k, v, scale=scale, interpret=platform() != "tpu")
+    impl = "xla"
   width = max(q.shape[-1], v_width)
   pad_seq = -length % CUDNN_SEQ_MULTIPLE if impl == "cudnn" and is_causal and k.shape[1] == length else 0
 

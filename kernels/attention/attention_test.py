@@ -26,7 +26,7 @@ def test_auto_picks_by_backend_and_names_are_checked():
   assert api.resolve("auto", jnp.bfloat16) == {"gpu": "cudnn", "cpu": "matmul"}.get(backend, "xla")
   assert api.resolve("auto", jnp.float32) == ("matmul" if backend == "cpu" else "xla")
   assert api.resolve("cudnn", jnp.float32) == "cudnn"
-  with pytest.raises(ValueError, match="use one of auto, cudnn, xla, matmul"):
+  with pytest.raises(ValueError, match="use one of auto, cudnn, xla, matmul, splash"):
     api.resolve("flash", jnp.float32)
 
 
@@ -72,3 +72,28 @@ def test_cudnn_pads_odd_causal_lengths_without_changing_outputs_or_gradients(mon
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   for got, want in zip(grads, expected_grads):
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, kv, h, hv", [(4, 2, 64, 64), (2, 2, 96, 64)])  # grouped heads; MLA's narrower values
+def test_splash_matches_the_reference_in_interpret_mode(n, kv, h, hv):
+  """JAX's TPU splash kernels (interpret mode on the CPU): causal, values and gradients, float32 1e-5."""
+  q, k, v = qkv(t=256, n=n, kv=kv, h=h, hv=hv)
+
+  def loss(attend, q, k, v):
+    return jnp.sum(jnp.sin(attend(q, k, v, scale=0.3, is_causal=True)))
+
+  splash = functools.partial(api.dot_product_attention, implementation="splash")
+  traced = str(jax.make_jaxpr(functools.partial(loss, splash))(q, k, v))
+  assert "pallas_call" in traced, "splash attention did not run"
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, splash), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.value_and_grad(functools.partial(loss, reference.attention), argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_splash_leaves_what_it_does_not_cover_to_xla():
+  """A length that is not a multiple of 128, or an explicit mask: XLA's attention, no kernel."""
+  q, k, v = qkv(t=37)
+  for kwargs in ({"is_causal": True}, {"mask": jnp.ones((1, 1, 37, 37), bool)}):
+    attend = functools.partial(api.dot_product_attention, implementation="splash", **kwargs)
+    assert "pallas_call" not in str(jax.make_jaxpr(attend)(q, k, v))

@@ -8,22 +8,30 @@ dx = gmm(dy, w^T) and dw = tgmm(x, dy) (reference.py defines both).
 
 Implementations: `xla` (jax.lax.ragged_dot, differentiated by JAX), `blocked` (one
 batched XLA matmul over row tiles of one group each: blocked.py), `triton` (Pallas Triton,
-any CUDA GPU), `mosaic_gpu` (Pallas Mosaic GPU, Hopper), `interpret` (the Triton blocks on
-the CPU: tests). `auto` picks what measured fastest on the backend
-(kernels/grouped_matmul/bench.py): on GPUs `GPU_DEFAULT`, on the CPU `blocked` (whose
-`ragged_dot` computes every group on every row), elsewhere `xla`.
+any CUDA GPU), `mosaic_gpu` (Pallas Mosaic GPU, Hopper), `megablox` (JAX's maintained TPU
+kernels, `jax.experimental.pallas.ops.tpu.megablox`; interpret mode off the TPU),
+`interpret` (the Triton blocks on the CPU: tests). `auto` picks per platform (that of the
+ambient mesh, else the default backend): on GPUs `GPU_DEFAULT`, what measured fastest
+(kernels/grouped_matmul/bench.py), on TPUs `megablox` (but `xla` inside a `shard_map`, as
+expert parallelism runs: megablox's `pallas_call` gives its output no varying-mesh-axes type,
+which shard_map's checks require), on the CPU `blocked` (whose `ragged_dot` computes every
+group on every row), elsewhere `xla`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 
 from kernels.grouped_matmul import blocked, mosaic_gpu, triton
 
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "triton", "mosaic_gpu", "interpret")
+# The module: the package's `gmm` attribute is its differentiable function, which shadows it.
+megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "triton", "mosaic_gpu", "megablox", "interpret")
 GPU_DEFAULT = "triton"
 BLOCKED_ROWS = 128  # rows per tile of `blocked`: 3x faster than ragged_dot on a quickstart MoE layer (2-core CPU)
 # Tiles (rows, K, N) and launch settings per kernel: the best of bench.py --sweep on an H100
@@ -39,6 +47,10 @@ _TILES = {
   },
   "mosaic_gpu": {
     "gmm": {"block_m": 128, "block_k": 64, "block_n": 128},
+    "tgmm": {"block_m": 128, "block_k": 128, "block_n": 128},
+  },
+  "megablox": {  # its default tiling; the MXU is 128 x 128 on v5p (256 x 256 on v6e)
+    "gmm": {"block_m": 128, "block_k": 128, "block_n": 128},
     "tgmm": {"block_m": 128, "block_k": 128, "block_n": 128},
   },
 }
@@ -57,8 +69,15 @@ def resolve(implementation: str) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"grouped matmul implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
   if implementation == "auto":
-    return {"gpu": GPU_DEFAULT, "cpu": "blocked"}.get(jax.default_backend(), "xla")
+    return {"gpu": GPU_DEFAULT, "tpu": "megablox", "cpu": "blocked"}.get(platform(), "xla")
   return implementation
+
+
+def platform() -> str:
+  """The platform the computation is for: the ambient mesh's devices (an ahead-of-time compile
+  for a TPU slice on a CPU machine), else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def _pad(a: jax.Array, multiples: dict[int, int]) -> jax.Array:
@@ -88,6 +107,9 @@ def _gmm(x, w, group_sizes, impl: str, transpose_w: bool = False) -> jax.Array:
   w_p = _pad(w, {1: bn, 2: bk} if transpose_w else {1: bk, 2: bn})
   if impl == "mosaic_gpu":
     y = mosaic_gpu.gmm(x_p, w_p, group_sizes, transpose_w=transpose_w, block_k=bk, block_n=bn)
+  elif impl == "megablox":
+    tiling, interpret = (bm, bk, bn), platform() != "tpu"
+    y = megablox.gmm(x_p, w_p, group_sizes, x.dtype, tiling, transpose_rhs=transpose_w, interpret=interpret)
   else:
     y = triton.gmm(x_p, w_p, group_sizes, transpose_w=transpose_w, interpret=impl == "interpret", **tiles)
   row = jax.lax.broadcasted_iota(jnp.int32, (m, 1), 0)
@@ -102,6 +124,8 @@ def _tgmm(x, dy, group_sizes, impl: str) -> jax.Array:
   x_p, dy_p = _pad(x, {0: bm, 1: bk}), _pad(dy, {0: bm, 1: bn})
   if impl == "mosaic_gpu":
     dw = mosaic_gpu.tgmm(x_p, dy_p, group_sizes, block_m=bk, block_n=bn)  # its m is our K
+  elif impl == "megablox":  # takes x transposed, [K, M]
+    dw = megablox.tgmm(x_p.T, dy_p, group_sizes, x.dtype, (bm, bk, bn), interpret=platform() != "tpu")
   else:
     dw = triton.tgmm(x_p, dy_p, group_sizes, interpret=impl == "interpret", **tiles)
   return dw[:, :k, :n]
@@ -131,6 +155,11 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str 
   if x.dtype != w.dtype:
     raise ValueError(f"gmm: x is {x.dtype} but w is {w.dtype}; cast both to the compute dtype")
   impl = resolve(implementation)
+  if impl == "megablox" and (varying(x) | varying(w)):  # inside shard_map, as the MoE runs under a mesh
+    if implementation != "auto":
+      raise ValueError("gmm: megablox cannot run inside shard_map (its outputs carry no varying-axes type, "
+                       "which shard_map checks); use auto, which takes ragged_dot there")  # fmt: skip
+    impl = "xla"
   if impl == "xla":
     # In x's dtype (the backend accumulates bfloat16 in float32 either way): float32 outputs
     # and cotangents cost the 27B step 1.7 GiB per v5p chip (experiments/results/compile).

@@ -1,7 +1,8 @@
 """The grouped matmuls against reference.py: XLA's `ragged_dot`, the blocked XLA matmul
 (also at small tiles, so that groups span several), the Triton blocks in interpret mode on
 the CPU (at small tiles so that several tiles, straddling groups and padding all occur),
-and on a GPU the compiled Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative
+JAX's megablox TPU kernels in interpret mode (compiled on a TPU), and on a GPU the compiled
+Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative
 to each output's largest magnitude: float32 1e-5, bfloat16 1e-2 (both accumulate in
 float32; the rounding of the output differs)."""
 
@@ -19,7 +20,7 @@ ON_GPU = jax.default_backend() == "gpu"
 HOPPER = ON_GPU and any(name in jax.devices()[0].device_kind for name in ("H100", "H200"))
 IMPLS = [
   (i, d)
-  for i in ("xla", "blocked", "interpret", "triton")
+  for i in ("xla", "blocked", "interpret", "megablox", "triton")
   for d in (jnp.float32, jnp.bfloat16)
   if i != "triton" or ON_GPU
 ]
@@ -117,7 +118,8 @@ def test_bad_input_names_the_problem():
     api.gmm(x.astype(jnp.bfloat16), w, group_sizes)
   with pytest.raises(ValueError, match="use one of auto, xla"):
     api.gmm(x, w, group_sizes, "cublas")
-  assert api.resolve("auto") == {"gpu": api.GPU_DEFAULT, "cpu": "blocked"}.get(jax.default_backend(), "xla")
+  want = {"gpu": api.GPU_DEFAULT, "tpu": "megablox", "cpu": "blocked"}.get(jax.default_backend(), "xla")
+  assert api.resolve("auto") == want
 
 
 def test_gmm_kernel_stores_only_its_groups_rows():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from kernels.attention.api import dot_product_attention
+from jax.sharding import PartitionSpec as P
+from kernels.attention.api import dot_product_attention, resolve
 
 from manifold.model.config import ModelConfig
 from manifold.model.layers import normal, param
+from manifold.model.partitioning import axes_of, batch_axes
 from manifold.model.rope import apply_rope
 
 KVCache = dict[str, jax.Array]  # {"k": [B, S, K, H], "v": [B, S, K, H]}
@@ -31,6 +35,22 @@ def write_cache(cache_bs: jax.Array, new_bt: jax.Array, cache_index: jax.Array |
   if jnp.ndim(cache_index) == 0:
     return jax.lax.dynamic_update_slice_in_dim(cache_bs, new_bt, cache_index, axis=1)
   return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache_bs, new_bt, cache_index)
+
+
+def attend(q, k, v, *, scale: float | None = None, mask=None, is_causal: bool = False, implementation: str = "xla"):
+  """`dot_product_attention` (q [B, T, N, H], k / v [B, S, K, .] -> [B, T, N, Hv]); a Pallas
+  kernel (`splash`) runs once per device on its own batch rows and heads under the ambient mesh."""
+  call = lambda q, k, v: dot_product_attention(  # noqa: E731
+    q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
+  )
+  mesh = jax.sharding.get_abstract_mesh()
+  if resolve(implementation, q.dtype) != "splash" or mesh.empty:
+    return call(q, k, v)
+  heads = axes_of("heads")
+  ways = math.prod(mesh.shape[a] for a in heads)
+  heads = heads if q.shape[2] % ways == 0 and k.shape[2] % ways == 0 else ()  # else each device takes all heads
+  spec = P(batch_axes(), None, heads, None)
+  return jax.shard_map(call, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
 class Attention(nnx.Module):
@@ -68,7 +88,7 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions_bt, cfg.rope_theta)
 
     if cache is None:
-      out = dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
+      out = attend(q, k, v, is_causal=True, implementation=cfg.attention_impl)
     else:
       k_all, v_all = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
       cache = {"k": k_all, "v": v_all}  # [B, S, K, H]

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax.numpy as jnp
 from kernels.attention import api as attention_api
+from kernels.grouped_matmul import api as grouped_api
 from kernels.mhc.tiles import parse_tiles
 
 from manifold.schema import (
@@ -59,7 +60,7 @@ class ModelConfig(Section):
   attention: str = field("gqa", "gqa | mla (Multi-head Latent Attention)", one_of("gqa", "mla"))
   attention_impl: str = field(
     "auto",
-    "auto (cuDNN flash attention on GPU in bf16 / fp16, matmul on CPU) | cudnn | xla | matmul",
+    "auto (cuDNN flash attention on GPU in bf16 / fp16, splash on TPU, matmul on CPU) | cudnn | xla | matmul | splash",
     one_of(*attention_api.IMPLEMENTATIONS),
   )
   q_lora_rank: int = field(0, "mla: query compression rank, 0 for none", NONNEGATIVE)
@@ -82,8 +83,9 @@ class ModelConfig(Section):
     one_of("auto", "ragged", "dense"),
   )  # fmt: skip
   grouped_matmul_impl: str = field(
-    "auto", "ragged's grouped matmul: auto (Pallas on GPU, blocked on CPU, xla elsewhere) | xla | blocked | triton | mosaic_gpu",
-    one_of("auto", "xla", "blocked", "triton", "mosaic_gpu"),
+    "auto", "ragged's grouped matmul: auto (Pallas on GPU, megablox on TPU, blocked on CPU, xla elsewhere) | "
+    "xla | blocked | triton | mosaic_gpu | megablox",
+    one_of(*(name for name in grouped_api.IMPLEMENTATIONS if name != "interpret")),  # interpret: the kernel tests'
   )  # fmt: skip
   mtp_depth: int = field(0, "D multi-token-prediction modules (DeepSeek-V3), 0 for none", NONNEGATIVE)
   residual: str = field(

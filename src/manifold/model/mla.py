@@ -12,9 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from kernels.attention.api import dot_product_attention
 
-from manifold.model.attention import cache_mask, write_cache
+from manifold.model.attention import attend, cache_mask, write_cache
 from manifold.model.config import ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
 from manifold.model.rope import apply_rope, rope_scaling
@@ -80,7 +79,5 @@ class MultiHeadLatentAttention(nnx.Module):
     )  # [B, S, N, nope + rope]
     impl = "xla" if cache is not None else cfg.attention_impl
     scale = (nope + cfg.qk_rope_head_dim) ** -0.5 * (yarn.softmax_scale if yarn else 1.0)
-    out = dot_product_attention(
-      q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=impl
-    )  # [B, T, N, v]
+    out = attend(q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=impl)  # [B, T, N, v]
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), cache  # [B, T, D]

@@ -15,19 +15,24 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
 
-def batch_axes() -> tuple[str, ...]:
-  """The mesh axes a batch (and its tokens) is split over under the rules in force; () without."""
+def axes_of(name: str) -> tuple[str, ...]:
+  """The mesh axes logical axis `name` is split over under the rules in force; () without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
   rules = dict(spmd.get_logical_axis_rules() or ())
-  if "batch" not in rules:
+  if name not in rules:
     raise RuntimeError(
       "the model runs under a mesh but no logical-axis rules are in force: trace it with "
       "manifold.parallel.sharding.jit_on_mesh or inside nnx.logical_axis_rules(sharding.AXIS_RULES)"
     )
-  target = rules["batch"] or ()
+  target = rules[name] or ()
   return tuple(a for a in ((target,) if isinstance(target, str) else target) if a in mesh.shape)
+
+
+def batch_axes() -> tuple[str, ...]:
+  """The mesh axes a batch (and its tokens) is split over under the rules in force; () without."""
+  return axes_of("batch")
 
 
 def batch_ways() -> int:
