@@ -17,16 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from kernels.attention import splash
+from kernels.platform import platform
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "matmul", "splash")
 CUDNN_SEQ_MULTIPLE = 64  # cuDNN's flash attention trains on lengths divisible by this
-
-
-def platform() -> str:
-  """The platform the computation is for: the ambient mesh's devices (an ahead-of-time compile
-  for a TPU slice on a CPU machine), else the default backend's."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def resolve(implementation: str, dtype) -> str:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.grouped_matmul import blocked, mosaic_gpu, triton
+from kernels.platform import platform
 
 # The module: the package's `gmm` attribute is its differentiable function, which shadows it.
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
@@ -71,13 +72,6 @@ def resolve(implementation: str) -> str:
   if implementation == "auto":
     return {"gpu": GPU_DEFAULT, "tpu": "megablox", "cpu": "blocked"}.get(platform(), "xla")
   return implementation
-
-
-def platform() -> str:
-  """The platform the computation is for: the ambient mesh's devices (an ahead-of-time compile
-  for a TPU slice on a CPU machine), else the default backend's."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def _pad(a: jax.Array, multiples: dict[int, int]) -> jax.Array:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.mhc import calls, reference, tpu, triton
+from kernels.platform import platform as ambient_platform
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 SINKHORNS = ("exp", "softmax_eps")  # the Sinkhorn variants the kernels implement
@@ -56,9 +57,7 @@ def resolve(implementation: str, platform: str | None = None) -> str | None:
     raise ValueError(f"mHC implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
   if implementation == "xla":
     return None
-  if platform is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  platform = platform or ambient_platform()
   native = _NATIVE.get(platform)
   return native if implementation == "auto" else native or "interpret"
 
