@@ -201,6 +201,12 @@ def max_diff(a, b) -> float:
   return float(max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in pairs))
 
 
+def entries_off(a, b, tol: float = 1e-5) -> int:
+  """How many entries of `a` differ from `b`'s by more than `tol`."""
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  return int(sum(np.sum(np.abs(np.asarray(x) - np.asarray(y)) > tol) for x, y in pairs))
+
+
 # ---------------------------------------------------------------------------------------
 # Collectives in compiled HLO
 
@@ -326,6 +332,8 @@ def cpu_report(workdir: str) -> dict:
     own = [jax.tree.map(lambda x, i=i: x[i], state.inner.params) for i in range(m)]
     report[name] = {
       "global_params": max_diff(state.params, ref_global),
+      "global_entries_off": entries_off(state.params, ref_global),
+      "entries": int(sum(np.size(x) for x in jax.tree.leaves(ref_global))),
       "island_params": max(max_diff(own[i], ref_islands[i]) for i in range(m)),
       "moved_from_start": max_diff(state.params, start.params),
       "rows": rows,
