@@ -13,9 +13,9 @@ from manifold.config import ConfigError
 
 
 def test_tpu_commands_copy_install_and_train_on_every_worker():
-  commands = launch.tpu_commands(
+  commands = launch.tpu_plan(
     "pod", "us-east5-a", "experiments/mhc_paper.py:27b", "gs://b/r", ["--config.train.steps=5"]
-  )
+  ).commands()
   for command in commands:
     assert command[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
     assert command[command.index("--worker") + 1] == "all" and command[command.index("--zone") + 1] == "us-east5-a"
@@ -32,13 +32,62 @@ def test_tpu_commands_copy_install_and_train_on_every_worker():
 
 def test_tpu_copies_only_the_package_and_the_config():
   """Not the working directory: no runs/, .venv or data travel to the workers."""
-  commands = launch.tpu_commands("pod", "us-east5-a", "experiments/quickstart.py:tiny", "gs://b/r")
+  commands = launch.tpu_plan("pod", "us-east5-a", "experiments/quickstart.py:tiny", "gs://b/r").commands()
   copies = [c for c in commands if c[4] == "scp"]
   sent = {arg for c in copies for arg in c[5 : c.index("--zone") - 1] if arg != "--recurse"}
   root = launch.SOURCE_ROOT
   shipped = {"src", "kernels", "pyproject.toml", "requirements.txt", "README.md", "experiments/quickstart.py"}
   assert sent == {str(root / p) for p in shipped}
   assert [c[c.index("--zone") - 1] for c in copies] == ["pod:~/manifold", "pod:~/manifold/experiments/"]
+
+
+def test_tpu_creates_a_queued_resource_of_slices_then_starts_every_slice():
+  """--accelerator-type: a queued resource first (one node per slice), its state to wait on;
+  two slices get their own setup and start, and the run's data axis crosses them over DCN."""
+  plan = launch.tpu_plan("pod", "us-east5-a", "experiments/quickstart.py", "gs://b/r", project="my-proj",
+                         accelerator_type="v5p-128", slices=2, spot=True)  # fmt: skip
+  (create,) = plan.create
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "pod"]
+  flag = lambda command, name: command[command.index(name) + 1]  # noqa: E731
+  assert flag(create, "--accelerator-type") == "v5p-128" and flag(create, "--runtime-version") == "v2-alpha-tpuv5"
+  assert flag(create, "--node-count") == "2" and flag(create, "--node-prefix") == "pod" and create[-1] == "--spot"
+  assert flag(create, "--project") == "my-proj" and flag(create, "--zone") == "us-east5-a"
+  assert plan.ready[4:6] == ["describe", "pod"] and flag(plan.ready, "--format") == "value(state.state)"
+  assert [c[5] for c in plan.setup if c[4] == "ssh"] == ["pod-0", "pod-0", "pod-1", "pod-1"]
+  assert [c[5] for c in plan.start] == ["pod-0", "pod-1"]
+  for start in plan.start:
+    assert shlex.split(start[-1].split("&& ", 1)[1])[-1] == "--config.mesh.dcn.data=2"
+  one = launch.tpu_plan("pod", "us-east5-a", "experiments/quickstart.py", "gs://b/r", accelerator_type="v6e-8")
+  assert flag(one.create[0], "--node-id") == "pod" and flag(one.create[0], "--runtime-version") == "v2-alpha-tpuv6e"
+  assert "dcn" not in one.start[0][-1]
+
+
+def test_tpu_run_waits_for_the_queued_resource_then_starts_every_slice_at_once(monkeypatch, capsys):
+  """--run: create, poll the state until ACTIVE, set every slice up in turn, then start them together."""
+  ran, started, states = [], [], iter(["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+
+  def run(argv, **kwargs):
+    ran.append(argv)
+    out = next(states) + "\n" if "describe" in argv else ""
+    return subprocess.CompletedProcess(argv, 0, stdout=out, stderr="")
+
+  class Worker:
+    def __init__(self, argv, **kwargs):
+      started.append(argv)
+
+    def wait(self):
+      return 0
+
+  monkeypatch.setattr(subprocess, "run", run)
+  monkeypatch.setattr(subprocess, "Popen", Worker)
+  monkeypatch.setattr("shutil.which", lambda program: f"/usr/bin/{program}")
+  monkeypatch.setattr("time.sleep", lambda seconds: None)
+  args = ["launch", "tpu", "--name", "pod", "--zone", "us-east5-a", "--config", "experiments/quickstart.py",
+          "--workdir", "gs://b/r", "--accelerator-type", "v5p-16", "--slices", "2", "--run"]  # fmt: skip
+  assert main(args) == 0
+  assert [c[4] for c in ran] == ["create", "describe", "describe", "describe"] + ["ssh", "scp", "scp", "ssh"] * 2
+  assert [c[5] for c in started] == ["pod-0", "pod-1"]
+  assert "queued resource: PROVISIONING" in capsys.readouterr().out
 
 
 def test_slurm_script_runs_one_process_per_node():
@@ -110,6 +159,12 @@ def test_ssh_quotes_every_argument_and_runs_each_host_without_a_shell(monkeypatc
     (["tpu", "--name", "My_Pod", "--zone", "us-east5-a"], "--name 'My_Pod': must be"),
     (["tpu", "--name", "pod", "--zone", "us east"], "--zone 'us east': must be"),
     (["tpu", "--name", "pod", "--zone", "us-east5-a", "--project", "p;x"], "--project 'p;x': must be"),
+    (
+      ["tpu", "--name", "pod", "--zone", "us-east5-a", "--accelerator-type", "v5p"],
+      "--accelerator-type 'v5p': must be",
+    ),
+    (["tpu", "--name", "pod", "--zone", "us-east5-a", "--slices", "0"], "--slices 0: must be a positive integer"),
+    (["tpu", "--name", "pod", "--zone", "us-east5-a", "--spot"], "--runtime-version / --spot: they go with"),
   ],
 )
 def test_launch_refuses_a_bad_argument_in_one_line_naming_it(args, message, capsys):

@@ -397,8 +397,14 @@ def cmd_launch(args, overrides) -> int:
     print(script, end="")
     commands = [["sbatch"]]
   elif args.target == "tpu":
-    commands = launch.tpu_commands(args.name, args.zone, args.config, args.workdir, overrides, args.project)
+    plan = launch.tpu_plan(args.name, args.zone, args.config, args.workdir, overrides, args.project,
+                           accelerator_type=args.accelerator_type, slices=args.slices,
+                           runtime_version=args.runtime_version, spot=args.spot)  # fmt: skip
+    _positive_flag("--wait-minutes", args.wait_minutes)
+    commands = plan.commands()
     print("\n".join(map(shlex.join, commands)))
+    if plan.ready:
+      print(f"# run the describe command until it prints ACTIVE (--run waits up to --wait-minutes {args.wait_minutes})")
   else:
     commands = launch.ssh_commands(args.hosts.split(","), args.port, args.config, args.workdir, overrides)
     print("\n".join(map(shlex.join, commands)))
@@ -409,14 +415,51 @@ def cmd_launch(args, overrides) -> int:
       raise ConfigError(f"--run: {program} is not on PATH; install it, or run the printed commands where it is")
   if args.target == "slurm":
     return subprocess.run(commands[0], input=script, text=True).returncode
-  if args.target == "tpu":  # one after the other: copy, install, train
-    for command in commands:
+  if args.target == "tpu":  # one after the other: create, wait until ACTIVE, copy and install; then train everywhere
+    for command in plan.create:
       if code := subprocess.run(command).returncode:
         print(f"manifold: {shlex.join(command)} exited with {code}", file=sys.stderr)
         return code
-    return 0
+    if plan.ready and (code := _wait_until_active(plan.ready, args.wait_minutes)):
+      return code
+    for command in plan.setup:
+      if code := subprocess.run(command).returncode:
+        print(f"manifold: {shlex.join(command)} exited with {code}", file=sys.stderr)
+        return code
+    commands = plan.start
   workers = [subprocess.Popen(command) for command in commands]  # every host at once
   return max(w.wait() for w in workers)
+
+
+def _positive_flag(flag: str, value: int) -> None:
+  if value < 1:
+    raise ConfigError(f"{flag} {value}: must be a positive integer")
+
+
+def _wait_until_active(describe: list[str], minutes: int, poll_s: float = 30.0) -> int:
+  """Runs `describe` until it prints ACTIVE (0), a failed state or an error (1), or `minutes` pass (1)."""
+  import shlex
+  import subprocess
+
+  deadline, last = time.monotonic() + 60 * minutes, None
+  while True:
+    done = subprocess.run(describe, capture_output=True, text=True)
+    state = done.stdout.strip() if done.returncode == 0 else None
+    if state is None:
+      print(f"manifold: {shlex.join(describe)} exited with {done.returncode}: {done.stderr.strip()}", file=sys.stderr)
+      return 1
+    if state != last:
+      print(f"queued resource: {state}", flush=True)
+      last = state
+    if state == "ACTIVE":
+      return 0
+    if state in ("FAILED", "SUSPENDED", "DELETING"):
+      print(f"manifold: the queued resource is {state}; see `{shlex.join(describe[:-2])}`", file=sys.stderr)
+      return 1
+    if time.monotonic() > deadline:
+      print(f"manifold: the queued resource is still {state} after {minutes} min (--wait-minutes)", file=sys.stderr)
+      return 1
+    time.sleep(poll_s)
 
 
 def cmd_islands(args, overrides) -> int:
@@ -832,9 +875,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run", action="store_true", help="run the commands instead of only printing them")
     t.set_defaults(fn=cmd_launch)
     if target == "tpu":
-      t.add_argument("--name", required=True, help="the TPU VM slice's name")
+      t.add_argument("--name", required=True, help="the TPU VM slice's name (several slices: name-0, name-1, ...)")
       t.add_argument("--zone", required=True)
       t.add_argument("--project", default="")
+      t.add_argument("--accelerator-type", default="", help="create the slices first, e.g. v5p-128 (a queued resource)")
+      t.add_argument("--slices", type=int, default=1, help="slices over DCN (multislice: sets mesh.dcn.data)")
+      t.add_argument("--runtime-version", default="", help="TPU VM runtime (default: the accelerator's)")
+      t.add_argument("--spot", action="store_true", help="spot capacity for the queued resource")
+      t.add_argument("--wait-minutes", type=int, default=120, help="--run: how long to wait for the slices to be up")
     elif target == "slurm":
       t.add_argument("--nodes", type=int, required=True)
       t.add_argument("--gpus-per-node", type=int, default=8)

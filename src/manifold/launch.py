@@ -9,6 +9,7 @@ runs through a local shell.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import pathlib
@@ -63,24 +64,79 @@ def _train(config: str, workdir: str, overrides: Sequence[str]) -> str:
   return shlex.join([".venv/bin/manifold", "train", "--config", config, "--workdir", workdir, *overrides])
 
 
-def tpu_commands(
-  name: str, zone: str, config: str, workdir: str, overrides: Sequence[str] = (), project: str = ""
-) -> list[list[str]]:
-  """gcloud invocations for a TPU VM slice `name`: copy the package (`SHIPPED`, from the
-  checkout this module runs from) and the experiment file to every worker, install them with
-  jax[tpu], then start `manifold train` on all workers at once.
+RUNTIMES = {  # accelerator family -> the TPU VM runtime (software version) its slices boot
+  "v4": "tpu-ubuntu2204-base",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v5p": "v2-alpha-tpuv5",
+  "v6e": "v2-alpha-tpuv6e",
+}
+_ACCELERATOR = re.compile(rf"({'|'.join(RUNTIMES)})-[1-9][0-9]*")
+_RUNTIME = re.compile(r"[a-z0-9][-a-z0-9.]{0,62}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuPlan:
+  """The gcloud invocations that bring up and start a TPU job, in order."""
+
+  create: list[list[str]]  # the queued resource (none when the slices exist)
+  ready: list[str] | None  # prints the queued resource's state: ACTIVE once every slice is up
+  setup: list[list[str]]  # per slice, in order: clear, copy the package, copy the config, install
+  start: list[list[str]]  # one per slice, started together
+
+  def commands(self) -> list[list[str]]:
+    return [*self.create, *([self.ready] if self.ready else []), *self.setup, *self.start]
+
+
+def tpu_plan(
+  name: str,
+  zone: str,
+  config: str,
+  workdir: str,
+  overrides: Sequence[str] = (),
+  project: str = "",
+  *,
+  accelerator_type: str = "",
+  slices: int = 1,
+  runtime_version: str = "",
+  spot: bool = False,
+) -> TpuPlan:
+  """gcloud invocations for TPU VM slices: with `accelerator_type` (e.g. v5p-128), first a
+  queued resource `name` of `slices` slices of it (one slice is the node `name`; several are
+  `name-0`, `name-1`, ... and the run's `mesh.dcn.data` is set to `slices` unless an override
+  sets a DCN axis); then, on every worker of every slice, the package (`SHIPPED`, from the
+  checkout this module runs from) and the experiment file copied and installed with
+  jax[tpu]; then `manifold train` on all workers at once.
 
   `MANIFOLD_DISTRIBUTED=1` makes each process call `jax.distributed.initialize()`, which
-  finds its peers from the TPU VM metadata. `workdir` should be a bucket (gs://...) or a
-  disk every worker shares; checkpoints are written by all processes together.
+  finds its peers (and, across slices, the multislice coordinator) from the TPU VM metadata.
+  `workdir` should be a bucket (gs://...) every worker can reach; checkpoints are written by
+  all processes together.
   """
   _match("--name", name, _TPU_NAME, "a TPU VM name: lowercase letters, digits and hyphens, from a letter")
   _match("--zone", zone, _ZONE, "a zone such as us-east5-a")
   if project:
     _match("--project", project, _PROJECT, "a project ID: 6-30 lowercase letters, digits and hyphens")
+  _positive("--slices", slices)
+  if accelerator_type:
+    _match("--accelerator-type", accelerator_type, _ACCELERATOR, f"a TPU type such as v5p-128 ({', '.join(RUNTIMES)})")
+  if runtime_version:
+    _match("--runtime-version", runtime_version, _RUNTIME, "a TPU VM runtime such as v2-alpha-tpuv5")
+  require(
+    accelerator_type or not (runtime_version or spot), "--runtime-version / --spot: they go with --accelerator-type"
+  )
   _common(config, workdir)
+  where = ["--zone", zone] + (["--project", project] if project else [])
+  create, ready = [], None
+  if accelerator_type:
+    runtime = runtime_version or RUNTIMES[accelerator_type.split("-")[0]]
+    nodes = ["--node-id", name] if slices == 1 else ["--node-count", str(slices), "--node-prefix", name]
+    queued = ["gcloud", "compute", "tpus", "queued-resources"]
+    create = [[*queued, "create", name, *where, "--accelerator-type", accelerator_type,
+               "--runtime-version", runtime, *nodes, *(["--spot"] if spot else [])]]  # fmt: skip
+    ready = [*queued, "describe", name, *where, "--format", "value(state.state)"]
+  if slices > 1 and not any(o.startswith("--config.mesh.dcn.") for o in overrides):
+    overrides = [*overrides, f"--config.mesh.dcn.data={slices}"]  # the data axis crosses slices
   path, sep, arg = config.partition(":")
-  target = ["--zone", zone, "--worker", "all"] + (["--project", project] if project else [])
   gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
   prepare = f"rm -rf {REPO_DIR}/src {REPO_DIR}/kernels && mkdir -p {REPO_DIR}/experiments"
   install = (
@@ -90,13 +146,17 @@ def tpu_commands(
   remote_config = f"experiments/{os.path.basename(path)}{sep}{arg}"
   run = f"cd {REPO_DIR} && MANIFOLD_DISTRIBUTED=1 {_train(remote_config, workdir, overrides)}"
   sources = [str(SOURCE_ROOT / p) for p in SHIPPED]
-  return [
-    [*gcloud, "ssh", name, *target, "--command", prepare],
-    [*gcloud, "scp", "--recurse", *sources, f"{name}:{REPO_DIR}", *target],
-    [*gcloud, "scp", os.path.abspath(path), f"{name}:{REPO_DIR}/experiments/", *target],
-    [*gcloud, "ssh", name, *target, "--command", install],
-    [*gcloud, "ssh", name, *target, "--command", run],
-  ]
+  setup, start = [], []
+  for node in [name] if slices == 1 else [f"{name}-{i}" for i in range(slices)]:
+    target = [*where, "--worker", "all"]
+    setup += [
+      [*gcloud, "ssh", node, *target, "--command", prepare],
+      [*gcloud, "scp", "--recurse", *sources, f"{node}:{REPO_DIR}", *target],
+      [*gcloud, "scp", os.path.abspath(path), f"{node}:{REPO_DIR}/experiments/", *target],
+      [*gcloud, "ssh", node, *target, "--command", install],
+    ]
+    start.append([*gcloud, "ssh", node, *target, "--command", run])
+  return TpuPlan(create, ready, setup, start)
 
 
 def slurm_script(
