@@ -8,8 +8,6 @@ O(T) per head instead of XLA's [B, N, T, T].
 from __future__ import annotations
 
 import jax
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 BLOCK = 128  # splash's tiles (queries and keys, forward and backward); a length must be a multiple of it
 
@@ -23,6 +21,10 @@ def supports(q, k, *, mask, is_causal: bool) -> bool:
 def attention(q, k, v, *, scale: float, interpret: bool = False) -> jax.Array:
   """q [B, T, N, H], k [B, T, K, H], v [B, T, K, Hv], causal -> [B, T, N, Hv] in q's dtype.
   The scale multiplies q in its own dtype before the kernels (they take none)."""
+  # Imported here: the TPU kernels' module costs every process that imports the model ~0.1 s.
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
   t, n = q.shape[1], q.shape[2]
   causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(n)])
   sizes = splash.BlockSizes(

@@ -16,7 +16,7 @@ from manifold.config import SECTIONS, ConfigError, EvalConfig, SampleConfig, loa
 from manifold.data import DataError
 from manifold.launch import SOURCE_ROOT
 from manifold.results import write_results
-from manifold.schema import Section
+from manifold.schema import Section, require
 
 GPU_MEMORY_FRACTION = "0.9"  # of each GPU's memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
@@ -385,7 +385,6 @@ def cmd_compile(args, overrides) -> int:
 
 
 def cmd_launch(args, overrides) -> int:
-  import shlex
   import shutil
   import subprocess
 
@@ -400,7 +399,7 @@ def cmd_launch(args, overrides) -> int:
     plan = launch.tpu_plan(args.name, args.zone, args.config, args.workdir, overrides, args.project,
                            accelerator_type=args.accelerator_type, slices=args.slices,
                            runtime_version=args.runtime_version, spot=args.spot)  # fmt: skip
-    _positive_flag("--wait-minutes", args.wait_minutes)
+    require(args.wait_minutes > 0, f"--wait-minutes {args.wait_minutes}: must be a positive integer")
     commands = plan.commands()
     print("\n".join(map(shlex.join, commands)))
     if plan.ready:
@@ -416,29 +415,30 @@ def cmd_launch(args, overrides) -> int:
   if args.target == "slurm":
     return subprocess.run(commands[0], input=script, text=True).returncode
   if args.target == "tpu":  # one after the other: create, wait until ACTIVE, copy and install; then train everywhere
-    for command in plan.create:
-      if code := subprocess.run(command).returncode:
-        print(f"manifold: {shlex.join(command)} exited with {code}", file=sys.stderr)
-        return code
+    if code := _run_in_turn(plan.create):
+      return code
     if plan.ready and (code := _wait_until_active(plan.ready, args.wait_minutes)):
       return code
-    for command in plan.setup:
-      if code := subprocess.run(command).returncode:
-        print(f"manifold: {shlex.join(command)} exited with {code}", file=sys.stderr)
-        return code
+    if code := _run_in_turn(plan.setup):
+      return code
     commands = plan.start
   workers = [subprocess.Popen(command) for command in commands]  # every host at once
   return max(w.wait() for w in workers)
 
 
-def _positive_flag(flag: str, value: int) -> None:
-  if value < 1:
-    raise ConfigError(f"{flag} {value}: must be a positive integer")
+def _run_in_turn(commands: list[list[str]]) -> int:
+  """Runs each command after the last, stopping at the first that fails (its exit code; else 0)."""
+  import subprocess
+
+  for command in commands:
+    if code := subprocess.run(command).returncode:
+      print(f"manifold: {shlex.join(command)} exited with {code}", file=sys.stderr)
+      return code
+  return 0
 
 
 def _wait_until_active(describe: list[str], minutes: int, poll_s: float = 30.0) -> int:
   """Runs `describe` until it prints ACTIVE (0), a failed state or an error (1), or `minutes` pass (1)."""
-  import shlex
   import subprocess
 
   deadline, last = time.monotonic() + 60 * minutes, None
