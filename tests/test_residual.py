@@ -163,9 +163,10 @@ def test_streams_persist_and_compose_across_depth_under_hc():
   positions = jnp.zeros((1, 2), jnp.int32)
 
   def run(x):
+    pending = None
     for block in model.blocks:
-      x, _, _ = block(x, positions)
-    return x
+      x, _, _, pending = block(x, positions, pending=pending)
+    return rs.res_post_mix(x, *pending)
 
   composite = h_res[-1]
   for h in reversed(h_res[:-1]):
@@ -315,7 +316,11 @@ def test_mhc_with_pallas_kernels_matches_the_xla_path():
     return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, x[:, 1:, None], -1)[..., 0])
 
   graph, state = nnx.split(models["pallas"])
-  assert "GridMapping(grid=(4," in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graph, s)))(state))  # 30 tokens / 8
+  traced = str(jax.make_jaxpr(lambda s: loss(nnx.merge(graph, s)))(state))
+  assert "GridMapping(grid=(4," in traced  # 30 tokens / 8
+  # one pre, then each connection's res_post fused with the next one's pre, then one res_post
+  kernels = [traced.count(f"name=mhc_{k}_forward_triton") for k in ("pre", "merge", "res_post")]
+  assert kernels == [1, 2 * cfgs["pallas"].n_layers - 1, 1], kernels
   results = {k: nnx.jit(nnx.value_and_grad(loss))(m) for k, m in models.items()}
   (value, grads), (ref_value, ref_grads) = results["pallas"], results["xla"]
   assert abs(float(value - ref_value)) < 1e-5

@@ -152,3 +152,88 @@ def test_resolve_picks_the_kernels_on_gpu_and_tpu_and_the_xla_path_elsewhere(imp
 def test_resolve_names_an_unknown_implementation():
   with pytest.raises(ValueError, match="'reference'; use one of auto, pallas, xla"):
     api.resolve("reference", "cpu")
+
+
+def packed(pre, post, res, w):
+  """Coefficient rows [N, W] as the kernels keep them, from pre, post [N, n] and res [N, n, n]."""
+  rows = jnp.concatenate([pre, post, res.reshape(res.shape[0], -1)], axis=1)
+  return jnp.pad(rows, ((0, 0), (0, w - rows.shape[1])))
+
+
+def chain_loss(merge_fn, res_post_fn, x, y, coeff, phi, alpha, bias, weights):
+  """A scalar through a merge (this connection's res_post, the next one's pre), the next
+  sub-block (y' from h) and the next res_post, with out and the next coefficients also read
+  directly: every output of the merge receives a cotangent."""
+  w_y, w_out, w_final, w_coeff = weights
+  out, h, state = merge_fn(x, y, coeff, phi, alpha, bias)
+  y_next = jnp.tanh(h.astype(jnp.float32) * w_y).astype(x.dtype)
+  final = res_post_fn(out, y_next, state)
+  pre, post, res = state if isinstance(state, tuple) else api.unpack(state, x.shape[1] // y.shape[1])
+  coefficients = jnp.concatenate([pre, post, res.reshape(res.shape[0], -1)], axis=1)
+  return (
+    jnp.sum(jnp.sin(final.astype(jnp.float32)) * w_final)
+    + jnp.sum(jnp.cos(out.astype(jnp.float32)) * w_out)
+    + jnp.sum(coefficients * w_coeff)
+  )
+
+
+def merge_values_and_grads(spec, x, y, pre, post, res, phi, alpha, bias, weights):
+  """chain_loss and its gradients in (x, y, pre/post/res of this connection, phi, alpha, bias):
+  (kernels, reference)."""
+  n, w = spec.n, 16 if spec.n == 2 else 32
+  settings = dict(n=n, iters=spec.iters, kind=spec.kind, eps=spec.eps)
+
+  def kernel_loss(x, y, pre, post, res, phi, alpha, bias):
+    return chain_loss(
+      lambda *a: api.merge(*a, spec),
+      lambda out, y, c: api.res_post(out, y, c, spec),
+      x, y, packed(pre, post, res, w), phi, alpha, bias, weights,
+    )  # fmt: skip
+
+  def reference_loss(x, y, pre, post, res, phi, alpha, bias):
+    def merge(x, y, state, phi, alpha, bias):
+      out = reference.res_post(x, y, *state)
+      h, p, q, r = reference.pre(out, phi, alpha, bias, **settings)
+      return out, h, (p, q, r)
+
+    return chain_loss(
+      merge, lambda out, y, s: reference.res_post(out, y, *s[1:]), x, y, (post, res), phi, alpha, bias, weights
+    )
+
+  argnums = tuple(range(8))
+  args = (x, y, pre, post, res, phi, alpha, bias)
+  return jax.value_and_grad(kernel_loss, argnums)(*args), jax.value_and_grad(reference_loss, argnums)(*args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tokens, n, d", SHAPES)
+def test_merge_matches_res_post_then_pre_values_and_gradients(tokens, n, d, dtype):
+  """`merge` (one kernel pass each way over the streams) equals the reference's res_post of
+  one connection followed by the next connection's pre: outputs and every gradient."""
+  x, phi, alpha, bias, y, (k1, k2) = inputs(tokens, n, d, dtype, seed=3)
+  keys = jax.random.split(k1, 4)
+  pre = jax.nn.sigmoid(jax.random.normal(keys[0], (tokens, n)))
+  post = 2 * jax.nn.sigmoid(jax.random.normal(keys[1], (tokens, n)))
+  res = jax.nn.softmax(jax.random.normal(keys[2], (tokens, n, n)), axis=-1)
+  w = 2 * n + n * n
+  weights = (
+    jax.random.normal(keys[3], (tokens, d)),
+    jax.random.normal(k2, (tokens, n * d)),
+    jax.random.normal(jax.random.fold_in(k2, 1), (tokens, n * d)),
+    jax.random.normal(jax.random.fold_in(k2, 2), (tokens, w)),
+  )
+  spec = api.Spec(n=n, iters=20, kind="exp", eps=1e-6, implementation="interpret")
+  out, h, coeff_next = api.merge(x, y, packed(pre, post, res, 16 if n == 2 else 32), phi, alpha, bias, spec)
+  ref_out = reference.res_post(x, y, post, res)
+  ref_h, ref_pre, ref_post, ref_res = reference.pre(ref_out, phi, alpha, bias, n=n, iters=20, kind="exp", eps=1e-6)
+  assert out.dtype == h.dtype == dtype
+  close(out, ref_out, TOL[dtype], "out")
+  close(h, ref_h, TOL[dtype], "h")
+  for name, got, want in zip(("pre", "post", "res"), api.unpack(coeff_next, n), (ref_pre, ref_post, ref_res)):
+    close(got, want, 1e-5 if dtype == jnp.float32 else 2e-2, name)
+  (value, grads), (ref_value, ref_grads) = merge_values_and_grads(spec, x, y, pre, post, res, phi, alpha, bias, weights)
+  close(value, ref_value, TOL[dtype], "loss")
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  for name, got, want in zip(("x", "y", "pre", "post", "res", "phi", "alpha", "bias"), grads, ref_grads):
+    close(got, want, tol, name)
+  np.testing.assert_array_equal(np.asarray(grads[2]), 0.0)  # this connection's pre is not used by the merge
