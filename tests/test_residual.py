@@ -163,10 +163,9 @@ def test_streams_persist_and_compose_across_depth_under_hc():
   positions = jnp.zeros((1, 2), jnp.int32)
 
   def run(x):
-    pending = None
     for block in model.blocks:
-      x, _, _, pending = block(x, positions, pending=pending)
-    return rs.res_post_mix(x, *pending)
+      x, _, _ = block(x, positions)
+    return x
 
   composite = h_res[-1]
   for h in reversed(h_res[:-1]):
@@ -316,11 +315,10 @@ def test_mhc_with_pallas_kernels_matches_the_xla_path():
     return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, x[:, 1:, None], -1)[..., 0])
 
   graph, state = nnx.split(models["pallas"])
-  traced = str(jax.make_jaxpr(lambda s: loss(nnx.merge(graph, s)))(state))
-  assert "GridMapping(grid=(4," in traced  # 30 tokens / 8
-  # one pre, then each connection's res_post fused with the next one's pre, then one res_post
-  kernels = [traced.count(f"name=mhc_{k}_forward_triton") for k in ("pre", "merge", "res_post")]
-  assert kernels == [1, 2 * cfgs["pallas"].n_layers - 1, 1], kernels
+  assert "GridMapping(grid=(4," in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graph, s)))(state))  # 30 tokens / 8
+  # the kernels' pre pass runs once per connection: the backward pass recomputes only the norm after it
+  traced = str(jax.make_jaxpr(lambda s: nnx.grad(loss)(nnx.merge(graph, s)))(state))
+  assert traced.count("name=mhc_pre_forward_triton") == 2 * cfgs["pallas"].n_layers
   results = {k: nnx.jit(nnx.value_and_grad(loss))(m) for k, m in models.items()}
   (value, grads), (ref_value, ref_grads) = results["pallas"], results["xla"]
   assert abs(float(value - ref_value)) < 1e-5

@@ -83,17 +83,13 @@ def _padded(a: jax.Array, w: int) -> jax.Array:
   return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, w - a.shape[-1])])
 
 
-def _gates(phi, alpha, bias, spec: Spec, dtype):
-  """phi padded to [n D, W] in the streams' dtype, and the gates' affine [2, W] (scale, shift)."""
+def _pre_forward(x, phi, alpha, bias, spec: Spec):
   w = calls.width(spec.n)
   scale, shift = reference.gate_affine(alpha, bias, spec.n)
+  affine = jnp.stack([_padded(scale, w), _padded(shift, w)])  # [2, W]
   # In x's dtype: the kernels multiply x (and dL/dz) by phi in that dtype anyway, and every block of
   # tokens reads all of phi, which for bfloat16 x moved twice the bytes of its own x block in float32.
-  return _padded(phi.astype(dtype), w), jnp.stack([_padded(scale, w), _padded(shift, w)])
-
-
-def _pre_forward(x, phi, alpha, bias, spec: Spec):
-  phi_p, affine = _gates(phi, alpha, bias, spec, x.dtype)
+  phi_p = _padded(phi.astype(x.dtype), w)
   h, coeff, logits, rms = calls.pre_forward(
     _backend(spec), x, phi_p, affine, n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps
   )
@@ -106,11 +102,12 @@ def pre(x, phi, alpha, bias, spec: Spec):
   return _pre_forward(x, phi, alpha, bias, spec)[0]
 
 
-def _coefficient_grads(spec: Spec, backend, x, g_h, g_coeff, alpha, bias, coeff, logits, rms):
-  """The backward pass of the coefficients from the streams x [N, n D] they were computed
-  from: (dL/dz [N, W], scalars [N, W] (pre, then the RMS term c), dL/dphi, dL/dalpha, dL/dbias)."""
+def _pre_backward(spec: Spec, saved, cotangents):
+  x, phi_p, alpha, bias, coeff, logits, rms = saved
+  g_h, g_coeff, g_streams = cotangents
   n, w = spec.n, coeff.shape[1]
   used = 2 * n + n * n
+  backend = _backend(spec)
   g_coeff = g_coeff + calls.pre_backward_reduce(backend, x, g_h, n=n, w=w)  # + <dL/dh, x_j> on pre
   scale, shift = reference.gate_affine(alpha, bias, n)
   _, activation_vjp = jax.vjp(
@@ -124,18 +121,8 @@ def _coefficient_grads(spec: Spec, backend, x, g_h, g_coeff, alpha, bias, coeff,
   g_z = g_logits * rms
   c_rms = -jnp.sum(g_logits * logits, axis=1, keepdims=True) * rms * rms / x.shape[1]
   scalars = _padded(jnp.concatenate([coeff[:, :n], c_rms], axis=1), w)
+  g_x = calls.pre_backward_streams(backend, x, g_h, phi_p, g_z, scalars, g_streams.astype(x.dtype), n=n)
   g_phi = jnp.einsum("tm,tw->mw", x, g_z[:, :used].astype(x.dtype), preferred_element_type=jnp.float32)
-  return g_z, scalars, g_phi, g_alpha, g_bias
-
-
-def _pre_backward(spec: Spec, saved, cotangents):
-  x, phi_p, alpha, bias, coeff, logits, rms = saved
-  g_h, g_coeff, g_streams = cotangents
-  backend = _backend(spec)
-  g_z, scalars, g_phi, g_alpha, g_bias = _coefficient_grads(
-    spec, backend, x, g_h, g_coeff, alpha, bias, coeff, logits, rms
-  )
-  g_x = calls.pre_backward_streams(backend, x, g_h, phi_p, g_z, scalars, g_streams.astype(x.dtype), n=spec.n)
   return g_x, g_phi, g_alpha, g_bias
 
 
@@ -158,38 +145,3 @@ def _res_post_backward(spec: Spec, saved, g):
 
 
 res_post.defvjp(_res_post_forward, _res_post_backward)
-
-
-def _merge_forward(x, y, coeff, phi, alpha, bias, spec: Spec):
-  phi_p, affine = _gates(phi, alpha, bias, spec, x.dtype)
-  out, h, coeff_next, logits, rms = calls.merge_forward(
-    _backend(spec), x, y, coeff, phi_p, affine, n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps
-  )
-  return (out, h, coeff_next), (x, y, coeff, out, phi_p, alpha, bias, coeff_next, logits, rms)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def merge(x, y, coeff, phi, alpha, bias, spec: Spec):
-  """One connection's res_post fused with the next connection's pre: x [N, n D], y [N, D],
-  coeff [N, W] (this connection's), phi, alpha, bias (the next one's) -> (out [N, n D],
-  h [N, D], the next coeff [N, W]), equal to `pre(res_post(x, y, coeff), phi, alpha, bias)`.
-  The streams are read and written once each way: forward reads x and y and writes out;
-  backward reads x, y and dL/d out and writes dL/dx (out is read for dL/dpre' and dL/dphi).
-  out is also the next merge's x: it receives that merge's dL/dx as its cotangent."""
-  return _merge_forward(x, y, coeff, phi, alpha, bias, spec)[0]
-
-
-def _merge_backward(spec: Spec, saved, cotangents):
-  x, y, coeff, out, phi_p, alpha, bias, coeff_next, logits, rms = saved
-  g_out, g_h, g_next = cotangents
-  backend = _backend(spec)
-  g_z, scalars, g_phi, g_alpha, g_bias = _coefficient_grads(
-    spec, backend, out, g_h, g_next, alpha, bias, coeff_next, logits, rms
-  )
-  g_x, g_y, g_coeff = calls.merge_backward(
-    backend, x, y, coeff, g_h, phi_p, g_z, scalars, g_out.astype(x.dtype), n=spec.n
-  )
-  return g_x, g_y, g_coeff, g_phi, g_alpha, g_bias
-
-
-merge.defvjp(_merge_forward, _merge_backward)

@@ -66,50 +66,9 @@ def _coefficients(a, n: int, iters: int, kind: str):
   return assemble(out, a.shape)
 
 
-def _post_res(coeff, n: int):
-  """post_k and res[k][j] as [bt, 1] columns of the coefficient rows."""
-  post = [column(coeff, n + k) for k in range(n)]
-  res = [[column(coeff, 2 * n + k * n + j) for j in range(n)] for k in range(n)]
-  return post, res
-
-
-def _streams(ref, c, *, n, d, bd):
-  """Chunk c of every stream of a [bt, n D] ref, float32: n tiles [bt, bd]."""
-  return [_tile(ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
-
-
-def _mixed(xs, y, post, res, dtype):
-  """One chunk of the new streams, out_k = sum_j res[k, j] x_j + post_k y, rounded to `dtype`."""
-  n = len(xs)
-  return [
-    (functools.reduce(jnp.add, [res[k][j] * xs[j] for j in range(n)]) + post[k] * y).astype(dtype) for k in range(n)
-  ]
-
-
-def _finish(z, ss, affine_ref, coeff_ref, logits_ref, rms_ref, *, n, d, iters, kind, eps):
-  """From a block's raw projection z = x phi [bt, W] and sum of squares [bt, 1]: writes the
-  coefficient rows, the normalised logits and r; returns the pre weights as [bt, 1] columns."""
-  r = jax.lax.rsqrt(ss / (n * d) + eps)
-  logits = z * r
-  coeff = _coefficients(logits * affine_ref[0:1, :] + affine_ref[1:2, :], n, iters, kind)
-  coeff_ref[...], logits_ref[...], rms_ref[...] = coeff, logits, r
-  return [column(coeff, j) for j in range(n)]
-
-
-def _pre_mix(chunk_streams, pre, h_ref, *, d, bd):
-  """h = sum_j pre_j x_j, chunk by chunk; `chunk_streams(c)` gives chunk c of the n streams."""
-
-  def mix(c, _):
-    h = functools.reduce(jnp.add, [p * x.astype(jnp.float32) for p, x in zip(pre, chunk_streams(c))])
-    h_ref[:, pl_ds(c * bd, bd)] = h.astype(h_ref.dtype)
-    return 0
-
-  _chunks(d, bd, mix, 0)
-
-
 def pre_forward(x_ref, phi_ref, affine_ref, h_ref, coeff_ref, logits_ref, rms_ref, *, n, d, bd, iters, kind, eps):
-  """Coefficients and pre-mix: h = sum_j pre_j x_j, plus the coefficient rows, the normalised
-  logits (x phi) r and r, which the backward pass starts from. Two passes over the streams."""
+  """Coefficients and pre-mix in one pass: h = sum_j pre_j x_j, plus the coefficient rows,
+  the normalised logits (x phi) r and r, which the backward pass starts from."""
   bt, width = coeff_ref.shape
   z, ss = jnp.zeros((bt, width), jnp.float32), jnp.zeros((bt, 1), jnp.float32)
   for j in range(n):
@@ -122,130 +81,64 @@ def pre_forward(x_ref, phi_ref, affine_ref, h_ref, coeff_ref, logits_ref, rms_re
       return z + _dot(xc, phic), ss + jnp.sum(x32 * x32, 1, keepdims=True)
 
     z, ss = _chunks(d, bd, project, (z, ss))
-  pre = _finish(z, ss, affine_ref, coeff_ref, logits_ref, rms_ref, n=n, d=d, iters=iters, kind=kind, eps=eps)
-  _pre_mix(lambda c: [_tile(x_ref, j, d, c, bd) for j in range(n)], pre, h_ref, d=d, bd=bd)
-
-
-def res_post_forward(x_ref, y_ref, coeff_ref, out_ref, *, n, d, bd):
-  """out_k = sum_j res[k, j] x_j + post_k y, written once."""
-  post, res = _post_res(coeff_ref[...], n)
+  r = jax.lax.rsqrt(ss / (n * d) + eps)
+  logits = z * r
+  coeff = _coefficients(logits * affine_ref[0:1, :] + affine_ref[1:2, :], n, iters, kind)
+  coeff_ref[...], logits_ref[...], rms_ref[...] = coeff, logits, r
+  pre = [column(coeff, j) for j in range(n)]
 
   def mix(c, _):
-    y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
-    for k, out in enumerate(_mixed(_streams(x_ref, c, n=n, d=d, bd=bd), y, post, res, out_ref.dtype)):
-      out_ref[:, pl_ds(k * d + c * bd, bd)] = out
+    h = functools.reduce(jnp.add, [pre[j] * _tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)])
+    h_ref[:, pl_ds(c * bd, bd)] = h.astype(h_ref.dtype)
     return 0
 
   _chunks(d, bd, mix, 0)
 
 
-def merge_forward(
-  x_ref,
-  y_ref,
-  coeff_ref,
-  phi_ref,
-  affine_ref,
-  out_ref,
-  h_ref,
-  next_ref,
-  logits_ref,
-  rms_ref,
-  *,
-  n,
-  d,
-  bd,
-  iters,
-  kind,
-  eps,
-):
-  """A connection's res-mix + post fused with the next connection's coefficients and pre-mix:
-  out = res x + post^T y is written once, its projection onto phi and its sum of squares
-  accumulating chunk by chunk; then h = sum_j pre'_j out_j from out's chunks recomputed
-  from x and y (nothing of out is read back). `next_ref`: the next connection's rows."""
-  post, res = _post_res(coeff_ref[...], n)
-  bt, width = next_ref.shape
+def res_post_forward(x_ref, y_ref, coeff_ref, out_ref, *, n, d, bd):
+  """out_k = sum_j res[k, j] x_j + post_k y, written once."""
+  coeff = coeff_ref[...]
+  post = [column(coeff, n + k) for k in range(n)]
+  res = [[column(coeff, 2 * n + k * n + j) for j in range(n)] for k in range(n)]
 
-  def new_streams(c):
+  def mix(c, _):
+    xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
     y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
-    return _mixed(_streams(x_ref, c, n=n, d=d, bd=bd), y, post, res, out_ref.dtype)
+    for k in range(n):
+      out = functools.reduce(jnp.add, [res[k][j] * xs[j] for j in range(n)]) + post[k] * y
+      out_ref[:, pl_ds(k * d + c * bd, bd)] = out.astype(out_ref.dtype)
+    return 0
 
-  def project(c, carry):
-    z, ss = carry
-    for k, out in enumerate(new_streams(c)):
-      out_ref[:, pl_ds(k * d + c * bd, bd)] = out
-      out32 = out.astype(jnp.float32)
-      z = z + _dot(out, phi_ref[pl_ds(k * d + c * bd, bd), :])
-      ss = ss + jnp.sum(out32 * out32, 1, keepdims=True)
-    return z, ss
-
-  z, ss = _chunks(d, bd, project, (jnp.zeros((bt, width), jnp.float32), jnp.zeros((bt, 1), jnp.float32)))
-  pre = _finish(z, ss, affine_ref, next_ref, logits_ref, rms_ref, n=n, d=d, iters=iters, kind=kind, eps=eps)
-  _pre_mix(new_streams, pre, h_ref, d=d, bd=bd)
-
-
-def _res_post_grads(gs, xs, y, post, res, acc, gx_ref, gy_ref, c, *, d, bd):
-  """One chunk of res_post's backward pass from gs = dL/d out (float32 tiles): writes
-  dL/dx_j = sum_k res[k, j] g_k and dL/dy = sum_k post_k g_k, and adds <g_k, x_j> and
-  <g_k, y> to the per-token sums acc = (g_res [n^2], g_post [n])."""
-  n = len(xs)
-  g_res, g_post = acc
-  for j in range(n):
-    gx = functools.reduce(jnp.add, [res[k][j] * gs[k] for k in range(n)])
-    gx_ref[:, pl_ds(j * d + c * bd, bd)] = gx.astype(gx_ref.dtype)
-  gy = functools.reduce(jnp.add, [post[k] * gs[k] for k in range(n)])
-  gy_ref[:, pl_ds(c * bd, bd)] = gy.astype(gy_ref.dtype)
-  g_res = tuple(g_res[k * n + j] + jnp.sum(gs[k] * xs[j], 1, keepdims=True) for k in range(n) for j in range(n))
-  g_post = tuple(g_post[k] + jnp.sum(gs[k] * y, 1, keepdims=True) for k in range(n))
-  return g_res, g_post
-
-
-def _res_post_backward_chunks(step, gcoeff_ref, *, n, d, bd):
-  """Runs `step(c, acc)` (which calls _res_post_grads) over the chunks and writes the
-  per-token dL/dpost, dL/dres into the post and res columns of gcoeff."""
-  bt = gcoeff_ref.shape[0]
-  zero = jnp.zeros((bt, 1), jnp.float32)
-  g_res, g_post = _chunks(d, bd, step, ((zero,) * (n * n), (zero,) * n))
-  columns = {n + k: g_post[k] for k in range(n)}
-  columns.update({2 * n + i: g_res[i] for i in range(n * n)})
-  gcoeff_ref[...] = assemble(columns, gcoeff_ref.shape)
+  _chunks(d, bd, mix, 0)
 
 
 def res_post_backward(x_ref, y_ref, coeff_ref, g_ref, gx_ref, gy_ref, gcoeff_ref, *, n, d, bd):
   """From g = dL/d out: g_x_j = sum_k res[k, j] g_k, g_y = sum_k post_k g_k, and the
   per-token g_res[k, j] = <g_k, x_j>, g_post_k = <g_k, y> in the coefficient columns."""
-  post, res = _post_res(coeff_ref[...], n)
+  coeff = coeff_ref[...]
+  post = [column(coeff, n + k) for k in range(n)]
+  res = [[column(coeff, 2 * n + k * n + j) for j in range(n)] for k in range(n)]
+  bt = coeff.shape[0]
 
   def step(c, acc):
-    xs, gs = _streams(x_ref, c, n=n, d=d, bd=bd), _streams(g_ref, c, n=n, d=d, bd=bd)
+    g_res, g_post = acc
+    xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
+    gs = [_tile(g_ref, k, d, c, bd).astype(jnp.float32) for k in range(n)]
     y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
-    return _res_post_grads(gs, xs, y, post, res, acc, gx_ref, gy_ref, c, d=d, bd=bd)
+    for j in range(n):
+      gx = functools.reduce(jnp.add, [res[k][j] * gs[k] for k in range(n)])
+      gx_ref[:, pl_ds(j * d + c * bd, bd)] = gx.astype(gx_ref.dtype)
+    gy = functools.reduce(jnp.add, [post[k] * gs[k] for k in range(n)])
+    gy_ref[:, pl_ds(c * bd, bd)] = gy.astype(gy_ref.dtype)
+    g_res = tuple(g_res[k * n + j] + jnp.sum(gs[k] * xs[j], 1, keepdims=True) for k in range(n) for j in range(n))
+    g_post = tuple(g_post[k] + jnp.sum(gs[k] * y, 1, keepdims=True) for k in range(n))
+    return g_res, g_post
 
-  _res_post_backward_chunks(step, gcoeff_ref, n=n, d=d, bd=bd)
-
-
-def merge_backward(
-  x_ref, y_ref, coeff_ref, gh_ref, phi_ref, gz_ref, scalars_ref, gout_ref, gx_ref, gy_ref, gcoeff_ref, *, n, d, bd
-):
-  """The merge's backward pass in one pass over x, y and dL/d out: out's chunks recomputed
-  from x and y, dL/d out_k in float32 as in pre_backward_streams (g_out the gradient out
-  receives elsewhere, pre' and c of the next connection in `scalars`), then res_post's sums."""
-  post, res = _post_res(coeff_ref[...], n)
-  scalars, gz = scalars_ref[...], gz_ref[...].astype(x_ref.dtype)
-  pre = [column(scalars, j) for j in range(n)]
-  c_rms = column(scalars, n)
-
-  def step(c, acc):
-    xs, y = _streams(x_ref, c, n=n, d=d, bd=bd), y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
-    gh = gh_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
-    gs = [
-      _stream_grad(
-        _tile(gout_ref, k, d, c, bd), pre[k], gh, gz, phi_ref, out.astype(jnp.float32), c_rms, k, c, d=d, bd=bd
-      )
-      for k, out in enumerate(_mixed(xs, y, post, res, x_ref.dtype))
-    ]
-    return _res_post_grads(gs, xs, y, post, res, acc, gx_ref, gy_ref, c, d=d, bd=bd)
-
-  _res_post_backward_chunks(step, gcoeff_ref, n=n, d=d, bd=bd)
+  zero = jnp.zeros((bt, 1), jnp.float32)
+  g_res, g_post = _chunks(d, bd, step, ((zero,) * (n * n), (zero,) * n))
+  columns = {n + k: g_post[k] for k in range(n)}
+  columns.update({2 * n + i: g_res[i] for i in range(n * n)})
+  gcoeff_ref[...] = assemble(columns, coeff.shape)
 
 
 def pre_backward_reduce(x_ref, gh_ref, gpre_ref, *, n, d, bd):
@@ -262,12 +155,6 @@ def pre_backward_reduce(x_ref, gh_ref, gpre_ref, *, n, d, bd):
   gpre_ref[...] = assemble(dict(enumerate(acc)), (bt, width))
 
 
-def _stream_grad(g_in, pre_j, gh, gz, phi_ref, x, c_rms, j, c, *, d, bd):
-  """Chunk c of dL/dx_j = g_in + pre_j dL/dh + (dL/dz) phi_j^T + c x_j, float32 [bt, bd]."""
-  back = _dot(gz, phi_ref[pl_ds(j * d + c * bd, bd), :], contract_b=1)  # [bt, bd]
-  return g_in.astype(jnp.float32) + pre_j * gh + back + c_rms * x
-
-
 def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, gin_ref, gx_ref, *, n, d, bd):
   """dL/dx_j = g_in_j + pre_j dL/dh + (dL/dz) phi_j^T + c x_j, with z = x phi the raw
   projection, c the per-token RMS term and g_in the gradient x receives elsewhere (from
@@ -278,9 +165,11 @@ def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, gin_ref, g
 
   def step(c, _):
     gh = gh_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
-    for j, x in enumerate(_streams(x_ref, c, n=n, d=d, bd=bd)):
-      g = _stream_grad(_tile(gin_ref, j, d, c, bd), pre[j], gh, gz, phi_ref, x, c_rms, j, c, d=d, bd=bd)
-      gx_ref[:, pl_ds(j * d + c * bd, bd)] = g.astype(gx_ref.dtype)
+    for j in range(n):
+      x = _tile(x_ref, j, d, c, bd).astype(jnp.float32)
+      back = _dot(gz, phi_ref[pl_ds(j * d + c * bd, bd), :], contract_b=1)  # [bt, bd]
+      g_in = _tile(gin_ref, j, d, c, bd).astype(jnp.float32)
+      gx_ref[:, pl_ds(j * d + c * bd, bd)] = (g_in + pre[j] * gh + back + c_rms * x).astype(gx_ref.dtype)
     return 0
 
   _chunks(d, bd, step, 0)

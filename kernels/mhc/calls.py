@@ -134,32 +134,3 @@ def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g_in, *, n
     static,
   )
   return gx
-
-
-def merge_forward(backend: Backend, x, y, coeff, phi_p, affine, *, n: int, iters: int, kind: str, eps: float):
-  """x [N, n D], y [N, D], coeff [N, W] (this connection's), phi_p [n D, W], affine [2, W] (the
-  next one's) -> out [N, n D], h [N, D], the next coeff / logits [N, W], rms [N, 1]."""
-  d = y.shape[1]
-  w = phi_p.shape[1]
-  static = dict(n=n, d=d, bd=chunk_width(d, backend.chunk), iters=iters, kind=kind, eps=eps)
-  return _call(
-    backend,
-    bodies.merge_forward,
-    [(x, True), (y, True), (coeff, True), (phi_p, False), (affine, False)],
-    [(n * d, x.dtype), (d, x.dtype), (w, jnp.float32), (w, jnp.float32), (1, jnp.float32)],
-    static,
-  )
-
-
-def merge_backward(backend: Backend, x, y, coeff, gh, phi_p, gz, scalars, g_out, *, n: int):
-  """-> dL/dx [N, n D], dL/dy [N, D], dL/dcoeff [N, W] (post and res columns) of the merge
-  (bodies.merge_backward)."""
-  d = y.shape[1]
-  static = dict(n=n, d=d, bd=chunk_width(d, backend.chunk))
-  return _call(
-    backend,
-    bodies.merge_backward,
-    [(x, True), (y, True), (coeff, True), (gh, True), (phi_p, False), (gz, True), (scalars, True), (g_out, True)],
-    [(n * d, x.dtype), (d, y.dtype), (coeff.shape[1], jnp.float32)],
-    static,
-  )

@@ -11,7 +11,7 @@ from kernels.mhc.calls import Backend
 
 
 def backend(
-  *, interpret: bool = False, block_tokens: int | None = None, chunk: int = 128, num_warps: int = 4, num_stages: int = 1
+  *, interpret: bool = False, block_tokens: int | None = None, chunk: int = 256, num_warps: int = 4, num_stages: int = 1
 ) -> Backend:
   """`block_tokens` unset: 8 compiled, 16 in interpret mode (whose time grows with the blocks)."""
   return Backend(

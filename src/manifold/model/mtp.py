@@ -35,5 +35,5 @@ class MTPModule(nnx.Module):
     """h^{k-1} [B, T, D] and Emb(t_{i+k}) [B, T, D] -> (h^k [B, T, D], cache)."""
     x = jnp.concatenate([self.hidden_norm(hidden_btd), self.embed_norm(next_embed_btd)], axis=-1)  # [B, T, 2D]
     x = jnp.einsum("bte,ed->btd", x, self.proj[...].astype(self.dtype))  # [B, T, D]
-    x, cache, _, _ = self.block(x, positions_bt, cache, cache_index)
+    x, cache, _ = self.block(x, positions_bt, cache, cache_index)
     return x, cache

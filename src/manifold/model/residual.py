@@ -88,14 +88,9 @@ class Connection(nnx.Module):
     mixing = self(x_btnd)
     return pre_mix(x_btnd, mixing.pre), mixing
 
-  def fuses(self, previous: Mixing) -> bool:
-    """Whether `merge` runs the previous connection's res_post and this `read` as one kernel."""
+  def runs_kernels(self) -> bool:
+    """Whether `read` and `res_post_mix` run the Pallas kernels of kernels/mhc."""
     return False
-
-  def merge(self, x_btnd: jax.Array, y_btd: jax.Array, previous: Mixing) -> tuple[jax.Array, jax.Array, Mixing]:
-    """The previous connection's new streams and this connection's read of them, fused
-    (only where `fuses`): (res_post_mix(x, y, previous), *read(that))."""
-    raise NotImplementedError(f"{type(self).__name__} has no fused merge")
 
 
 class HyperConnection(Connection):
@@ -158,42 +153,24 @@ class ManifoldHyperConnection(Connection):
     self.phi = param(rngs, normal(cfg.init_std), (n * cfg.d_model, width), (None, None))
     self.alpha = param(rngs, jax.nn.initializers.constant(cfg.mhc_alpha_init), (3,), (None,))
     self.bias = param(rngs, jax.nn.initializers.zeros, (width,), (None,))
-    self.norm_eps, self.streams = cfg.norm_eps, n
+    self.norm_eps = cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
     self.impl = cfg.mhc_impl if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "xla"
     self.tiles = parse_tiles(cfg.mhc_tiles)
 
-  def _spec(self) -> mhc_kernels.Spec | None:
-    """The kernels' settings, or None where this connection takes the XLA path."""
-    implementation = mhc_kernels.resolve(self.impl)
-    if implementation is None:
-      return None
-    return mhc_kernels.Spec(self.streams, self.sinkhorn_iters, self.sinkhorn, self.norm_eps, implementation, self.tiles)
-
-  def _mixing(self, packed: jax.Array, streams: jax.Array, spec: mhc_kernels.Spec, b: int, t: int) -> Mixing:
-    pre, post, res = (a.reshape(b, t, *a.shape[1:]) for a in mhc_kernels.unpack(packed, spec.n))
-    return Mixing(pre, post, res, packed, streams, spec)
+  def runs_kernels(self) -> bool:
+    return mhc_kernels.resolve(self.impl) is not None
 
   def read(self, x_btnd: jax.Array) -> tuple[jax.Array, Mixing]:
-    spec = self._spec()
-    if spec is None:
+    implementation = mhc_kernels.resolve(self.impl)
+    if implementation is None:
       return super().read(x_btnd)
     b, t, n, d = x_btnd.shape
+    spec = mhc_kernels.Spec(n, self.sinkhorn_iters, self.sinkhorn, self.norm_eps, implementation, self.tiles)
     fused = _per_shard(functools.partial(mhc_kernels.pre, spec=spec), token_args=1, token_outs=3)
     h, packed, streams = fused(x_btnd.reshape(b * t, n * d), self.phi[...], self.alpha[...], self.bias[...])
-    return h.reshape(b, t, d), self._mixing(packed, streams, spec, b, t)
-
-  def fuses(self, previous: Mixing) -> bool:
-    return previous.kernel is not None and self._spec() is not None
-
-  def merge(self, x_btnd: jax.Array, y_btd: jax.Array, previous: Mixing) -> tuple[jax.Array, jax.Array, Mixing]:
-    spec = self._spec()
-    b, t, n, d = x_btnd.shape
-    fused = _per_shard(functools.partial(mhc_kernels.merge, spec=spec), token_args=3, token_outs=3)
-    out, h, packed = fused(
-      previous.streams, y_btd.reshape(b * t, d), previous.packed, self.phi[...], self.alpha[...], self.bias[...]
-    )
-    return out.reshape(x_btnd.shape), h.reshape(b, t, d), self._mixing(packed, out, spec, b, t)
+    pre, post, res = (a.reshape(b, t, *a.shape[1:]) for a in mhc_kernels.unpack(packed, n))
+    return h.reshape(b, t, d), Mixing(pre, post, res, packed, streams, spec)
 
   def __call__(self, x_btnd: jax.Array) -> Mixing:
     b, t, n, d = x_btnd.shape

@@ -42,25 +42,21 @@ def _normed(norm: RMSNorm, h_btd: jax.Array) -> jax.Array:
   return norm(h_btd)
 
 
-# In training a sub-block's input is recomputed in the backward pass instead of being kept per
-# layer (the streams are kept anyway): the read of the streams, or only the norm where the fused
-# kernels' merge (which writes the streams) made h. Decoding needs no remat.
 _read_normed_recomputed = nnx.remat(_read_normed)
 _normed_recomputed = nnx.remat(_normed)
 
-Pending = tuple[jax.Array, "residual.Mixing"]  # a sub-block's output y [B, T, D] and mixing, not yet merged
 
-
-def _enter(connection, norm: RMSNorm, x_btnd, pending: Pending | None, *, train: bool):
-  """Applies the pending connection to the streams and reads the next: (x [B, T, n, D],
-  norm(sum_j H_pre[j] x[j]) [B, T, D], its mixing); one fused kernel pass where they allow it."""
-  if pending is not None and connection.fuses(pending[1]):
-    x_btnd, h, mixing = connection.merge(x_btnd, *pending)
-    return x_btnd, (_normed_recomputed if train else _normed)(norm, h), mixing
-  if pending is not None:
-    x_btnd = residual.res_post_mix(x_btnd, *pending)
-  normed, mixing = (_read_normed_recomputed if train else _read_normed)(connection, norm, x_btnd)
-  return x_btnd, normed, mixing
+def _sub_block_input(connection, norm: RMSNorm, x_btnd, *, train: bool) -> tuple[jax.Array, residual.Mixing]:
+  """norm(sum_j H_pre[j] x[j]) [B, T, D] and the layer's mixing. In training the XLA paths
+  recompute it in the backward pass instead of keeping their [B, T, n, ...] intermediates;
+  through the mHC kernels only the norm is recomputed and h [B, T, D] is kept, since
+  recomputing the kernels' pre pass would read the streams twice more."""
+  if not train:
+    return _read_normed(connection, norm, x_btnd)
+  if not connection.runs_kernels():
+    return _read_normed_recomputed(connection, norm, x_btnd)
+  h, mixing = connection.read(x_btnd)
+  return _normed_recomputed(norm, h), mixing
 
 
 class BlockAux(NamedTuple):
@@ -79,9 +75,9 @@ class ModelAux(NamedTuple):
   balance_loss: jax.Array | None  # [] summed over the MoE layers; MoE only
 
 
-def _train_block(block: "Block", x, positions_bt, pending):
-  x, _, aux, pending = block(x, positions_bt, pending=pending)
-  return x, aux, pending
+def _train_block(block: "Block", x: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, BlockAux]:
+  x, _, aux = block(x, positions_bt)
+  return x, aux
 
 
 class Block(nnx.Module):
@@ -106,24 +102,23 @@ class Block(nnx.Module):
     return self.ffn(x_btd) if self.moe else (self.ffn(x_btd), None)
 
   def __call__(
-    self, x, positions_bt, cache=None, cache_index=0, kv_mask=None, pending: Pending | None = None
-  ) -> tuple[jax.Array, KVCache | None, BlockAux, Pending | None]:
-    """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux,
-    pending). With streams the FFN's connection is left pending: the next block's first
-    read applies it (fused with that read where the kernels run) and so does the model's end;
-    `pending` in is the previous block's."""
+    self, x, positions_bt, cache=None, cache_index=0, kv_mask=None
+  ) -> tuple[jax.Array, KVCache | None, BlockAux]:
+    """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux)."""
     if not self.streams:
       attn_out, cache = self.attn(self.attn_norm(x), positions_bt, cache, cache_index, kv_mask)
       x = x + attn_out  # [B, T, D]
       ffn_out, moe_aux = self._ffn(self.ffn_norm(x))
-      return x + ffn_out, cache, BlockAux(None, moe_aux), None
+      return x + ffn_out, cache, BlockAux(None, moe_aux)
 
     train = cache is None
-    x, attn_in, attn_mixing = _enter(self.attn_connection, self.attn_norm, x, pending, train=train)  # [B, T, D]
+    attn_in, attn_mixing = _sub_block_input(self.attn_connection, self.attn_norm, x, train=train)  # [B, T, D]
     attn_out, cache = self.attn(attn_in, positions_bt, cache, cache_index, kv_mask)
-    x, ffn_in, ffn_mixing = _enter(self.ffn_connection, self.ffn_norm, x, (attn_out, attn_mixing), train=train)
+    x = residual.res_post_mix(x, attn_out, attn_mixing)  # [B, T, n, D]
+    ffn_in, ffn_mixing = _sub_block_input(self.ffn_connection, self.ffn_norm, x, train=train)
     ffn_out, moe_aux = self._ffn(ffn_in)  # [B, T, D]
-    return x, cache, BlockAux(jnp.stack([attn_mixing.res, ffn_mixing.res]), moe_aux), (ffn_out, ffn_mixing)
+    x = residual.res_post_mix(x, ffn_out, ffn_mixing)  # [B, T, n, D]
+    return x, cache, BlockAux(jnp.stack([attn_mixing.res, ffn_mixing.res]), moe_aux)
 
 
 class Transformer(nnx.Module):
@@ -191,17 +186,15 @@ class Transformer(nnx.Module):
     train_block = _train_block
     if cfg.remat != "none":
       train_block = nnx.remat(_train_block, policy=REMAT_POLICIES[cfg.remat])
-    pending = None
     for i, block in enumerate(self.blocks):
       if cache is None:
-        x, aux, pending = train_block(block, x, positions_bt, pending)
+        x, aux = train_block(block, x, positions_bt)
       else:
-        x, layer_cache, aux, pending = block(x, positions_bt, cache[i], cache_index, kv_mask, pending)
+        x, layer_cache, aux = block(x, positions_bt, cache[i], cache_index, kv_mask)
         new_cache.append(layer_cache)
       x = shard_batch(x)
       block_aux.append(aux)
     if cfg.residual != "plain":
-      x = residual.res_post_mix(x, *pending)  # the last FFN's connection
       x = residual.collapse(x, self.stream_head)  # [B, T, D], once
     logits = jnp.einsum("btd,dv->btv", self.final_norm(x), self.head[...].astype(dt))  # [B, T, V]
     moe_aux = [a.moe for a in block_aux if a.moe is not None]
