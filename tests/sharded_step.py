@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 from unittest import mock
 
 import jax
@@ -77,15 +78,16 @@ def one_step(cfg, devices, initial):
   return jax.device_get(state), jax.device_get(metrics), "all_to_all" in lowered.as_text()
 
 
-def skewed_dispatch(axes: dict, matmul: str) -> dict[str, float]:
+def skewed_dispatch(axes: dict, matmul: str, capacity_factor: float = 0.0) -> dict[str, float]:
   """Expert-parallel routed experts vs the dense reference when every token picks experts
   held by one device (the worst case for the exchange buffers), values and gradients;
-  `matmul` names the grouped-matmul implementation."""
+  `matmul` names the grouped-matmul implementation. Also the rows per (source, destination)
+  chunk of the traced exchange, which `capacity_factor` bounds (rows past it go in more rounds)."""
   from manifold.model.moe.expert_parallel import routed_expert_parallel
   from manifold.model.moe.experts import routed_dense
 
   mesh = make_mesh(dict(SINGLE, **axes, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
-  routed = functools.partial(routed_expert_parallel, matmul=matmul)
+  routed = functools.partial(routed_expert_parallel, matmul=matmul, capacity_factor=capacity_factor)
   keys = jax.random.split(jax.random.key(2), 5)
   n, d, f, e, k = 64, 16, 8, 8, 2
   x = jax.random.normal(keys[0], (n, d))
@@ -101,12 +103,14 @@ def skewed_dispatch(axes: dict, matmul: str) -> dict[str, float]:
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.AXIS_RULES):
     ep = jax.jit(jax.value_and_grad(lambda *a: loss(routed, *a), argnums=(0, 1, 2, 3)))
     value, grads = ep(x, w_gate, w_up, w_down)
+    chunks = re.findall(r"all_to_all.*?tensor<\d+x(\d+)x\d+xf32>", ep.lower(x, w_gate, w_up, w_down).as_text())
   ref_value, ref_grads = jax.value_and_grad(lambda *a: loss(routed_dense, *a), argnums=(0, 1, 2, 3))(
     x, w_gate, w_up, w_down
   )
   return {
     "value": float(abs(value - ref_value)),
     "grads": float(max(np.max(np.abs(a - b)) for a, b in zip(grads, ref_grads))),
+    "exchange_chunk_rows": max(int(rows) for rows in chunks),
   }
 
 
@@ -129,7 +133,7 @@ def kernel_math_from_reference():
 
 def ragged_exchange_sums_over_expert() -> int:
   """How many gradient sums over the `expert` axis the ragged_all_to_all exchange adds
-  (traced only: XLA:CPU cannot run it). Each device's received rows are its own, so
+  (traced only, in bounded rounds: XLA:CPU cannot run it). Each device's received rows are its own, so
   there must be none; the weights' gradients are summed over data and fsdp only."""
   from manifold.model.moe.expert_parallel import routed_expert_parallel
 
@@ -143,7 +147,9 @@ def ragged_exchange_sums_over_expert() -> int:
 
   def loss(x, w_gate, w_up, w_down):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(sharding.AXIS_RULES):
-      y = routed_expert_parallel(x, weights, experts, w_gate, w_up, w_down, exchange="ragged_all_to_all")
+      y = routed_expert_parallel(
+        x, weights, experts, w_gate, w_up, w_down, exchange="ragged_all_to_all", capacity_factor=1.0
+      )
     return jnp.sum(jnp.sin(y))
 
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w_gate, w_up, w_down)
@@ -202,6 +208,7 @@ def main() -> None:
       ),
     }
   report["skewed_expert_parallel_vs_dense"] = skewed_dispatch(dict(data=2, expert=4), "auto")
+  report["skewed_bounded_exchange_vs_dense"] = skewed_dispatch(dict(data=2, expert=4), "auto", capacity_factor=1.0)
   with kernel_math_from_reference():
     report["skewed_expert_tensor_split_kernel_path_vs_dense"] = skewed_dispatch(
       dict(fsdp=2, expert=2, tensor=2), "triton"

@@ -30,6 +30,7 @@ def test_one_step_on_several_meshes_equals_one_device():
     "fsdp2_expert2_tensor2_microbatches2_remat",
     "data4_tensor2_mhc_kernels",
     "skewed_expert_parallel_vs_dense",
+    "skewed_bounded_exchange_vs_dense",
     "skewed_expert_tensor_split_kernel_path_vs_dense",
     "ragged_exchange",
     "splash_attention_per_shard",
@@ -37,6 +38,9 @@ def test_one_step_on_several_meshes_equals_one_device():
   for run, diffs in report.items():
     if "dispatches_with_all_to_all" in diffs:  # expert parallel iff the mesh has an expert axis
       assert diffs.pop("dispatches_with_all_to_all") == ("expert" in run), run
+    if "exchange_chunk_rows" in diffs:  # 64 tokens x 2 slots over 8 (4) batch shards: 16 (32) rows a device
+      chunk = {"skewed_bounded_exchange_vs_dense": 8, "skewed_expert_tensor_split_kernel_path_vs_dense": 32}
+      assert diffs.pop("exchange_chunk_rows") == chunk.get(run, 16), run  # bounded: 16 / 4 rounded up to 8
     for quantity, diff in diffs.items():
       assert diff < 1e-5, (run, quantity, diff)
 

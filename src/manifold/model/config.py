@@ -87,6 +87,11 @@ class ModelConfig(Section):
     "xla | blocked | triton | mosaic_gpu | megablox",
     one_of(*(name for name in grouped_api.IMPLEMENTATIONS if name != "interpret")),  # interpret: the kernel tests'
   )  # fmt: skip
+  expert_capacity_factor: float = field(
+    2.0, "moe, expert parallel: rows a device sends another per exchange round, in even splits (N K / ep); "
+    "rows past it go in more rounds (nothing is dropped); 0: one round sized for the worst case",
+    NONNEGATIVE_FLOAT,
+  )  # fmt: skip
   mtp_depth: int = field(0, "D multi-token-prediction modules (DeepSeek-V3), 0 for none", NONNEGATIVE)
   residual: str = field(
     "plain", "plain | hc | mhc | mhc_lite (see manifold/model/residual.py)", one_of("plain", "hc", "mhc", "mhc_lite")

@@ -57,9 +57,12 @@ class MoE(nnx.Module):
     routed = routed_dense
     if cfg.moe_impl != "dense":  # auto is ragged everywhere; under a mesh: per device, not one global sort
       per_device = not jax.sharding.get_abstract_mesh().empty
-      routed = functools.partial(
-        routed_expert_parallel if per_device else routed_ragged, matmul=cfg.grouped_matmul_impl
+      routed = (
+        functools.partial(routed_expert_parallel, capacity_factor=cfg.expert_capacity_factor)
+        if per_device
+        else routed_ragged
       )
+      routed = functools.partial(routed, matmul=cfg.grouped_matmul_impl)
     y = routed(x_nd, weights, experts, *(w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)))
     y = y.reshape(b, t, d)
     if self.shared is not None:
