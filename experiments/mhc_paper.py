@@ -67,13 +67,15 @@ SIZES = {  # Table 5's columns: model, batch, steps, learning rate
 }
 
 # Per size: mesh axes (fsdp takes the rest), microbatches (one or two sequences per chip
-# each) and remat. 3B fits a v5p-8, 9B a v5p-16 and 27B a v5p-32 with these
-# (experiments/results/compile/README.md says what was tried).
+# each), remat and the expert exchange's capacity factor. 3B and 9B fit a v5p-8 and 27B a
+# v5p-32 with these (experiments/results/compile/README.md says what was tried): 9B only with
+# the bounded exchange (2 rounds at expert 4), 27B with less memory in one round (at expert 8
+# the 4 bounded rounds' buffers took 10 GiB more per chip).
 PARALLELISM = {
-  "3b": dict(expert=4, microbatches=40, remat="dots"),
-  "9b": dict(expert=4, microbatches=64, remat="full"),
-  "27b": dict(expert=8, microbatches=80, remat="full"),
-  "3b-1t": dict(expert=4, microbatches=320, remat="dots"),
+  "3b": dict(expert=4, microbatches=40, remat="dots", capacity=2.0),
+  "9b": dict(expert=4, microbatches=64, remat="full", capacity=2.0),
+  "27b": dict(expert=8, microbatches=80, remat="full", capacity=0.0),
+  "3b-1t": dict(expert=4, microbatches=320, remat="dots", capacity=2.0),
 }
 
 
@@ -122,6 +124,7 @@ def get_config(arg: str | None = None):
     mhc_alpha_init=0.01,
     hc_scale_init=0.01,
     remat=parallel["remat"],
+    expert_capacity_factor=parallel["capacity"],
   )
   c.train.update(
     steps=steps,
