@@ -15,8 +15,9 @@ multiple of 8; capped at N K, the worst case, which a factor of 0 asks for). Rou
 the rows at places [r cap, (r + 1) cap) of each destination's segment, so the exchange
 buffers and the grouped matmul hold ep cap rows whatever the routing. Rounds after the
 first run only when some device of the mesh still has rows for them (a `lax.cond` on a
-scalar `pmax`), and are rematerialised in the backward pass, so a skewed step costs time,
-not memory, and nothing is dropped. The received rows are regrouped by local expert, run
+scalar `pmax`), and are rematerialised in the backward pass, so nothing is dropped. Fewer
+rows per round is not always less memory: XLA may keep every round's buffers (the 27B config
+at expert 8, 4 rounds, took 10 GiB more per chip than one round; experiments/results/compile). The received rows are regrouped by local expert, run
 through the grouped matmul (kernels/grouped_matmul; padding rows fall outside every group
 and come out zero), sent back the same way and combined with the gate weights. The FFN
 width may also be split over `tensor` (partial sums, one `psum`).
