@@ -158,16 +158,19 @@ def ragged_exchange_sums_over_expert() -> int:
 
 def splash_per_shard() -> dict[str, float]:
   """The model's `attend` with splash attention (interpret mode), once per device on its own
-  batch rows and heads (data 4 x tensor 2), against one device: GQA heads, narrower values."""
+  batch rows and heads (data 4 x tensor 2), against one device: GQA heads, narrower values,
+  packed documents of other lengths in each row (the rows' segment ids go with their rows)."""
   from manifold.model.attention import attend
 
   mesh = make_mesh(dict(SINGLE, data=4, tensor=2, dcn=dict(data=1, fsdp=1, expert=1, tensor=1)))
   keys = jax.random.split(jax.random.key(4), 3)
   q = jax.random.normal(keys[0], (8, 128, 4, 16))
   k, v = jax.random.normal(keys[1], (8, 128, 2, 16)), jax.random.normal(keys[2], (8, 128, 2, 8))
+  segment_ids = jnp.arange(128)[None, :] // (8 * jnp.arange(1, 9)[:, None])  # row r: documents of 8 (r + 1) tokens
 
   def loss(q, k, v):
-    return jnp.sum(jnp.sin(attend(q, k, v, scale=0.25, is_causal=True, implementation="splash")))
+    out = attend(q, k, v, scale=0.25, is_causal=True, segment_ids=segment_ids, implementation="splash")
+    return jnp.sum(jnp.sin(out))
 
   grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.AXIS_RULES):

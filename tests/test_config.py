@@ -49,11 +49,15 @@ def test_parse_arg_bare_first_item_and_typed_values():
       "--config.model.mhc_tiles=block_tokens=12",
       "model.mhc_tiles='block_tokens=12': 'block_tokens=12': block_tokens must be a power of two",
     ),
+    (
+      "--config.distill.teacher=/runs/teacher --config.train.document_mask=True",
+      "train.document_mask=True: the teacher of distill.teacher='/runs/teacher' reads whole windows",
+    ),
   ],
 )
 def test_bad_value_names_field_value_and_what_is_allowed(override, message):
   with pytest.raises(ConfigError) as info:
-    load_config(TINY, [override])
+    load_config(TINY, override.split())
   assert message in str(info.value)
   assert "\n" not in str(info.value)
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from manifold.model import ModelConfig, Transformer
 from manifold.model.accounting import count_params, training_flops_per_token
+from manifold.model.attention import document_ids
 
 from .conftest import decode_with_cache
 
@@ -90,3 +91,49 @@ def test_training_flops_per_token_is_6n_plus_causal_attention():
   matmul = count_params(c)["non_embedding"] - c.n_layers * 2 * c.d_model - c.d_model
   attention = 3 * 4 * c.n_layers * c.n_heads * c.head_dim * (16 + 1) / 2
   assert math.isclose(training_flops_per_token(c, 16), 6 * matmul + attention)
+
+
+@pytest.mark.parametrize(
+  "changes",
+  [
+    {},  # grouped-query attention, plain residual
+    dict(  # MLA on mHC streams, with an MTP depth
+      attention="mla",
+      kv_lora_rank=16,
+      qk_nope_head_dim=8,
+      qk_rope_head_dim=4,
+      v_head_dim=6,
+      residual="mhc",
+      mtp_depth=1,
+    ),
+  ],
+)
+def test_packed_documents_equal_each_document_alone(changes):
+  """With segment ids from the separator, each document's logits (and MTP logits) in a packed
+  row equal the document's run on its own, from position 0; without them they do not."""
+  cfg = ModelConfig(**{**CFG.__dict__, **changes})
+  model = make_model(cfg)
+  separator, bounds = 0, [(0, 7), (7, 16), (16, 24)]  # documents 0 and 1 end with the separator
+  x = tokens(vocab=cfg.vocab_size) % (cfg.vocab_size - 1) + 1
+  x = x.at[:, 6].set(separator).at[:, 15].set(separator)
+  ids = document_ids(x, separator)
+  np.testing.assert_array_equal(ids[0], [0] * 7 + [1] * 9 + [2] * 8)
+
+  @nnx.jit
+  def run(model, x, ids):
+    """(main, MTP logits) packed, unmasked, and per document alone."""
+    logits, _, aux = model.forward_with_aux(x, segment_ids_bt=ids)
+    packed = (logits, model.mtp_logits(aux.hidden, x, ids))
+    alone = []
+    for start, end in bounds:
+      logits, _, aux = model.forward_with_aux(x[:, start:end])
+      alone.append((logits, model.mtp_logits(aux.hidden, x[:, start:end])))
+    return packed, model(x)[0], alone
+
+  (packed, packed_mtp), crossing, alone = run(model, x, ids)
+  assert float(jnp.abs(crossing[:, 7:] - packed[:, 7:]).max()) > 1e-3, "unmasked documents see each other"
+  assert len(packed_mtp) == cfg.mtp_depth
+  for (start, end), (logits, mtp) in zip(bounds, alone):
+    np.testing.assert_allclose(packed[:, start:end], logits, atol=1e-5, rtol=1e-5)
+    for depth, (got, want) in enumerate(zip(packed_mtp, mtp), 1):
+      np.testing.assert_allclose(got[:, start : end - depth], want, atol=1e-5, rtol=1e-5)

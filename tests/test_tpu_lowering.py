@@ -50,8 +50,9 @@ def test_kernels_compile_for_v5p_forward_and_backward(dtype):
 
 
 @pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed: run `make libtpu` (pip install 'jax[tpu]')")
-@pytest.mark.parametrize("heads, kv_heads, qk, v", [(16, 4, 128, 128), (32, 32, 192, 128)])  # GQA; MLA (27B's)
-def test_splash_attention_compiles_for_v5p_forward_and_backward(heads, kv_heads, qk, v):
+# GQA; MLA (27B's) over packed documents
+@pytest.mark.parametrize("heads, kv_heads, qk, v, packed", [(16, 4, 128, 128, False), (32, 32, 192, 128, True)])
+def test_splash_attention_compiles_for_v5p_forward_and_backward(heads, kv_heads, qk, v, packed):
   """`model.attention_impl=auto` on a TPU is splash's Mosaic kernels: a quarter of the memory or
   less of XLA's attention, which holds [B, N, T, T] float32 scores."""
   device = slice_devices(parse_slice("v5p-8"))[0]
@@ -59,10 +60,13 @@ def test_splash_attention_compiles_for_v5p_forward_and_backward(heads, kv_heads,
   b, t = 2, 4096
   shapes = [(b, t, heads, qk), (b, t, kv_heads, qk), (b, t, kv_heads, v)]
   args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=whole) for shape in shapes]
+  args.append(jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=whole) if packed else None)
 
   def compiled(implementation):
-    def loss(q, k, val):
-      out = attention.dot_product_attention(q, k, val, is_causal=True, implementation=implementation)
+    def loss(q, k, val, segment_ids):
+      out = attention.dot_product_attention(
+        q, k, val, is_causal=True, segment_ids=segment_ids, implementation=implementation
+      )
       return jnp.sum(out.astype(jnp.float32))
 
     with jax.sharding.use_abstract_mesh(whole.mesh.abstract_mesh):  # `auto` resolves for the mesh's TPU

@@ -435,3 +435,32 @@ def test_bfloat16_moments_are_stored_in_bfloat16_and_step_like_float32(tiny_conf
     assert (
       float(jnp.max(jnp.abs(got - want))) <= 1e-2 * float(jnp.max(jnp.abs(want))) and float(jnp.max(jnp.abs(want))) > 0
     )
+
+
+def test_document_mask_scores_each_packed_document_on_its_own(tiny_config):
+  """train.document_mask: the steps take the tokenizer's end-of-text as the separator, and the
+  evaluated nats of packed windows are the sum of each document's alone."""
+  from manifold.parallel.mesh import make_mesh
+  from manifold.train.run import document_separator, load_run_data, token_byte_table
+  from manifold.train.step import make_eval_step, token_losses
+
+  cfg = tiny_config("--config.train.document_mask=True")
+  data = load_run_data(cfg)
+  separator = document_separator(cfg, data)
+  assert separator == data.tokenizer.eos_id
+  assert document_separator(tiny_config(), data) is None
+  spec = train_state_spec(cfg)
+  state = spec.init(jax.random.key(0))
+  batch = np.asarray(data.val.read(0, 2 * 65)).reshape(2, 65)
+  batch[:, [10, 41]] = separator  # documents [0, 11), [11, 42), [42, 64) of each row's 64 inputs
+  mesh = make_mesh(cfg.mesh)
+  packed = make_eval_step(spec, mesh, token_byte_table(data, cfg.model.vocab_size), separator)(
+    state.params, state.extra, batch
+  )
+  alone = sum(
+    float(token_losses(spec, state.params, state.extra, batch[:, start : end + 1]).sum())
+    for start, end in ((0, 11), (11, 42), (42, 64))
+  )
+  whole = float(token_losses(spec, state.params, state.extra, batch).sum())
+  np.testing.assert_allclose(float(packed["nats"]), alone, rtol=1e-5)
+  assert abs(whole - alone) > 1e-3, "without the mask the documents see each other"

@@ -9,6 +9,10 @@ kernels (`splash.py`; interpret mode off the TPU), for causal self-attention ove
 that are multiples of 128 (other calls take `xla`). `auto` is cuDNN on GPUs in bfloat16 or
 float16, `splash` on TPUs, `matmul` on the CPU and `xla` otherwise: this is the one place
 that looks at the platform.
+
+Packed documents pass `segment_ids` [B, T] (self-attention): splash takes them natively
+(its block mask skips tiles across documents); the others turn them into a [B, 1, T, T]
+mask, which cuDNN applies as a materialised bias.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import splash
+from kernels.attention import reference, splash
 from kernels.platform import platform
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "matmul", "splash")
@@ -37,7 +41,15 @@ def resolve(implementation: str, dtype) -> str:
 
 
 def dot_product_attention(
-  q, k, v, *, scale: float | None = None, mask=None, is_causal: bool = False, implementation: str = "xla"
+  q,
+  k,
+  v,
+  *,
+  scale: float | None = None,
+  mask=None,
+  is_causal: bool = False,
+  segment_ids=None,
+  implementation: str = "xla",
 ) -> jax.Array:
   """q [B, T, N, Hqk], k [B, S, K, Hqk], v [B, S, K, Hv] -> [B, T, N, Hv] (reference.attention's contract).
 
@@ -48,20 +60,25 @@ def dot_product_attention(
   query, so the causal mask hides them, and the padded queries are dropped.
   """
   impl = resolve(implementation, q.dtype)
-  if impl == "matmul":
-    return _matmul_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
   length, v_width = q.shape[1], v.shape[-1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if impl == "splash":
     if splash.supports(q, k, mask=mask, is_causal=is_causal):
-      return splash.attention(q, k, v, scale=scale, interpret=platform() != "tpu")
+      return splash.attention(q, k, v, scale=scale, segment_ids=segment_ids, interpret=platform() != "tpu")
     impl = "xla"
+  if segment_ids is not None:
+    documents = reference.segment_mask(segment_ids)  # [B, 1, T, T]
+    mask = documents if mask is None else mask & documents
+  if impl == "matmul":
+    return _matmul_attention(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
   width = max(q.shape[-1], v_width)
   pad_seq = -length % CUDNN_SEQ_MULTIPLE if impl == "cudnn" and is_causal and k.shape[1] == length else 0
 
   def pad(x):
     return jnp.pad(x, [(0, 0), (0, pad_seq), (0, 0), (0, width - x.shape[-1])])
 
+  if mask is not None and pad_seq:  # padded keys are causally hidden; padded queries may see anything
+    mask = jnp.pad(mask, [(0, 0), (0, 0), (0, pad_seq), (0, pad_seq)], constant_values=True)
   out = jax.nn.dot_product_attention(
     pad(q), pad(k), pad(v), scale=scale, mask=mask, is_causal=is_causal, implementation=None if impl == "xla" else impl
   )
@@ -73,7 +90,6 @@ def _matmul_attention(q, k, v, *, scale, mask, is_causal) -> jax.Array:
   no key averages every value (the reference gives NaN)."""
   b, t, n, h = q.shape
   groups = n // k.shape[2]
-  scale = h**-0.5 if scale is None else scale
   f32 = jnp.float32
   q_h = (q.astype(f32) * scale).transpose(0, 2, 1, 3)  # [B, N, T, H]
   k_h, v_h = (jnp.repeat(x, groups, axis=2).astype(f32).transpose(0, 2, 1, 3) for x in (k, v))  # [B, N, S, .]

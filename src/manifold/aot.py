@@ -133,18 +133,19 @@ def compile_train_step(cfg, tpu_slice: Slice) -> CompileReport:
   check_fits(cfg, mesh)
   model_cfg, tx = model_config(cfg), make_optimizer(cfg.train)
   token_bytes, shape = jnp.ones(model_cfg.vocab_size, jnp.float32), (cfg.train.batch_size, cfg.train.seq_len + 1)
+  separator = 0 if cfg.train.document_mask else None  # which id ends a document does not change the program
   if islands_of(cfg.mesh) > 1:  # the islands' inner step (manifold.islands.mesh), islands inside the slice
     from manifold.config import validate
     from manifold.islands import mesh as island_mesh
 
     islands = islands_of(cfg.mesh)
     spec = island_mesh.make_island_spec(model_cfg, tx, mesh, validate(cfg).islands, islands)
-    step = island_mesh.make_island_train_step(spec, tx, mesh, token_bytes, cfg.train)
+    step = island_mesh.make_island_train_step(spec, tx, mesh, token_bytes, cfg.train, separator)
     batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=island_mesh.island_batch_sharding(mesh))
     compiled = step.lower(spec.abstract.inner, batch).compile()
   else:
     spec = make_state_spec(model_cfg, tx, mesh)
-    step = make_train_step(spec, tx, mesh, token_bytes, cfg.train)
+    step = make_train_step(spec, tx, mesh, token_bytes, cfg.train, separator)
     batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
     compiled = step.lower(spec.abstract, batch).compile()
   memory = compiled.memory_analysis()

@@ -188,7 +188,7 @@ def cmd_eval(args, overrides) -> int:
   from manifold.inference.quantize import check_weights
   from manifold.parallel.mesh import make_mesh
   from manifold.train.restore import load_trained
-  from manifold.train.run import evaluate, token_byte_table
+  from manifold.train.run import document_separator, evaluate, token_byte_table
   from manifold.train.step import make_eval_step
 
   check_weights(args.quantize, args.dtype)  # before the checkpoint loads
@@ -215,7 +215,7 @@ def cmd_eval(args, overrides) -> int:
     seq_len=cfg.train.seq_len,
     num_batches=num_batches or cfg.eval.num_batches,
   )
-  eval_step = make_eval_step(spec, mesh, token_byte_table(data, cfg.model.vocab_size))
+  eval_step = make_eval_step(spec, mesh, token_byte_table(data, cfg.model.vocab_size), document_separator(cfg, data))
   result = evaluate(eval_step, state, batches, mesh)
   print(
     f"step {run.step}: val_loss {result['val_loss']:.4f}  val_bits_per_byte {result['val_bits_per_byte']:.4f}  "

@@ -92,6 +92,11 @@ class TrainConfig(Section):
   batch_size: int = field(32, "global batch, in sequences", POSITIVE)
   seq_len: int = field(256, "tokens per sequence; <= model.max_seq_len", POSITIVE, resume=FIXED)
   microbatches: int = field(1, "gradient accumulation: the batch runs as this many equal slices", POSITIVE)
+  document_mask: bool = field(
+    False,
+    "packed documents attend only within themselves (split at end-of-text; positions restart); "
+    "DeepSeek-V3 trained without (off)",
+  )
   learning_rate: float = field(3e-3, "peak learning rate", POSITIVE_FLOAT)
   warmup_steps: int = field(100, "linear warmup steps", NONNEGATIVE)
   lr_schedule: str = field(
@@ -522,6 +527,11 @@ def _check_distillation(d: DistillConfig, m: ModelConfig, t: TrainConfig, island
   require(
     island == 1 and not i.store,
     f"distill.teacher={d.teacher!r}: distillation runs in one island; drop mesh.island / islands.store",
+  )
+  require(
+    not t.document_mask,
+    f"train.document_mask=True: the teacher of distill.teacher={d.teacher!r} reads whole windows; "
+    "set train.document_mask=False for distillation",
   )
   require(
     d.mode != "on_policy" or d.prompt_tokens + d.max_new_tokens <= m.max_seq_len,

@@ -185,12 +185,16 @@ def island_batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec((ISLAND, *sharding.BATCH_AXES)))
 
 
-def make_island_train_step(spec: IslandSpec, tx: optax.GradientTransformation, mesh: Mesh, token_bytes, train_cfg):
+def make_island_train_step(
+  spec: IslandSpec, tx: optax.GradientTransformation, mesh: Mesh, token_bytes, train_cfg, separator=None
+):
   """`(inner [M, ...], batch [B, T+1]) -> (inner, metrics [M])`: every island's train step on
   its own B/M rows, jitted over `mesh` with the islands' states (`IslandState.inner`)
   donated; the metrics stay on each island. `island_step` makes it a step of `IslandState`."""
   islands = spec.islands
-  inner_step = jax.vmap(train_step_fn(spec.inner, tx, token_bytes, train_cfg), spmd_axis_name=ISLAND)
+  inner_step = jax.vmap(
+    train_step_fn(spec.inner, tx, token_bytes, train_cfg, separator=separator), spmd_axis_name=ISLAND
+  )
   rows = NamedSharding(mesh, PartitionSpec(ISLAND, sharding.BATCH_AXES))
 
   def step(inner: TrainState, batch: jax.Array):

@@ -37,20 +37,50 @@ def write_cache(cache_bs: jax.Array, new_bt: jax.Array, cache_index: jax.Array |
   return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache_bs, new_bt, cache_index)
 
 
-def attend(q, k, v, *, scale: float | None = None, mask=None, is_causal: bool = False, implementation: str = "xla"):
-  """`dot_product_attention` (q [B, T, N, H], k / v [B, S, K, .] -> [B, T, N, Hv]); a Pallas
-  kernel (`splash`) runs once per device on its own batch rows and heads under the ambient mesh."""
-  call = lambda q, k, v: dot_product_attention(  # noqa: E731
-    q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=implementation
+def document_ids(tokens_bt: jax.Array, separator: int) -> jax.Array:
+  """[B, T] int32: which packed document each token belongs to (0, 1, ... along a row); the
+  separator ends its document, so the token after it starts the next."""
+  ends = (tokens_bt == separator).astype(jnp.int32)
+  return jnp.cumsum(ends, axis=1) - ends
+
+
+def document_positions(segment_ids_bt: jax.Array) -> jax.Array:
+  """[B, T] int32: each token's position within its document (RoPE restarts at 0 for each)."""
+  index = jnp.arange(segment_ids_bt.shape[1])
+  starts = jnp.concatenate(
+    [jnp.ones_like(segment_ids_bt[:, :1], bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], 1
+  )
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def attend(
+  q,
+  k,
+  v,
+  *,
+  scale: float | None = None,
+  mask=None,
+  is_causal: bool = False,
+  segment_ids=None,
+  implementation: str = "xla",
+):
+  """`dot_product_attention` (q [B, T, N, H], k / v [B, S, K, .] -> [B, T, N, Hv]; segment_ids
+  [B, T] or None); a Pallas kernel (`splash`) runs once per device on its own batch rows and
+  heads under the ambient mesh."""
+  call = lambda q, k, v, ids=None: dot_product_attention(  # noqa: E731
+    q, k, v, scale=scale, mask=mask, is_causal=is_causal, segment_ids=ids, implementation=implementation
   )
   mesh = jax.sharding.get_abstract_mesh()
   if resolve(implementation, q.dtype) != "splash" or mesh.empty:
-    return call(q, k, v)
+    return call(q, k, v, segment_ids)
   heads = axes_of("heads")
   ways = math.prod(mesh.shape[a] for a in heads)
   heads = heads if q.shape[2] % ways == 0 and k.shape[2] % ways == 0 else ()  # else each device takes all heads
   spec = P(batch_axes(), None, heads, None)
-  return jax.shard_map(call, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+  args, specs = (q, k, v), (spec,) * 3
+  if segment_ids is not None:
+    args, specs = (*args, segment_ids), (*specs, P(batch_axes(), None))
+  return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
 class Attention(nnx.Module):
@@ -76,10 +106,12 @@ class Attention(nnx.Module):
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
     kv_mask: jax.Array | None = None,
+    segment_ids_bt: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """x: [B, T, D], positions: [B, T] (RoPE). With `cache`, the T new keys/values are
     written at slots `cache_index ..` and queries attend to every cached slot <= their own;
-    `kv_mask` [B, S] (cache only) hides the slots it marks False, e.g. a row's left padding."""
+    `kv_mask` [B, S] (cache only) hides the slots it marks False, e.g. a row's left padding.
+    Without one, `segment_ids_bt` [B, T] keeps each query to the keys of its own document."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dt))  # [B, T, N, H]
     k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk[...].astype(dt))  # [B, T, K, H]
@@ -88,7 +120,7 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions_bt, cfg.rope_theta)
 
     if cache is None:
-      out = attend(q, k, v, is_causal=True, implementation=cfg.attention_impl)
+      out = attend(q, k, v, is_causal=True, segment_ids=segment_ids_bt, implementation=cfg.attention_impl)
     else:
       k_all, v_all = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
       cache = {"k": k_all, "v": v_all}  # [B, S, K, H]

@@ -45,10 +45,13 @@ class MultiHeadLatentAttention(nnx.Module):
       "k_rope": jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), cfg.compute_dtype),
     }
 
-  def __call__(self, x_btd, positions_bt, cache: MLACache | None = None, cache_index=0, kv_mask=None):
+  def __call__(
+    self, x_btd, positions_bt, cache: MLACache | None = None, cache_index=0, kv_mask=None, segment_ids_bt=None
+  ):
     """x: [B, T, D] -> ([B, T, D], cache). With `cache`, the T new latents and rope keys are
     written at slots `cache_index ..` and queries attend to every cached slot <= their own;
-    `kv_mask` [B, S] (cache only) hides the slots it marks False, e.g. a row's left padding."""
+    `kv_mask` [B, S] (cache only) hides the slots it marks False, e.g. a row's left padding.
+    Without one, `segment_ids_bt` [B, T] keeps each query to the keys of its own document."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     nope, yarn = cfg.qk_nope_head_dim, rope_scaling(cfg)
     if cfg.q_lora_rank:
@@ -79,5 +82,7 @@ class MultiHeadLatentAttention(nnx.Module):
     )  # [B, S, N, nope + rope]
     impl = "xla" if cache is not None else cfg.attention_impl
     scale = (nope + cfg.qk_rope_head_dim) ** -0.5 * (yarn.softmax_scale if yarn else 1.0)
-    out = attend(q, k, v, scale=scale, mask=mask, is_causal=is_causal, implementation=impl)  # [B, T, N, v]
+    out = attend(
+      q, k, v, scale=scale, mask=mask, is_causal=is_causal, segment_ids=segment_ids_bt, implementation=impl
+    )  # [B, T, N, v]
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), cache  # [B, T, D]

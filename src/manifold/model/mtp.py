@@ -31,9 +31,10 @@ class MTPModule(nnx.Module):
     self.final_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
     self.dtype = cfg.compute_dtype
 
-  def __call__(self, hidden_btd, next_embed_btd, positions_bt, cache=None, cache_index=0):
-    """h^{k-1} [B, T, D] and Emb(t_{i+k}) [B, T, D] -> (h^k [B, T, D], cache)."""
+  def __call__(self, hidden_btd, next_embed_btd, positions_bt, cache=None, cache_index=0, segment_ids_bt=None):
+    """h^{k-1} [B, T, D] and Emb(t_{i+k}) [B, T, D] -> (h^k [B, T, D], cache); segment_ids_bt
+    [B, T] as the main model's blocks take it."""
     x = jnp.concatenate([self.hidden_norm(hidden_btd), self.embed_norm(next_embed_btd)], axis=-1)  # [B, T, 2D]
     x = jnp.einsum("bte,ed->btd", x, self.proj[...].astype(self.dtype))  # [B, T, D]
-    x, cache, _ = self.block(x, positions_bt, cache, cache_index)
+    x, cache, _ = self.block(x, positions_bt, cache, cache_index, segment_ids_bt=segment_ids_bt)
     return x, cache

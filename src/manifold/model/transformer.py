@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from manifold.model import residual
-from manifold.model.attention import Attention, KVCache
+from manifold.model.attention import Attention, KVCache, document_positions
 from manifold.model.config import ModelConfig
 from manifold.model.ffn import SwiGLU
 from manifold.model.layers import Embed, RMSNorm, normal, param
@@ -75,8 +75,8 @@ class ModelAux(NamedTuple):
   balance_loss: jax.Array | None  # [] summed over the MoE layers; MoE only
 
 
-def _train_block(block: "Block", x: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, BlockAux]:
-  x, _, aux = block(x, positions_bt)
+def _train_block(block: "Block", x: jax.Array, positions_bt, segment_ids_bt) -> tuple[jax.Array, BlockAux]:
+  x, _, aux = block(x, positions_bt, segment_ids_bt=segment_ids_bt)
   return x, aux
 
 
@@ -102,18 +102,19 @@ class Block(nnx.Module):
     return self.ffn(x_btd) if self.moe else (self.ffn(x_btd), None)
 
   def __call__(
-    self, x, positions_bt, cache=None, cache_index=0, kv_mask=None
+    self, x, positions_bt, cache=None, cache_index=0, kv_mask=None, segment_ids_bt=None
   ) -> tuple[jax.Array, KVCache | None, BlockAux]:
-    """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux)."""
+    """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux);
+    `segment_ids_bt` [B, T] (no cache): the packed document of each token, attended within."""
     if not self.streams:
-      attn_out, cache = self.attn(self.attn_norm(x), positions_bt, cache, cache_index, kv_mask)
+      attn_out, cache = self.attn(self.attn_norm(x), positions_bt, cache, cache_index, kv_mask, segment_ids_bt)
       x = x + attn_out  # [B, T, D]
       ffn_out, moe_aux = self._ffn(self.ffn_norm(x))
       return x + ffn_out, cache, BlockAux(None, moe_aux)
 
     train = cache is None
     attn_in, attn_mixing = _sub_block_input(self.attn_connection, self.attn_norm, x, train=train)  # [B, T, D]
-    attn_out, cache = self.attn(attn_in, positions_bt, cache, cache_index, kv_mask)
+    attn_out, cache = self.attn(attn_in, positions_bt, cache, cache_index, kv_mask, segment_ids_bt)
     x = residual.res_post_mix(x, attn_out, attn_mixing)  # [B, T, n, D]
     ffn_in, ffn_mixing = _sub_block_input(self.ffn_connection, self.ffn_norm, x, train=train)
     ffn_out, moe_aux = self._ffn(ffn_in)  # [B, T, D]
@@ -169,12 +170,19 @@ class Transformer(nnx.Module):
     *,
     positions_bt: jax.Array | None = None,
     kv_mask: jax.Array | None = None,
+    segment_ids_bt: jax.Array | None = None,
   ) -> tuple[jax.Array, list[KVCache] | None, ModelAux]:
-    """`__call__` that also returns what the blocks report (ModelAux)."""
+    """`__call__` that also returns what the blocks report (ModelAux). Training on packed
+    documents passes `segment_ids_bt` [B, T] (`attention.document_ids`): each token attends
+    only within its document, whose positions restart at 0 unless `positions_bt` is given."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     batch, length = tokens_bt.shape
     if kv_mask is not None and cache is None:
       raise ValueError("kv_mask hides cache slots; it needs a cache")
+    if segment_ids_bt is not None and cache is not None:
+      raise ValueError("segment_ids_bt masks packed documents in training; decoding with a cache takes kv_mask")
+    if positions_bt is None and segment_ids_bt is not None:
+      positions_bt = document_positions(segment_ids_bt)
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.asarray(cache_index)[..., None] + jnp.arange(length), (batch, length))
     x = self.embed(tokens_bt, dt)  # [B, T, D]
@@ -188,7 +196,7 @@ class Transformer(nnx.Module):
       train_block = nnx.remat(_train_block, policy=REMAT_POLICIES[cfg.remat])
     for i, block in enumerate(self.blocks):
       if cache is None:
-        x, aux = train_block(block, x, positions_bt)
+        x, aux = train_block(block, x, positions_bt, segment_ids_bt)
       else:
         x, layer_cache, aux = block(x, positions_bt, cache[i], cache_index, kv_mask)
         new_cache.append(layer_cache)
@@ -206,21 +214,30 @@ class Transformer(nnx.Module):
     )
     return logits.astype(jnp.float32), new_cache, aux
 
-  def mtp_step(self, depth: int, hidden_btd, next_tokens_bt, positions_bt, cache=None, cache_index=0):
+  def mtp_step(
+    self, depth: int, hidden_btd, next_tokens_bt, positions_bt, cache=None, cache_index=0, segment_ids_bt=None
+  ):
     """MTP module `depth` (1-based) on (h^{k-1}_i, t_{i+k}): (logits [B, T, V] float32, h^k, cache)."""
     module, dt = self.mtp[depth - 1], self.cfg.compute_dtype
-    h, cache = module(hidden_btd, self.embed(next_tokens_bt, dt), positions_bt, cache, cache_index)
+    h, cache = module(hidden_btd, self.embed(next_tokens_bt, dt), positions_bt, cache, cache_index, segment_ids_bt)
     logits = jnp.einsum("btd,dv->btv", module.final_norm(h), self.head[...].astype(dt))
     return logits.astype(jnp.float32), h, cache
 
-  def mtp_logits(self, hidden_btd: jax.Array, tokens_bt: jax.Array) -> list[jax.Array]:
+  def mtp_logits(self, hidden_btd: jax.Array, tokens_bt: jax.Array, segment_ids_bt=None) -> list[jax.Array]:
     """Training-time MTP: for depth k = 1..D, logits [B, T-k, V] at positions i < T-k
-    predicting t_{i+k+1}, from the main hidden states [B, T, D] and the input tokens [B, T]."""
+    predicting t_{i+k+1}, from the main hidden states [B, T, D] and the input tokens [B, T]
+    (attending within the documents of `segment_ids_bt` [B, T], as the main model did)."""
     batch, length = tokens_bt.shape
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if segment_ids_bt is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    else:
+      positions = document_positions(segment_ids_bt)
     h, out = hidden_btd, []
     for k in range(1, len(self.mtp) + 1):
-      logits, h, _ = self.mtp_step(k, h[:, : length - k], tokens_bt[:, k:], positions[:, : length - k])
+      ids = None if segment_ids_bt is None else segment_ids_bt[:, : length - k]
+      logits, h, _ = self.mtp_step(
+        k, h[:, : length - k], tokens_bt[:, k:], positions[:, : length - k], segment_ids_bt=ids
+      )
       out.append(logits)  # [B, T - k, V]
     return out
 

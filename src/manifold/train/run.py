@@ -126,6 +126,12 @@ def load_run_data(cfg) -> Data:
   return data
 
 
+def document_separator(cfg, data: Data) -> int | None:
+  """The token that ends a packed document when `train.document_mask` is on (the steps'
+  `separator`), else None."""
+  return data.tokenizer.eos_id if cfg.train.document_mask else None
+
+
 def token_byte_table(data: Data, vocab_size: int) -> jax.Array:
   """[V] bytes per token id (ids beyond the tokenizer's vocabulary count 1)."""
   table = np.ones(vocab_size, np.float32)
@@ -239,7 +245,7 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     spec = island_mesh.make_island_spec(model_cfg, tx, mesh, typed.islands, in_job)
   else:
     spec = make_state_spec(model_cfg, tx, mesh)
-  token_bytes = token_byte_table(data, model_cfg.vocab_size)
+  token_bytes, separator = token_byte_table(data, model_cfg.vocab_size), document_separator(cfg, data)
   island, count = (cfg.islands.id, cfg.islands.count) if store_sync else (0, 1)  # islands read disjoint shards
   iterator = BatchIterator(
     data.train,
@@ -284,14 +290,14 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
       say(f"checkpoint {step} does not restore ({why}); resuming from step {start}; moved it, unchanged, to {where}")
   sync, batch_sharding = store_sync, None
   if in_job > 1:
-    train_step = island_mesh.island_step(island_mesh.make_island_train_step(spec, tx, mesh, token_bytes, tc))
+    train_step = island_mesh.island_step(island_mesh.make_island_train_step(spec, tx, mesh, token_bytes, tc, separator))
     outer = island_mesh.make_outer_sync(spec, mesh, typed.islands)
     sync = island_mesh.InJobIslands(outer, typed.islands, tc, in_job, start=start)
     batch_sharding = island_mesh.island_batch_sharding(mesh)
   elif distill_step is not None:
     train_step = distill_step
   else:
-    train_step = make_train_step(spec, tx, mesh, token_bytes, tc)
+    train_step = make_train_step(spec, tx, mesh, token_bytes, tc, separator)
   return Run(
     cfg=cfg,
     workdir=workdir,
@@ -300,8 +306,8 @@ def set_up(cfg, workdir: str, say: Callable[[str], None]) -> Run:
     mesh=mesh,
     spec=spec,
     train_step=train_step,
-    eval_step=make_eval_step(spec, mesh, token_bytes),
-    residual_stats=make_residual_stats_step(spec, mesh) if model_cfg.residual != "plain" else None,
+    eval_step=make_eval_step(spec, mesh, token_bytes, separator),
+    residual_stats=make_residual_stats_step(spec, mesh, separator) if model_cfg.residual != "plain" else None,
     schedule=learning_rate_schedule(tc),
     iterator=iterator,
     val_batches=val_batches,

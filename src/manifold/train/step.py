@@ -10,21 +10,36 @@ import optax
 from jax.sharding import Mesh
 
 from manifold.model import diagnostics
+from manifold.model.attention import document_ids
 from manifold.model.transformer import updated_router_biases
 from manifold.parallel import sharding
 from manifold.train.state import StateSpec, TrainState
 
 
-def token_losses(spec: StateSpec, params, extra, batch_bt1: jax.Array) -> jax.Array:
+def segments(inputs_bt: jax.Array, separator: int | None) -> jax.Array | None:
+  """The packed documents of the model's inputs [B, T] (`document_ids`), or None when
+  documents are not masked from each other (`separator` None)."""
+  return None if separator is None else document_ids(inputs_bt, separator)
+
+
+def token_losses(spec: StateSpec, params, extra, batch_bt1: jax.Array, separator: int | None = None) -> jax.Array:
   """Next-token cross-entropy in nats, [B, T], for a batch of T+1-token windows."""
-  logits, _ = spec.merge(params, extra)(batch_bt1[:, :-1])  # [B, T, V]
+  inputs = batch_bt1[:, :-1]
+  logits, _, _ = spec.merge(params, extra).forward_with_aux(inputs, segment_ids_bt=segments(inputs, separator))
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch_bt1[:, 1:])  # [B, T]
 
 
-def make_train_step(spec: StateSpec, tx: optax.GradientTransformation, mesh: Mesh, token_bytes: jax.Array, train_cfg):
+def make_train_step(
+  spec: StateSpec,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  token_bytes: jax.Array,
+  train_cfg,
+  separator: int | None = None,
+):
   """`train_step_fn`, jitted over `mesh` with the state donated."""
   return sharding.jit_on_mesh(
-    train_step_fn(spec, tx, token_bytes, train_cfg),
+    train_step_fn(spec, tx, token_bytes, train_cfg, separator=separator),
     mesh,
     in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
     out_shardings=(spec.shardings, sharding.replicated(mesh)),
@@ -44,7 +59,13 @@ def batch_tokens(batch) -> jax.Array:
 
 
 def train_step_fn(
-  spec: StateSpec, tx: optax.GradientTransformation, token_bytes: jax.Array, train_cfg, objective=next_token_objective
+  spec: StateSpec,
+  tx: optax.GradientTransformation,
+  token_bytes: jax.Array,
+  train_cfg,
+  objective=next_token_objective,
+  *,
+  separator: int | None = None,
 ):
   """`(state, batch) -> (state, metrics)`, not jitted (`make_train_step` jits it;
   `manifold.islands.mesh` maps it over islands first).
@@ -54,7 +75,9 @@ def train_step_fn(
   term; its stats are sums over the batch, and with "nats" (label cross-entropy) the
   metrics report loss and bits per byte from them (else loss is the objective's value).
 
-  `token_bytes` [V] gives the UTF-8 bytes each token stands for (bits per byte). With
+  `token_bytes` [V] gives the UTF-8 bytes each token stands for (bits per byte). With a
+  `separator` (`document_separator`: the end-of-text id under `train.document_mask`) each
+  token attends only within its packed document, in the main model and the MTP depths. With
   MoE, the objective adds `train.balance_loss_weight` times the sequence-wise balance
   loss, and after the update each router bias moves by `train.router_bias_rate` toward
   an even load (outside the gradient); with MTP, it adds `train.mtp_weight` times the
@@ -67,7 +90,8 @@ def train_step_fn(
   def loss_fn(params, extra, batch):
     model = spec.merge(params, extra)
     tokens = batch_tokens(batch)
-    logits, _, aux = model.forward_with_aux(tokens[:, :-1])  # [B, T, V]
+    documents = segments(tokens[:, :-1], separator)  # [B, T] or None
+    logits, _, aux = model.forward_with_aux(tokens[:, :-1], segment_ids_bt=documents)  # [B, T, V]
     loss, stats = objective(logits, batch)
     stats = {**stats, "objective": loss}
     if aux.expert_load is not None:
@@ -76,7 +100,7 @@ def train_step_fn(
     if model_cfg.mtp_depth:  # depth k at position i predicts t_{i+k+1}
       depth_losses = [
         optax.softmax_cross_entropy_with_integer_labels(depth_logits, tokens[:, k + 1 :]).mean()
-        for k, depth_logits in enumerate(model.mtp_logits(aux.hidden, tokens[:, :-1]), start=1)
+        for k, depth_logits in enumerate(model.mtp_logits(aux.hidden, tokens[:, :-1], documents), start=1)
       ]
       stats["mtp_loss"] = sum(depth_losses) / len(depth_losses)
       loss = loss + train_cfg.mtp_weight * stats["mtp_loss"]
@@ -152,11 +176,12 @@ def _moe_metrics(expert_load, balance_loss, extra, model_cfg) -> dict[str, jax.A
   }
 
 
-def make_eval_step(spec: StateSpec, mesh: Mesh, token_bytes: jax.Array):
-  """`(params, extra, batch [B, T+1]) -> {nats, bytes, tokens}` sums for one batch."""
+def make_eval_step(spec: StateSpec, mesh: Mesh, token_bytes: jax.Array, separator: int | None = None):
+  """`(params, extra, batch [B, T+1]) -> {nats, bytes, tokens}` sums for one batch (documents
+  masked as in training: `separator` as `train_step_fn` takes it)."""
 
   def eval_step(params, extra, batch):
-    losses = token_losses(spec, params, extra, batch)
+    losses = token_losses(spec, params, extra, batch, separator)
     return {
       "nats": losses.sum(),
       "bytes": token_bytes[batch[:, 1:]].sum(),
@@ -166,11 +191,12 @@ def make_eval_step(spec: StateSpec, mesh: Mesh, token_bytes: jax.Array):
   return _on_batches(eval_step, spec, mesh)
 
 
-def make_residual_stats_step(spec: StateSpec, mesh: Mesh):
+def make_residual_stats_step(spec: StateSpec, mesh: Mesh, separator: int | None = None):
   """`(params, extra, batch [B, T+1]) -> mixing_stats` of the residual streams' H_res."""
 
   def residual_stats(params, extra, batch):
-    _, _, aux = spec.merge(params, extra).forward_with_aux(batch[:, :-1])
+    inputs = batch[:, :-1]
+    _, _, aux = spec.merge(params, extra).forward_with_aux(inputs, segment_ids_bt=segments(inputs, separator))
     return diagnostics.mixing_stats(aux.h_res)
 
   return _on_batches(residual_stats, spec, mesh)
