@@ -81,23 +81,31 @@ def test_splash_attention_compiles_for_v5p_forward_and_backward(heads, kv_heads,
 
 
 @pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed: run `make libtpu` (pip install 'jax[tpu]')")
-def test_megablox_grouped_matmul_compiles_for_v5p_forward_and_backward():
+@pytest.mark.parametrize("chips", [1, 4])  # 4: per chip inside shard_map, as expert parallelism runs it
+def test_megablox_grouped_matmul_compiles_for_v5p_forward_and_backward(chips):
   """`model.grouped_matmul_impl=auto` on a TPU: megablox's gmm (forward, dx) and tgmm (dw), not `ragged_dot`."""
   from kernels.grouped_matmul import api as grouped
 
-  device = slice_devices(parse_slice("v5p-8"))[0]
-  whole = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())
+  mesh = Mesh(np.array(slice_devices(parse_slice("v5p-8"))[:chips]), ("expert",))
+  split = NamedSharding(mesh, PartitionSpec("expert"))
   rows, k, n, groups = 16384, 2560, 1536, 72  # one MoE layer of the 27B model: 4 x 4,096 tokens x 6 / 6
   args = [
-    jax.ShapeDtypeStruct((rows, k), jnp.bfloat16, sharding=whole),
-    jax.ShapeDtypeStruct((groups, k, n), jnp.bfloat16, sharding=whole),
-    jax.ShapeDtypeStruct((groups,), jnp.int32, sharding=whole),
+    jax.ShapeDtypeStruct((rows, k), jnp.bfloat16, sharding=split),
+    jax.ShapeDtypeStruct((groups, k, n), jnp.bfloat16, sharding=split),
+    jax.ShapeDtypeStruct((groups,), jnp.int32, sharding=split),
   ]
 
   def grads(x, w, sizes):
-    loss = lambda x, w: jnp.sum(grouped.gmm(x, w, sizes, "auto").astype(jnp.float32))  # noqa: E731
+    def loss(x, w):
+      per_chip = lambda x, w, sizes: grouped.gmm(x, w, sizes, "auto")  # noqa: E731
+      if chips > 1:
+        per_chip = jax.shard_map(
+          per_chip, mesh=mesh, in_specs=PartitionSpec("expert"), out_specs=PartitionSpec("expert")
+        )
+      return jnp.sum(per_chip(x, w, sizes).astype(jnp.float32))
+
     return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
-  with jax.sharding.use_abstract_mesh(whole.mesh.abstract_mesh):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     text = jax.jit(grads).lower(*args).compile().as_text()
   assert text.count("tpu_custom_call") >= 3, "expected megablox's gmm, its transpose for dx and tgmm"

@@ -12,10 +12,12 @@ any CUDA GPU), `mosaic_gpu` (Pallas Mosaic GPU, Hopper), `megablox` (JAX's maint
 kernels, `jax.experimental.pallas.ops.tpu.megablox`; interpret mode off the TPU),
 `interpret` (the Triton blocks on the CPU: tests). `auto` picks per platform (that of the
 ambient mesh, else the default backend): on GPUs `GPU_DEFAULT`, what measured fastest
-(kernels/grouped_matmul/bench.py), on TPUs `megablox` (but `xla` inside a `shard_map`, as
-expert parallelism runs: megablox's `pallas_call` gives its output no varying-mesh-axes type,
-which shard_map's checks require), on the CPU `blocked` (whose `ragged_dot` computes every
-group on every row), elsewhere `xla`.
+(kernels/grouped_matmul/bench.py), on TPUs `megablox`, on the CPU `blocked` (whose
+`ragged_dot` computes every group on every row), elsewhere `xla`.
+
+Inside a `shard_map` (expert parallelism) megablox's `pallas_call` declares an output type
+without the mesh axes it varies over, which shard_map's check refuses; `_megablox` traces it
+with that check off and types its output as varying over its inputs' axes, which it is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as jax_config
 
 from kernels.grouped_matmul import blocked, mosaic_gpu, triton
 from kernels.platform import platform
@@ -92,6 +95,15 @@ def _same_varying(*arrays: jax.Array) -> list[jax.Array]:
   return [jax.lax.pcast(a, tuple(sorted(axes - varying(a))), to="varying") if axes - varying(a) else a for a in arrays]
 
 
+def _megablox(kernel, *args, like: tuple[jax.Array, ...], **kwargs) -> jax.Array:
+  """megablox's `kernel(*args, **kwargs)`, typed as varying over the mesh axes of `like`.
+  Its `pallas_call` (JAX 0.10 / 0.11) builds its output shape without a varying-axes type, so
+  it is traced with shard_map's check off (JAX's own switch; no public one exists)."""
+  with jax_config._check_vma(False):
+    out = kernel(*args, interpret=platform() != "tpu", **kwargs)
+  return _same_varying(out, *like)[0]
+
+
 def _gmm(x, w, group_sizes, impl: str, transpose_w: bool = False) -> jax.Array:
   """x [M, K], w [G, K, N] (transpose_w: [G, N, K]) -> [M, N], padding to the kernel's tiles."""
   m, n = x.shape[0], w.shape[1 if transpose_w else 2]
@@ -102,8 +114,7 @@ def _gmm(x, w, group_sizes, impl: str, transpose_w: bool = False) -> jax.Array:
   if impl == "mosaic_gpu":
     y = mosaic_gpu.gmm(x_p, w_p, group_sizes, transpose_w=transpose_w, block_k=bk, block_n=bn)
   elif impl == "megablox":
-    tiling, interpret = (bm, bk, bn), platform() != "tpu"
-    y = megablox.gmm(x_p, w_p, group_sizes, x.dtype, tiling, transpose_rhs=transpose_w, interpret=interpret)
+    y = _megablox(megablox.gmm, x_p, w_p, group_sizes, x.dtype, (bm, bk, bn), transpose_rhs=transpose_w, like=(x, w))
   else:
     y = triton.gmm(x_p, w_p, group_sizes, transpose_w=transpose_w, interpret=impl == "interpret", **tiles)
   row = jax.lax.broadcasted_iota(jnp.int32, (m, 1), 0)
@@ -119,7 +130,7 @@ def _tgmm(x, dy, group_sizes, impl: str) -> jax.Array:
   if impl == "mosaic_gpu":
     dw = mosaic_gpu.tgmm(x_p, dy_p, group_sizes, block_m=bk, block_n=bn)  # its m is our K
   elif impl == "megablox":  # takes x transposed, [K, M]
-    dw = megablox.tgmm(x_p.T, dy_p, group_sizes, x.dtype, (bm, bk, bn), interpret=platform() != "tpu")
+    dw = _megablox(megablox.tgmm, x_p.T, dy_p, group_sizes, x.dtype, (bm, bk, bn), like=(x, dy))
   else:
     dw = triton.tgmm(x_p, dy_p, group_sizes, interpret=impl == "interpret", **tiles)
   return dw[:, :k, :n]
@@ -149,11 +160,6 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str 
   if x.dtype != w.dtype:
     raise ValueError(f"gmm: x is {x.dtype} but w is {w.dtype}; cast both to the compute dtype")
   impl = resolve(implementation)
-  if impl == "megablox" and (varying(x) | varying(w)):  # inside shard_map, as the MoE runs under a mesh
-    if implementation != "auto":
-      raise ValueError("gmm: megablox cannot run inside shard_map (its outputs carry no varying-axes type, "
-                       "which shard_map checks); use auto, which takes ragged_dot there")  # fmt: skip
-    impl = "xla"
   if impl == "xla":
     # In x's dtype (the backend accumulates bfloat16 in float32 either way): float32 outputs
     # and cotangents cost the 27B step 1.7 GiB per v5p chip (experiments/results/compile).
