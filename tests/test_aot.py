@@ -27,6 +27,25 @@ def test_slice_names():
     parse_slice("v5p-12")
   with pytest.raises(ConfigError, match="expected <generation>-<size> like v5p-128"):
     parse_slice("h100-8")
+  two = parse_slice("2xv5p-32")  # two slices over DCN
+  assert (two.name, two.topology, two.chips, two.count) == ("2xv5p-32", "v5p:2x2x4", 32, 2)
+
+
+@pytest.mark.skipif(
+  not libtpu_available(), reason="libtpu is not installed: run `make libtpu` (pip install 'jax[tpu]')"
+)
+def test_compile_across_two_slices_puts_the_data_axis_over_dcn():
+  """`--topology 2xv5e-4`: the step compiles for 8 chips of two slices, the batch split over them."""
+  from manifold import aot
+  from manifold.config import load_config
+  from manifold.launch import slice_overrides
+
+  two = parse_slice("2xv5e-4")
+  cfg = load_config(
+    "experiments/quickstart.py:tiny", slice_overrides(["--config.mesh.data=1", "--config.mesh.fsdp=-1"], 2)
+  )
+  report = aot.compile_train_step(cfg, two)
+  assert report.mesh == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1} and report.total_bytes > 0
 
 
 @pytest.mark.skipif(

@@ -38,14 +38,24 @@ GENERATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  name: str  # as given, e.g. v5p-128
-  topology: str  # libtpu's name, e.g. v5p:4x4x4
-  chips: int
+  """One TPU slice, or `count` of them joined by DCN (multislice)."""
+
+  name: str  # as given, e.g. v5p-128 or 2xv5p-32
+  topology: str  # libtpu's name of one slice, e.g. v5p:4x4x4
+  chips: int  # in all slices
   hbm_bytes: int  # per chip
+  count: int = 1
 
 
 def parse_slice(name: str) -> Slice:
-  """`v5p-128` or `v5p:4x4x4` -> Slice; a clear error for anything else."""
+  """`v5p-128` or `v5p:4x4x4`, or `<N>x` before either for N slices over DCN -> Slice; a clear
+  error for anything else."""
+  count, many, one = name.partition("x")
+  if many and count.isdigit() and not one[:1].isdigit():
+    if int(count) < 1:
+      raise ConfigError(f"--topology {name!r}: {count} slices; use at least 1, e.g. 2xv5p-32")
+    single = parse_slice(one)
+    return dataclasses.replace(single, name=name, chips=single.chips * int(count), count=int(count))
   known = ", ".join(GENERATIONS)
   if ":" in name:
     generation, grid = name.split(":", 1)
@@ -129,7 +139,7 @@ def compile_train_step(cfg, tpu_slice: Slice) -> CompileReport:
   from manifold.train.state import make_state_spec
   from manifold.train.step import make_train_step
 
-  mesh = make_mesh(cfg.mesh, slice_devices(tpu_slice))
+  mesh = make_mesh(cfg.mesh, slice_devices(tpu_slice, tpu_slice.count))
   check_fits(cfg, mesh)
   model_cfg, tx = model_config(cfg), make_optimizer(cfg.train)
   token_bytes, shape = jnp.ones(model_cfg.vocab_size, jnp.float32), (cfg.train.batch_size, cfg.train.seq_len + 1)

@@ -347,15 +347,16 @@ def cmd_compile(args, overrides) -> int:
 
   jax.config.update("jax_platforms", "cpu")  # the host backend; the TPU devices come from libtpu's topology
   from manifold import aot
+  from manifold.launch import slice_overrides
   from manifold.sweep import sweep_args
 
   configs = [f"{path}:{a}" for a in sweep_args(path)] if args.sweep else [args.config]
   slices = [aot.parse_slice(name) for name in args.topology.split(",") if name]
   rows = []
   for config in configs:
-    cfg = load_config(config, overrides)
     failures, row = [], None
     for tpu_slice in slices:
+      cfg = load_config(config, slice_overrides(overrides, tpu_slice.count))
       start = time.time()
       try:
         report = aot.compile_train_step(cfg, tpu_slice)
@@ -856,7 +857,10 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("compile", help="AOT-compile the training step for a TPU slice; per-chip memory vs HBM")
   p.add_argument("--config", required=True, help="experiments/<name>.py[:variant] (with --sweep: its get_sweep())")
   p.add_argument(
-    "--topology", required=True, help="TPU slice(s), e.g. v5p-128 or v5p:4x4x4; a comma list stops at the first fit"
+    "--topology",
+    required=True,
+    help="TPU slice(s), e.g. v5p-128, v5p:4x4x4, or 2xv5p-32 for two over DCN (mesh.dcn.data=2 unless set); "
+    "a comma list stops at the first fit",
   )
   p.add_argument("--sweep", action="store_true", help="every variant of the config's get_sweep()")
   p.add_argument("--results", default="", help="folder for results.md / results.json")

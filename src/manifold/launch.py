@@ -32,6 +32,14 @@ _PROJECT = re.compile(r"(?:[a-z0-9.-]+:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")
 _PARTITION = re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*")
 
 
+def slice_overrides(overrides: list[str], slices: int) -> list[str]:
+  """The config overrides of a run over `slices` TPU slices: the data axis crosses them
+  (`mesh.dcn.data = slices`) unless the overrides set a DCN factor themselves."""
+  if slices > 1 and not any(o.startswith("--config.mesh.dcn.") for o in overrides):
+    return [*overrides, f"--config.mesh.dcn.data={slices}"]
+  return list(overrides)
+
+
 def _match(flag: str, value: str, pattern: re.Pattern, allowed: str) -> None:
   require(pattern.fullmatch(value) is not None, f"{flag} {value!r}: must be {allowed}")
 
@@ -134,8 +142,7 @@ def tpu_plan(
     create = [[*queued, "create", name, *where, "--accelerator-type", accelerator_type,
                "--runtime-version", runtime, *nodes, *(["--spot"] if spot else [])]]  # fmt: skip
     ready = [*queued, "describe", name, *where, "--format", "value(state.state)"]
-  if slices > 1 and not any(o.startswith("--config.mesh.dcn.") for o in overrides):
-    overrides = [*overrides, f"--config.mesh.dcn.data={slices}"]  # the data axis crosses slices
+  overrides = slice_overrides(overrides, slices)
   path, sep, arg = config.partition(":")
   gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
   prepare = f"rm -rf {REPO_DIR}/src {REPO_DIR}/kernels && mkdir -p {REPO_DIR}/experiments"
