@@ -14,7 +14,7 @@ from flax import nnx
 from kernels.mhc.sinkhorn import SINKHORN, birkhoff_combination, permutation_matrices
 from safetensors.numpy import load_file
 
-from manifold.config import base_config
+from manifold.config import ConfigError, base_config
 from manifold.model import ModelConfig, Transformer
 from manifold.model import residual as rs
 from manifold.model.diagnostics import (
@@ -329,3 +329,30 @@ def test_mhc_with_pallas_kernels_matches_the_xla_path():
   np.testing.assert_allclose(
     np.asarray(decode_with_cache(models["pallas"], x, prefill=13, jit=True)), np.asarray(logits), atol=1e-4
   )
+
+
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_component_ablation_fixes_the_mappings_left_out(residual):
+  """model.hc_mappings (the mHC paper's Table 1): mappings left out are H_pre = 1/n, H_post = 1,
+  H_res = I for every token; the learned ones still vary by token."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 4, 32))
+  for learned in ("res", "pre,post"):
+    cfg = config(residual=residual, hc_mappings=learned, mhc_impl="xla", mhc_alpha_init=1.0)
+    model = Transformer(cfg, rngs=nnx.Rngs(params=0))
+    connection = model.blocks[0].attn_connection
+    if residual == "hc":  # its dynamic weights start at zero: move them so the learned parts vary
+      connection.w_dynamic[...] = jax.random.normal(jax.random.key(1), connection.w_dynamic.shape)
+    mixing = connection(x)
+    fixed = {
+      "pre": jnp.full((2, 5, 4), 0.25),
+      "post": jnp.ones((2, 5, 4)),
+      "res": jnp.broadcast_to(jnp.eye(4), (2, 5, 4, 4)),
+    }
+    for name, value in fixed.items():
+      got = getattr(mixing, name)
+      if name in learned.split(","):
+        assert float(jnp.std(got, axis=(0, 1)).max()) > 1e-4, (learned, name, "a learned mapping varies by token")
+      else:
+        np.testing.assert_array_equal(got, value)
+  with pytest.raises(ConfigError, match="model.hc_mappings='res,lambda': name one or more of pre,post,res"):
+    ModelConfig.from_mapping({"hc_mappings": "res,lambda"})

@@ -481,10 +481,8 @@ def cmd_islands(args, overrides) -> int:
 def cmd_sweep(args, overrides) -> int:
   from manifold.sweep import run_sweep
 
-  if ":" in args.config or not os.path.isfile(args.config):
-    raise ConfigError(
-      f"--config {args.config}: pass an experiment file with get_sweep(), without :variant (it lists the variants)"
-    )
+  if not os.path.isfile(args.config.split(":", 1)[0]):
+    raise ConfigError(f"--config {args.config}: no such file; pass an experiment file with get_sweep()")
   results = args.results or args.workdir
   _check_output("--workdir", args.workdir)
   _check_output("--results", results)
@@ -831,7 +829,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=cmd_serve)
 
   p = sub.add_parser("sweep", help="train every variant in the config's get_sweep(), then tabulate and plot")
-  p.add_argument("--config", required=True, help="experiments/<name>.py (with get_sweep())")
+  p.add_argument(
+    "--config", required=True, help="experiments/<name>.py (with get_sweep()); :args go before every variant's"
+  )
   p.add_argument("--workdir", required=True, help="one run directory per variant goes under it")
   p.add_argument("--results", default="", help="where results.md / results.json / curves.png go (default: --workdir)")
   p.set_defaults(fn=cmd_sweep)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import statistics
 import time
 from typing import Any, Sequence
 
@@ -16,59 +17,136 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from manifold import files  # noqa: E402
 from manifold.config import ConfigError, load_config  # noqa: E402
-from manifold.results import fmt, write_results  # noqa: E402
-from manifold.train.loop import train  # noqa: E402
+from manifold.results import fmt, source_commit, write_results  # noqa: E402
+from manifold.train.loop import TrainingDiverged, train  # noqa: E402
 from manifold.train.metrics import read_metrics  # noqa: E402
 
+# A logged value is a spike when it tops this multiple of the median of the SPIKE_WINDOW logged
+# values before it (training loss; gradient norm).
+SPIKE_WINDOW = 10
+LOSS_SPIKE_FACTOR = 1.1
+GRAD_NORM_SPIKE_FACTOR = 2.0
 
-def sweep_args(config_path: str) -> list[str]:
-  """The config arguments of `get_sweep()` in the experiment file."""
+
+def _experiment(config_path: str):
   spec = importlib.util.spec_from_file_location("experiment", config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"--config {config_path}: defines no get_sweep(); list the variants to run there")
-  return list(module.get_sweep())
+  return module
+
+
+def sweep_args(config_path: str) -> list[str]:
+  """The config arguments of `get_sweep()` in the experiment file."""
+  return list(_experiment(config_path).get_sweep())
+
+
+def spikes(values: Sequence[float], factor: float, window: int = SPIKE_WINDOW) -> int:
+  """How many of `values` top `factor` times the median of the `window` values before them."""
+  return sum(values[i] > factor * statistics.median(values[i - window : i]) for i in range(window, len(values)))
 
 
 def run_name(arg: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "-", arg).strip("-")
 
 
-def summarize(run_dir: str, cfg, *, name: str, command: str, wall_time_s: float) -> dict[str, Any]:
-  """The results-table row of one finished run."""
+def summarize(
+  run_dir: str, cfg, *, name: str, command: str, wall_time_s: float, diverged: str | None = None
+) -> dict[str, Any]:
+  """The results-table row of one finished run, or of one the divergence checks stopped
+  (`diverged`: why; it has no final validation loss)."""
+  import jax
+
   rows = read_metrics(files.path(run_dir) / "metrics.jsonl")
   val = [r for r in rows if "val_loss" in r]
+  train_rows = [r for r in rows if r.get("loss") is not None and r.get("grad_norm") is not None]
   gains = [r["residual/amax_gain"] for r in val if r.get("residual/amax_gain") is not None]
   tokens = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") is not None]
   return {
     "run": name,
+    "seed": cfg.train.seed,
     "residual": cfg.model.residual,
-    "final_val_loss": val[-1]["val_loss"],
-    "final_val_bits_per_byte": val[-1]["val_bits_per_byte"],
+    "diverged": diverged,
+    "final_val_loss": None if diverged else val[-1]["val_loss"],
+    "final_val_bits_per_byte": None if diverged else val[-1]["val_bits_per_byte"],
     "final_amax_gain": gains[-1] if gains else None,
     "peak_amax_gain": max(gains) if gains else None,
     "tokens": cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len,
     "tokens_per_s": sum(tokens) / len(tokens) if tokens else None,
+    "loss_spikes": spikes([r["loss"] for r in train_rows], LOSS_SPIKE_FACTOR),
+    "grad_norm_spikes": spikes([r["grad_norm"] for r in train_rows], GRAD_NORM_SPIKE_FACTOR),
     "wall_time_s": wall_time_s,
     "command": command,
+    "device": jax.devices()[0].device_kind,
+    "commit": source_commit(),
     "validation": [
-      {"step": r["step"], "val_loss": r["val_loss"], "amax_gain": r.get("residual/amax_gain")} for r in val
+      {
+        "step": r["step"],
+        "val_loss": r["val_loss"],
+        **{k: r.get(f"residual/{k}") for k in ("amax_gain", "forward_gain", "backward_gain")},
+      }
+      for r in val
     ],
+    "training": [{"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"]} for r in train_rows],
   }
 
 
+def seed_of(summary: dict) -> int:
+  return summary["seed"]
+
+
+def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
+  """One row per variant (a sweep argument without its `seed=`): over its seeds the mean and
+  spread (sample standard deviation; 0 for one seed) of the final validation loss, and of its
+  gap to `baseline`'s run of the same seed (negative: better than the baseline)."""
+  groups: dict[str, list[dict]] = {}
+  for s in summaries:
+    groups.setdefault(",".join(p for p in s["run"].split(",") if not p.startswith("seed=")), []).append(s)
+  base = {seed_of(s): s["final_val_loss"] for s in groups.get(baseline, [])}
+
+  def mean_and_spread(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
+
+  rows = []
+  for variant, runs in groups.items():
+    finished = [r for r in runs if r["final_val_loss"] is not None]
+    loss_mean, loss_spread = mean_and_spread([r["final_val_loss"] for r in finished])
+    gaps = [r["final_val_loss"] - base[seed_of(r)] for r in finished if base.get(seed_of(r)) is not None]
+    gap_mean, gap_spread = mean_and_spread(gaps)
+    gains = [r["peak_amax_gain"] for r in runs if r["peak_amax_gain"] is not None]
+    rows.append(
+      {
+        "variant": variant,
+        "seeds": sorted(seed_of(r) for r in runs),
+        "diverged": sorted(seed_of(r) for r in runs if r["final_val_loss"] is None),
+        "val_loss_mean": loss_mean,
+        "val_loss_spread": loss_spread,
+        "gap_mean": gap_mean if baseline else None,
+        "gap_spread": gap_spread if baseline else None,
+        "peak_amax_gain": max(gains) if gains else None,
+        "loss_spikes": sum(r["loss_spikes"] for r in runs),
+        "grad_norm_spikes": sum(r["grad_norm_spikes"] for r in runs),
+      }
+    )
+  return rows
+
+
 def run_sweep(
-  config_path: str, workdir: str, results_dir: str, overrides: Sequence[str] = ()
+  config: str, workdir: str, results_dir: str, overrides: Sequence[str] = ()
 ) -> list[dict[str, Any]] | None:
-  """Trains (or resumes) each variant in `<workdir>/<name>`, then writes results.{json,md} and curves.png.
+  """Trains (or resumes) each variant of `config` (`experiments/<name>.py`, or with `:args`
+  that go before every variant's, e.g. `:scale=gpu`) in `<workdir>/<name>`, then writes
+  results.{json,md}, by_variant.{json,md} where variants have seeds, and curves.png.
 
   Returns the results rows, or None if SIGTERM stopped a run (saved; rerunning resumes).
   """
   files.path(results_dir).mkdir(parents=True, exist_ok=True)
+  config_path, _, common = config.partition(":")
+  experiment = _experiment(config_path)
   summaries = []
-  for arg in sweep_args(config_path):
-    spec = f"{config_path}:{arg}"
+  for arg in experiment.get_sweep():
+    spec = f"{config_path}:{common},{arg}" if common else f"{config_path}:{arg}"
     cfg = load_config(spec, overrides)
     run_dir = os.path.join(workdir, run_name(arg))
     summary_path = files.path(run_dir) / "summary.json"
@@ -76,15 +154,25 @@ def run_sweep(
       summaries.append(json.loads(saved))
       continue
     print(f"=== {spec} -> {run_dir}")
-    started = time.perf_counter()
-    if train(cfg, run_dir).stopped_early:  # SIGTERM: the run is saved; leave the rest for the rerun
-      print(f"stopped during {spec}; rerun the same command to resume the sweep")
-      return None
+    started, diverged = time.perf_counter(), None
+    try:
+      if train(cfg, run_dir).stopped_early:  # SIGTERM: the run is saved; leave the rest for the rerun
+        print(f"stopped during {spec}; rerun the same command to resume the sweep")
+        return None
+    except TrainingDiverged as e:  # a result of the sweep (e.g. a learning rate past the stable one)
+      diverged = str(e).split(": stopped", 1)[0]
+      print(f"{spec} diverged: {diverged}")
     command = " ".join(["manifold train", f"--config {spec}", f"--workdir {run_dir}", *overrides])
-    summary = summarize(run_dir, cfg, name=arg, command=command, wall_time_s=time.perf_counter() - started)
+    summary = summarize(
+      run_dir, cfg, name=arg, command=command, wall_time_s=time.perf_counter() - started, diverged=diverged
+    )
     files.write_atomic(summary_path, json.dumps(summary, indent=2))
     summaries.append(summary)
   write_results(results_dir, summaries, COLUMNS)
+  if any("seed=" in s["run"] for s in summaries):  # runs over seeds: a row per variant too
+    write_results(
+      results_dir, by_variant(summaries, getattr(experiment, "BASELINE", None)), VARIANT_COLUMNS, name="by_variant"
+    )
   plot_sweep(summaries, files.path(results_dir) / "curves.png")
   return summaries
 
@@ -92,14 +180,32 @@ def run_sweep(
 # The sweep table: one row per variant, with the command that trained it.
 COLUMNS = [
   ("run", lambda s: s["run"]),
-  ("final val loss", lambda s: f"{s['final_val_loss']:.4f}"),
-  ("final val bits/byte", lambda s: f"{s['final_val_bits_per_byte']:.4f}"),
+  ("final val loss", lambda s: f"diverged: {s['diverged']}" if s.get("diverged") else fmt(s["final_val_loss"], ".4f")),
+  ("final val bits/byte", lambda s: fmt(s["final_val_bits_per_byte"], ".4f")),
   ("final Amax gain", lambda s: fmt(s["final_amax_gain"], ".3f")),
   ("peak Amax gain", lambda s: fmt(s["peak_amax_gain"], ".3f")),
   ("tokens", lambda s: f"{s['tokens']:,}"),
   ("tokens/s", lambda s: fmt(s["tokens_per_s"], ",.0f")),
+  ("loss / grad-norm spikes", lambda s: f"{s['loss_spikes']} / {s['grad_norm_spikes']}"),
   ("wall time", lambda s: f"{s['wall_time_s'] / 60:.1f} min"),
+  ("device, commit", lambda s: f"{s['device']}, {s['commit']}"),
   ("command", lambda s: f"`{s['command']}`"),
+]
+
+
+def _mean_spread(mean: float | None, spread: float | None, sign: str) -> str:
+  return "-" if mean is None else f"{mean:{sign}.4f} ± {spread:.4f}"
+
+
+# The table over seeds (by_variant.md): one row per variant.
+VARIANT_COLUMNS = [
+  ("variant", lambda r: r["variant"]),
+  ("seeds", lambda r: ", ".join(map(str, r["seeds"]))),
+  ("final val loss: mean ± spread", lambda r: _mean_spread(r["val_loss_mean"], r["val_loss_spread"], "")),
+  ("gap to baseline: mean ± spread", lambda r: _mean_spread(r["gap_mean"], r["gap_spread"], "+")),
+  ("diverged (seeds)", lambda r: ", ".join(map(str, r["diverged"])) or "-"),
+  ("peak Amax gain", lambda r: fmt(r["peak_amax_gain"], ".3f")),
+  ("loss / grad-norm spikes (all seeds)", lambda r: f"{r['loss_spikes']} / {r['grad_norm_spikes']}"),
 ]
 
 

@@ -27,6 +27,8 @@ from manifold.schema import (
   require,
 )
 
+MAPPINGS = ("pre", "post", "res")  # the stream mappings H_pre, H_post, H_res (model.hc_mappings)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
@@ -104,6 +106,11 @@ class ModelConfig(Section):
   sinkhorn_iters: int = field(20, "t_max", POSITIVE)
   mhc_alpha_init: float = field(0.01, "initial gates alpha of mhc / mhc_lite", NONNEGATIVE_FLOAT)
   hc_scale_init: float = field(0.01, "initial scales of HC's dynamic parts", NONNEGATIVE_FLOAT)
+  hc_mappings: str = field(
+    "pre,post,res",
+    "the stream mappings hc / mhc / mhc_lite learn; the others are fixed as in the mHC paper's Table 1 "
+    "(H_pre 1/n each, H_post 1, H_res I)",
+  )
   mhc_impl: str = field(
     "auto", "mhc stream mixing: auto (Pallas kernels on GPU / TPU, jnp elsewhere) | pallas | xla",
     one_of("auto", "pallas", "xla"),
@@ -122,6 +129,11 @@ class ModelConfig(Section):
     require(
       self.n_heads % self.n_kv_heads == 0,
       f"model.n_kv_heads={self.n_kv_heads}: must divide model.n_heads={self.n_heads}",
+    )
+    mappings = self.hc_mappings.split(",")
+    require(
+      bool(self.hc_mappings) and set(mappings) <= set(MAPPINGS) and len(set(mappings)) == len(mappings),
+      f"model.hc_mappings={self.hc_mappings!r}: name one or more of {','.join(MAPPINGS)}, comma-separated",
     )
     require(
       self.residual != "mhc_lite" or self.streams <= 6,
@@ -148,6 +160,11 @@ class ModelConfig(Section):
       self.mhc_impl != "pallas" or (self.residual == "mhc" and self.mhc_sinkhorn in ("exp", "softmax_eps")),
       f"model.mhc_impl='pallas': the kernels fuse residual=mhc with mhc_sinkhorn exp or softmax_eps, not "
       f"residual={self.residual!r}, mhc_sinkhorn={self.mhc_sinkhorn!r}; use model.mhc_impl=auto or xla",
+    )
+    require(
+      self.mhc_impl != "pallas" or len(mappings) == len(MAPPINGS),
+      f"model.mhc_impl='pallas': the kernels learn every mapping, not only model.hc_mappings={self.hc_mappings!r}; "
+      "use model.mhc_impl=auto or xla",
     )
 
   def is_moe_block(self, index: int) -> bool:

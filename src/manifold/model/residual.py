@@ -6,7 +6,9 @@ streams, and the streams are collapsed once before the final norm. A layer is
 
     x_{l+1}[k] = sum_j H_res[k, j] x_l[j] + H_post[k] * F(sum_j H_pre[j] x_l[j])
 
-with per-token coefficients computed from x_l by the connection modules below.
+with per-token coefficients computed from x_l by the connection modules below. Mappings
+left out of `model.hc_mappings` are fixed as in the mHC paper's component ablation (Table 1):
+H_pre = 1/n for every stream, H_post = 1, H_res = I.
 `Mixing.res` is H_res in that (output, input) layout; DeepSeek-V4 stores its
 transpose (`comb`) and applies `comb^T`.
 """
@@ -26,7 +28,7 @@ from kernels.mhc import reference as mhc_reference
 from kernels.mhc.sinkhorn import SINKHORN_EPS
 from kernels.mhc.tiles import parse_tiles
 
-from manifold.model.config import ModelConfig
+from manifold.model.config import MAPPINGS, ModelConfig
 from manifold.model.layers import RMSNorm, normal, param
 from manifold.model.partitioning import batch_axes, batch_ways
 
@@ -80,6 +82,17 @@ def res_post_mix(x_btnd: jax.Array, y_btd: jax.Array, mixing: Mixing) -> jax.Arr
   return mixed + mixing.post.astype(dt)[..., None] * y_btd[:, :, None, :]
 
 
+def with_fixed_mappings(mixing: Mixing, learned: tuple[str, ...]) -> Mixing:
+  """`mixing` with the mappings not in `learned` fixed: H_pre = 1/n, H_post = 1, H_res = I."""
+  if len(learned) == len(MAPPINGS):
+    return mixing
+  n = mixing.pre.shape[-1]
+  pre = mixing.pre if "pre" in learned else jnp.full_like(mixing.pre, 1 / n)
+  post = mixing.post if "post" in learned else jnp.ones_like(mixing.post)
+  res = mixing.res if "res" in learned else jnp.broadcast_to(jnp.eye(n, dtype=mixing.res.dtype), mixing.res.shape)
+  return Mixing(pre, post, res)
+
+
 class Connection(nnx.Module):
   """A sub-block's residual connection: `read` gives F's input and the layer's mixing."""
 
@@ -112,6 +125,7 @@ class HyperConnection(Connection):
     self.b_post = param(rngs, jax.nn.initializers.ones, (n,), (None,))
     self.b_res = param(rngs, lambda *_: jnp.eye(n), (n, n), (None, None))
     self.streams = n
+    self.learned = tuple(cfg.hc_mappings.split(","))
 
   def __call__(self, x_btnd: jax.Array) -> Mixing:
     n = self.streams
@@ -122,7 +136,7 @@ class HyperConnection(Connection):
     pre = self.b_pre[...] + s_pre * dynamic[..., 0]  # [B, T, n]
     post = self.b_post[...] + s_post * dynamic[..., 1]  # [B, T, n]
     res_in_out = self.b_res[...] + s_res * dynamic[..., 2 : 2 + n]  # [B, T, n_in, n_out]
-    return Mixing(pre, post, jnp.swapaxes(res_in_out, -1, -2))
+    return with_fixed_mappings(Mixing(pre, post, jnp.swapaxes(res_in_out, -1, -2)), self.learned)
 
 
 class ManifoldHyperConnection(Connection):
@@ -142,7 +156,7 @@ class ManifoldHyperConnection(Connection):
 
   With `model.mhc_impl` pallas (auto: on GPU and TPU; kernels/mhc/api.py resolves it),
   `read` and `res_post_mix` run the fused Pallas kernels of kernels/mhc (mhc with the exp
-  or softmax_eps Sinkhorn); otherwise the XLA path, reference.py.
+  or softmax_eps Sinkhorn, all three mappings learned); otherwise the XLA path, reference.py.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -155,7 +169,9 @@ class ManifoldHyperConnection(Connection):
     self.bias = param(rngs, jax.nn.initializers.zeros, (width,), (None,))
     self.norm_eps = cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
-    self.impl = cfg.mhc_impl if not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS else "xla"
+    self.learned = tuple(cfg.hc_mappings.split(","))
+    fusable = not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS and len(self.learned) == len(MAPPINGS)
+    self.impl = cfg.mhc_impl if fusable else "xla"
     self.tiles = parse_tiles(cfg.mhc_tiles)
 
   def runs_kernels(self) -> bool:
@@ -185,7 +201,9 @@ class ManifoldHyperConnection(Connection):
       eps=self.norm_eps,
       lite=self.lite,
     )  # [B T, n], [B T, n], [B T, n, n]
-    return Mixing(pre.reshape(b, t, n), post.reshape(b, t, n), res.reshape(b, t, n, n))
+    return with_fixed_mappings(
+      Mixing(pre.reshape(b, t, n), post.reshape(b, t, n), res.reshape(b, t, n, n)), self.learned
+    )
 
 
 class StreamHead(nnx.Module):
