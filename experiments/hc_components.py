@@ -27,13 +27,11 @@ SEEDS = (0, 1, 2)
 BASELINE = "residual=plain"  # by_variant.md's gaps are to this variant's run of the same seed
 
 
-def get_config(arg: str | None = None):
-  args = parse_arg(arg, residual="plain", mappings="all", seed=0, scale="cpu")
-  if args.mappings not in MAPPINGS:
-    raise ConfigError(f"experiments/hc_components.py: mappings={args.mappings!r}; use one of {', '.join(MAPPINGS)}")
-  if args.scale not in SCALES:
-    raise ConfigError(f"experiments/hc_components.py: scale={args.scale!r}; use one of {', '.join(SCALES)}")
-  layers, width, heads, steps, batch, length = SCALES[args.scale]
+def study_config(*, residual, layers, width, heads, steps, batch, length, seed=0, learning_rate=3e-3, mappings="all"):
+  """The byte-level dense model and run of every study of the mHC paper's ablations
+  (this file's, experiments/depth_stress.py's and experiments/mhc_scaling.py's): `layers`
+  blocks of `width` with `heads` heads, a SwiGLU of 3 x width, `steps` steps of `batch` x
+  `length` bytes, warm-up a tenth of the steps, six validations."""
   c = base_config()
   c.model.update(
     d_model=width,
@@ -43,23 +41,43 @@ def get_config(arg: str | None = None):
     head_dim=width // heads,
     d_ff=3 * width,
     max_seq_len=length,
-    residual=args.residual,
-    hc_mappings=MAPPINGS[args.mappings],
+    residual=residual,
+    hc_mappings=MAPPINGS[mappings],
   )
   c.train.update(
-    seed=args.seed,
+    seed=seed,
     steps=steps,
     batch_size=batch,
     seq_len=length,
-    learning_rate=3e-3,
-    warmup_steps=steps // 10,
-    eval_every=steps // 6,
-    checkpoint_every=steps // 2,
+    learning_rate=learning_rate,
+    warmup_steps=max(1, steps // 10),
+    eval_every=max(1, steps // 6),
+    checkpoint_every=max(1, steps // 2),
     log_every=10,
   )
   c.eval.update(batch_size=16, num_batches=8)
   c.sample.max_new_tokens = 0
   return c
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, residual="plain", mappings="all", seed=0, scale="cpu")
+  if args.mappings not in MAPPINGS:
+    raise ConfigError(f"experiments/hc_components.py: mappings={args.mappings!r}; use one of {', '.join(MAPPINGS)}")
+  if args.scale not in SCALES:
+    raise ConfigError(f"experiments/hc_components.py: scale={args.scale!r}; use one of {', '.join(SCALES)}")
+  layers, width, heads, steps, batch, length = SCALES[args.scale]
+  return study_config(
+    residual=args.residual,
+    mappings=args.mappings,
+    seed=args.seed,
+    layers=layers,
+    width=width,
+    heads=heads,
+    steps=steps,
+    batch=batch,
+    length=length,
+  )
 
 
 def get_sweep():

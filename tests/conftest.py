@@ -152,25 +152,29 @@ TINY_SWEEP = """
 from manifold.config import base_config, parse_arg
 
 
+BASELINE = "residual=plain"
+
+
 def get_config(arg=None):
-  args = parse_arg(arg, residual="plain")
+  args = parse_arg(arg, residual="plain", seed=0)
   c = base_config()
   c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64, max_seq_len=32,
                  residual=args.residual)
-  c.train.update(steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3, checkpoint_every=6, log_every=3)
+  c.train.update(seed=args.seed, steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3,
+                 checkpoint_every=6, log_every=1)
   c.eval.update(batch_size=4, num_batches=1)
   c.sample.max_new_tokens = 0
   return c
 
 
 def get_sweep():
-  return ["residual=plain", "residual=mhc"]
+  return [f"residual={r},seed={s}" for s in (0, 1) for r in ("plain", "mhc")]
 """
 
 
 @pytest.fixture(scope="session")
 def tiny_sweep(corpus_dir, tmp_path_factory):
-  """(results dir, the mhc run's directory) of a two-run plain / mhc sweep."""
+  """(results dir, the mhc run's directory) of a plain / mhc sweep over seeds 0 and 1."""
   from manifold.sweep import run_sweep
 
   def make(root):
@@ -184,7 +188,7 @@ def tiny_sweep(corpus_dir, tmp_path_factory):
     run_sweep(str(experiment), str(root / "runs"), str(root / "results"), overrides)
 
   root = made_once(tmp_path_factory, "tiny_sweep", make)
-  return root / "results", root / "runs" / "residual-mhc"
+  return root / "results", root / "runs" / "residual-mhc-seed-0"
 
 
 @pytest.fixture(scope="session")

@@ -4,21 +4,62 @@ from __future__ import annotations
 
 import json
 
-from manifold.sweep import run_name
+import numpy as np
+
+from manifold.sweep import run_name, spikes, sweep_args
 
 
 def test_sweep_tabulates_every_variant_with_its_command(tiny_sweep):
   results, _ = tiny_sweep
   summaries = json.loads((results / "results.json").read_text())
-  assert [s["run"] for s in summaries] == ["residual=plain", "residual=mhc"]
-  assert [s["residual"] for s in summaries] == ["plain", "mhc"]
-  plain, mhc = summaries
+  assert [s["run"] for s in summaries] == [f"residual={r},seed={s}" for s in (0, 1) for r in ("plain", "mhc")]
+  assert [(s["residual"], s["seed"]) for s in summaries] == [("plain", 0), ("mhc", 0), ("plain", 1), ("mhc", 1)]
+  plain, mhc = summaries[:2]
   assert plain["final_amax_gain"] is None and mhc["final_amax_gain"] >= 1.0 - 1e-5
-  assert [r["step"] for r in mhc["validation"]] == [0, 3, 6]
+  assert [r["step"] for r in mhc["validation"]] == [0, 3, 6] and mhc["validation"][-1]["forward_gain"] > 0
+  assert [r["step"] for r in mhc["training"]] == [1, 2, 3, 4, 5, 6] and plain["commit"] and plain["device"]
   assert plain["tokens"] == 6 * 4 * 32
   table = (results / "results.md").read_text().splitlines()
-  assert len(table) == 4 and "--config " in table[2] and ":residual=plain --workdir " in table[2]
+  assert len(table) == 6 and "--config " in table[2] and ":residual=plain,seed=0 --workdir " in table[2]
   assert (results / "curves.png").stat().st_size > 1000
+  variants = {r["variant"]: r for r in json.loads((results / "by_variant.json").read_text())}
+  assert set(variants) == {"residual=plain", "residual=mhc"} and variants["residual=mhc"]["seeds"] == [0, 1]
+  gaps = [mhc["final_val_loss"] - plain["final_val_loss"] for plain, mhc in (summaries[:2], summaries[2:])]
+  np.testing.assert_allclose(variants["residual=mhc"]["gap_mean"], np.mean(gaps), rtol=1e-9)
+  np.testing.assert_allclose(variants["residual=mhc"]["gap_spread"], np.std(gaps, ddof=1), rtol=1e-9)
+  assert variants["residual=plain"]["gap_mean"] == 0.0
+
+
+def test_spikes_count_values_above_a_multiple_of_the_running_median():
+  values = [1.0] * 10 + [1.05, 1.2, 1.0, 5.0] + [1.0] * 10
+  assert spikes(values, 1.1) == 2 and spikes(values, 2.0) == 1 and spikes(values[:10], 1.1) == 0
+
+
+def test_the_paper_ablation_studies_are_what_their_docstrings_say():
+  """Component ablation: plain and HC / mHC x 3 learned sets, 3 seeds each; depth stress: 12 to
+  96 sub-block layers at two learning rates with the spike stops off; scaling: each size's
+  variants see the same tokens, 10 per parameter of the plain model."""
+  from manifold.config import load_config, model_config
+  from manifold.model.accounting import count_params
+
+  components = sweep_args("experiments/hc_components.py")
+  assert len(components) == 21 and len({a.rsplit(",seed=", 1)[0] for a in components}) == 7
+  assert load_config("experiments/hc_components.py:residual=hc,mappings=pre+post").model.hc_mappings == "pre,post"
+  depth = sweep_args("experiments/depth_stress.py")
+  assert len(depth) == 24 and {load_config(f"experiments/depth_stress.py:{a}").model.n_layers for a in depth} == {
+    6,
+    12,
+    24,
+    48,
+  }
+  stress = load_config("experiments/depth_stress.py:residual=hc,layers=96,lr=high").train
+  assert (stress.learning_rate, stress.spike_factor, stress.param_norm_factor) == (1e-2, 0.0, 0.0)
+  assert len(sweep_args("experiments/depth_stress.py", "scale=cpu")) == 18
+  for size in ("s", "m", "l"):
+    configs = [load_config(f"experiments/mhc_scaling.py:size={size},residual={r}") for r in ("plain", "hc", "mhc")]
+    tokens = {c.train.steps * c.train.batch_size * c.train.seq_len for c in configs}
+    plain = count_params(model_config(configs[0]))["non_embedding"]
+    assert len(tokens) == 1 and 10 * plain <= tokens.pop() < 10 * plain + 64 * 256
 
 
 def test_run_names_are_filesystem_safe():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -37,9 +38,12 @@ def _experiment(config_path: str):
   return module
 
 
-def sweep_args(config_path: str) -> list[str]:
-  """The config arguments of `get_sweep()` in the experiment file."""
-  return list(_experiment(config_path).get_sweep())
+def sweep_args(config_path: str, common: str = "") -> list[str]:
+  """The config arguments of `get_sweep()` in the experiment file; a `get_sweep(arg)` that
+  takes one is given `common`, the arguments every variant shares (it may depend on them)."""
+  get_sweep = _experiment(config_path).get_sweep
+  takes_arg = bool(inspect.signature(get_sweep).parameters)
+  return list(get_sweep(common or None) if takes_arg else get_sweep())
 
 
 def spikes(values: Sequence[float], factor: float, window: int = SPIKE_WINDOW) -> int:
@@ -145,7 +149,7 @@ def run_sweep(
   config_path, _, common = config.partition(":")
   experiment = _experiment(config_path)
   summaries = []
-  for arg in experiment.get_sweep():
+  for arg in sweep_args(config_path, common):
     spec = f"{config_path}:{common},{arg}" if common else f"{config_path}:{arg}"
     cfg = load_config(spec, overrides)
     run_dir = os.path.join(workdir, run_name(arg))

@@ -1,0 +1,79 @@
+"""Depth stress (the mHC paper's Fig. 2 / 3 question, at small scale): plain vs HC vs mHC at
+one width and 12, 24, 48 and 96 sub-block layers (6 to 48 blocks), at the stable learning
+rate and at one above it.
+
+Does HC's composite gain (the paper's forward and backward gains of prod H_res, logged as
+`residual/forward_gain` / `residual/backward_gain` at every validation) grow with depth and
+training time, and does mHC keep it near 1? The runs count loss spikes and gradient-norm
+spikes (`manifold.sweep.spikes`) with the loss-spike and parameter-norm stops off, so an
+unstable run keeps going; a non-finite loss still stops it (the table says "diverged").
+
+  manifold sweep --config experiments/depth_stress.py:scale=gpu --workdir runs/depth_stress \\
+      --results experiments/results/depth_stress
+
+Arguments (`:key=value,...`): residual (plain | hc | mhc), layers (sub-block layers: 12, 24,
+48, 96), lr (stable | high: 3e-3 | 1e-2), seed, scale: `gpu` (width 128, 1,500 steps of
+32 x 256 bytes: 12.3M tokens a run) or `cpu` (width 64, 12 to 48 layers, 150 steps of 8 x
+128 bytes; a smoke-sized version).
+"""
+
+import importlib.util
+import os
+
+from manifold.config import ConfigError, parse_arg
+
+LEARNING_RATES = {"stable": 3e-3, "high": 1e-2}
+DEFAULTS = dict(residual="plain", layers=24, lr="stable", seed=0, scale="gpu")
+SCALES = {  # width, heads, steps, batch, sequence, the depths (sub-block layers) the sweep runs
+  "gpu": (128, 4, 1500, 32, 256, (12, 24, 48, 96)),
+  "cpu": (64, 4, 150, 8, 128, (12, 24, 48)),
+}
+
+
+def _components():
+  """experiments/hc_components.py: the studies' one model and run definition."""
+  path = os.path.join(os.path.dirname(__file__), "hc_components.py")
+  spec = importlib.util.spec_from_file_location("hc_components", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _scale(args):
+  if args.scale not in SCALES:
+    raise ConfigError(f"experiments/depth_stress.py: scale={args.scale!r}; use one of {', '.join(SCALES)}")
+  return SCALES[args.scale]
+
+
+def get_config(arg: str | None = None):
+  args = parse_arg(arg, **DEFAULTS)
+  if args.lr not in LEARNING_RATES:
+    raise ConfigError(f"experiments/depth_stress.py: lr={args.lr!r}; use one of {', '.join(LEARNING_RATES)}")
+  if args.layers % 2:
+    raise ConfigError(f"experiments/depth_stress.py: layers={args.layers}; sub-block layers come in pairs per block")
+  width, heads, steps, batch, length, _ = _scale(args)
+  c = _components().study_config(
+    residual=args.residual,
+    seed=args.seed,
+    layers=args.layers // 2,
+    width=width,
+    heads=heads,
+    steps=steps,
+    batch=batch,
+    length=length,
+    learning_rate=LEARNING_RATES[args.lr],
+  )
+  c.train.update(spike_factor=0.0, param_norm_factor=0.0, eval_every=steps // 10)  # count spikes, keep going
+  return c
+
+
+def get_sweep(arg: str | None = None):
+  """Every depth of the scale (`arg`: the sweep's common arguments) x residual, at the stable
+  and the high learning rate."""
+  depths = _scale(parse_arg(arg, **DEFAULTS))[-1]
+  return [
+    f"residual={residual},layers={layers},lr={lr}"
+    for lr in LEARNING_RATES
+    for layers in depths
+    for residual in ("plain", "hc", "mhc")
+  ]

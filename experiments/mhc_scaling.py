@@ -1,0 +1,56 @@
+"""A small scaling curve (the mHC paper's Fig. 6a question): plain vs HC vs mHC at three sizes,
+each trained on the same multiple of its parameter count in tokens, so the relative loss
+advantage of mHC over plain can be read across sizes.
+
+  manifold sweep --config experiments/mhc_scaling.py:scale=gpu --workdir runs/mhc_scaling \\
+      --results experiments/results/mhc_scaling
+
+Arguments (`:key=value,...`): size (s | m | l), residual (plain | hc | mhc), seed, scale:
+`gpu` (blocks x width 4 x 192, 5 x 320, 6 x 448: 2.0M, 6.8M, 15.8M parameters without the
+embedding, batch 64 x 256 bytes; 1,209 to 9,647 steps) or `cpu` (2 x 32, 3 x 48, 4 x 64; batch 16 x 128). Steps give
+TOKENS_PER_PARAMETER tokens per parameter of the plain model of the size (`manifold params`'
+count without the embedding); HC and mHC train on the same tokens.
+"""
+
+import importlib.util
+import math
+import os
+
+from manifold.config import ConfigError, model_config, parse_arg
+
+TOKENS_PER_PARAMETER = 10
+SCALES = {  # size -> (blocks, width, heads); batch, sequence
+  "gpu": ({"s": (4, 192, 3), "m": (5, 320, 5), "l": (6, 448, 7)}, 64, 256),
+  "cpu": ({"s": (2, 32, 2), "m": (3, 48, 3), "l": (4, 64, 4)}, 16, 128),
+}
+DEFAULTS = dict(size="s", residual="plain", seed=0, scale="gpu")
+
+
+def _components():
+  """experiments/hc_components.py: the studies' one model and run definition."""
+  path = os.path.join(os.path.dirname(__file__), "hc_components.py")
+  spec = importlib.util.spec_from_file_location("hc_components", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  from manifold.model.accounting import count_params
+
+  args = parse_arg(arg, **DEFAULTS)
+  if args.scale not in SCALES:
+    raise ConfigError(f"experiments/mhc_scaling.py: scale={args.scale!r}; use one of {', '.join(SCALES)}")
+  sizes, batch, length = SCALES[args.scale]
+  if args.size not in sizes:
+    raise ConfigError(f"experiments/mhc_scaling.py: size={args.size!r}; use one of {', '.join(sizes)}")
+  layers, width, heads = sizes[args.size]
+  study = _components().study_config
+  shape = dict(seed=args.seed, layers=layers, width=width, heads=heads, batch=batch, length=length)
+  plain = count_params(model_config(study(residual="plain", steps=100, **shape)))["non_embedding"]
+  return study(residual=args.residual, steps=math.ceil(TOKENS_PER_PARAMETER * plain / (batch * length)), **shape)
+
+
+def get_sweep():
+  """Every size x residual."""
+  return [f"size={size},residual={residual}" for size in ("s", "m", "l") for residual in ("plain", "hc", "mhc")]
