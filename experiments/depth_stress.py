@@ -17,10 +17,9 @@ Arguments (`:key=value,...`): residual (plain | hc | mhc), layers (sub-block lay
 128 bytes; a smoke-sized version).
 """
 
-import importlib.util
 import os
 
-from manifold.config import ConfigError, parse_arg
+from manifold.config import ConfigError, experiment_module, parse_arg
 
 LEARNING_RATES = {"stable": 3e-3, "high": 1e-2}
 DEFAULTS = dict(residual="plain", layers=24, lr="stable", seed=0, scale="gpu")
@@ -32,11 +31,7 @@ SCALES = {  # width, heads, steps, batch, sequence, the depths (sub-block layers
 
 def _components():
   """experiments/hc_components.py: the studies' one model and run definition."""
-  path = os.path.join(os.path.dirname(__file__), "hc_components.py")
-  spec = importlib.util.spec_from_file_location("hc_components", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module(os.path.join(os.path.dirname(__file__), "hc_components.py"))
 
 
 def _scale(args):

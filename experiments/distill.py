@@ -26,20 +26,16 @@ size=tiny shrinks every model and run to seconds, and caches all V log-probs (k 
 must equal the online one; the tests and the notebook check use it).
 """
 
-import importlib.util
 import os
 
-from manifold.config import ConfigError, base_config, parse_arg
+from manifold.config import ConfigError, base_config, experiment_module, parse_arg
 
 VARIANTS = ("teacher", "scratch", "logit", "logit_cache", "sequence", "on_policy")
 
 
 def _quickstart():
   """experiments/quickstart.py, the teacher's one definition."""
-  spec = importlib.util.spec_from_file_location("quickstart", os.path.join(os.path.dirname(__file__), "quickstart.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module(os.path.join(os.path.dirname(__file__), "quickstart.py"))
 
 
 def get_config(arg: str | None = None):

@@ -12,11 +12,10 @@ TOKENS_PER_PARAMETER tokens per parameter of the plain model of the size (`manif
 count without the embedding); HC and mHC train on the same tokens.
 """
 
-import importlib.util
 import math
 import os
 
-from manifold.config import ConfigError, model_config, parse_arg
+from manifold.config import ConfigError, experiment_module, model_config, parse_arg
 
 TOKENS_PER_PARAMETER = 10
 SCALES = {  # size -> (blocks, width, heads); batch, sequence
@@ -28,11 +27,7 @@ DEFAULTS = dict(size="s", residual="plain", seed=0, scale="gpu")
 
 def _components():
   """experiments/hc_components.py: the studies' one model and run definition."""
-  path = os.path.join(os.path.dirname(__file__), "hc_components.py")
-  spec = importlib.util.spec_from_file_location("hc_components", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module(os.path.join(os.path.dirname(__file__), "hc_components.py"))
 
 
 def get_config(arg: str | None = None):

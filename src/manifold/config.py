@@ -13,6 +13,7 @@ field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -589,6 +590,15 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     cfg = _parse_flags(spec, overrides)
   validate(cfg)
   return cfg
+
+
+def experiment_module(path: str):
+  """The experiment file at `path` as a module: its get_sweep() for a sweep, or a definition
+  another experiment file shares (say `os.path.join(os.path.dirname(__file__), name)`)."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _parse_flags(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import os
@@ -17,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from manifold import files  # noqa: E402
-from manifold.config import ConfigError, load_config  # noqa: E402
+from manifold.config import ConfigError, experiment_module, load_config  # noqa: E402
 from manifold.results import fmt, source_commit, write_results  # noqa: E402
 from manifold.train.loop import TrainingDiverged, train  # noqa: E402
 from manifold.train.metrics import read_metrics  # noqa: E402
@@ -30,9 +29,7 @@ GRAD_NORM_SPIKE_FACTOR = 2.0
 
 
 def _experiment(config_path: str):
-  spec = importlib.util.spec_from_file_location("experiment", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = experiment_module(config_path)
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"--config {config_path}: defines no get_sweep(); list the variants to run there")
   return module
