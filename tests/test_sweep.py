@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 
@@ -64,3 +65,26 @@ def test_the_paper_ablation_studies_are_what_their_docstrings_say():
 
 def test_run_names_are_filesystem_safe():
   assert run_name("residual=mhc,streams=2") == "residual-mhc-streams-2"
+
+
+def test_a_rerun_completes_summaries_an_older_manifold_wrote_without_retraining(tiny_sweep, tmp_path):
+  """A finished run's summary.json from before spikes, gains and curves were recorded is
+  completed from its metrics (device and commit stay unknown); nothing is trained again."""
+  from manifold.sweep import run_sweep
+
+  results, _ = tiny_sweep
+  runs = tmp_path / "runs"
+  shutil.copytree(results.parent / "runs", runs)
+  old = runs / "residual-mhc-seed-1" / "summary.json"
+  summary = json.loads(old.read_text())
+  keep = ("run", "residual", "final_val_loss", "final_val_bits_per_byte", "final_amax_gain", "peak_amax_gain")
+  old.write_text(json.dumps({k: summary[k] for k in (*keep, "tokens", "tokens_per_s", "wall_time_s", "command")}))
+  rows = run_sweep(str(results.parent / "tiny_sweep.py"), str(runs), str(tmp_path / "results"))
+  completed = json.loads(old.read_text())
+  assert completed["training"] == summary["training"] and completed["validation"] == summary["validation"]
+  assert (completed["device"], completed["commit"], completed["seed"]) == (None, None, 1)
+  assert completed["wall_time_s"] == summary["wall_time_s"], "kept, not trained again"
+  assert [r["final_val_loss"] for r in rows] == [
+    json.loads((runs / run_name(a) / "summary.json").read_text())["final_val_loss"]
+    for a in ("residual=plain,seed=0", "residual=mhc,seed=0", "residual=plain,seed=1", "residual=mhc,seed=1")
+  ]

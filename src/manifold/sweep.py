@@ -93,10 +93,6 @@ def summarize(
   }
 
 
-def seed_of(summary: dict) -> int:
-  return summary["seed"]
-
-
 def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
   """One row per variant (a sweep argument without its `seed=`): over its seeds the mean and
   spread (sample standard deviation; 0 for one seed) of the final validation loss, and of its
@@ -104,7 +100,7 @@ def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[di
   groups: dict[str, list[dict]] = {}
   for s in summaries:
     groups.setdefault(",".join(p for p in s["run"].split(",") if not p.startswith("seed=")), []).append(s)
-  base = {seed_of(s): s["final_val_loss"] for s in groups.get(baseline, [])}
+  base = {s["seed"]: s["final_val_loss"] for s in groups.get(baseline, [])}
 
   def mean_and_spread(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
@@ -113,14 +109,14 @@ def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[di
   for variant, runs in groups.items():
     finished = [r for r in runs if r["final_val_loss"] is not None]
     loss_mean, loss_spread = mean_and_spread([r["final_val_loss"] for r in finished])
-    gaps = [r["final_val_loss"] - base[seed_of(r)] for r in finished if base.get(seed_of(r)) is not None]
+    gaps = [r["final_val_loss"] - base[r["seed"]] for r in finished if base.get(r["seed"]) is not None]
     gap_mean, gap_spread = mean_and_spread(gaps)
     gains = [r["peak_amax_gain"] for r in runs if r["peak_amax_gain"] is not None]
     rows.append(
       {
         "variant": variant,
-        "seeds": sorted(seed_of(r) for r in runs),
-        "diverged": sorted(seed_of(r) for r in runs if r["final_val_loss"] is None),
+        "seeds": sorted(r["seed"] for r in runs),
+        "diverged": sorted(r["seed"] for r in runs if r["final_val_loss"] is None),
         "val_loss_mean": loss_mean,
         "val_loss_spread": loss_spread,
         "gap_mean": gap_mean if baseline else None,
@@ -152,7 +148,15 @@ def run_sweep(
     run_dir = os.path.join(workdir, run_name(arg))
     summary_path = files.path(run_dir) / "summary.json"
     if (saved := files.read_text(summary_path)) is not None:
-      summaries.append(json.loads(saved))
+      summary = json.loads(saved)
+      if "training" not in summary:  # written by an older manifold: its metrics give the rest
+        known = {k: summary.get(k) for k in ("device", "commit")}  # None: not recorded then
+        summary = {
+          **summarize(run_dir, cfg, name=arg, command=summary["command"], wall_time_s=summary["wall_time_s"]),
+          **known,
+        }
+        files.write_atomic(summary_path, json.dumps(summary, indent=2))
+      summaries.append(summary)
       continue
     print(f"=== {spec} -> {run_dir}")
     started, diverged = time.perf_counter(), None
@@ -189,7 +193,7 @@ COLUMNS = [
   ("tokens/s", lambda s: fmt(s["tokens_per_s"], ",.0f")),
   ("loss / grad-norm spikes", lambda s: f"{s['loss_spikes']} / {s['grad_norm_spikes']}"),
   ("wall time", lambda s: f"{s['wall_time_s'] / 60:.1f} min"),
-  ("device, commit", lambda s: f"{s['device']}, {s['commit']}"),
+  ("device, commit", lambda s: f"{s['device'] or '-'}, {s['commit'] or '-'}"),
   ("command", lambda s: f"`{s['command']}`"),
 ]
 
