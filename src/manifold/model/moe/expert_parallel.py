@@ -44,15 +44,21 @@ from manifold.model.moe.experts import (
 )
 from manifold.model.partitioning import batch_axes
 
+# TPUs whose XLA has no ragged_all_to_all: "not supported in limited ICI routing settings"
+# (libtpu 0.0.42, compiling for v5e).
+LIMITED_ICI_ROUTING = ("TPU v5 lite",)
+
 
 def default_exchange(mesh) -> str:
-  """`ragged_all_to_all` on TPU meshes; padded `all_to_all` elsewhere. XLA:CPU does not
-  implement the ragged one, and XLA:GPU's (JAX 0.11.2, 2 H100s) compiled but never
+  """`ragged_all_to_all` on TPU meshes (but v5e's); padded `all_to_all` elsewhere. XLA:CPU
+  does not implement the ragged one, and XLA:GPU's (JAX 0.11.2, 2 H100s) compiled but never
   finished a training step (benchmarks/README.md). A mesh with an `island` axis (DiLoCo
   islands, whose step is vmapped over them) pads too: JAX cannot vmap the ragged one."""
   if "island" in getattr(mesh, "axis_names", ()):
     return "all_to_all"
-  return "ragged_all_to_all" if mesh.abstract_device.platform == "tpu" else "all_to_all"
+  device = mesh.abstract_device
+  ragged = device.platform == "tpu" and device.device_kind not in LIMITED_ICI_ROUTING
+  return "ragged_all_to_all" if ragged else "all_to_all"
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
