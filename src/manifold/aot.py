@@ -81,7 +81,7 @@ def _find_libtpu(tpu_slice: Slice) -> None:
   # metadata (and warn), and let a second process (a test beside a compile) load it too.
   for key, value in (
     ("TPU_SKIP_MDS_QUERY", "1"),
-    ("TPU_ACCELERATOR_TYPE", tpu_slice.name if "-" in tpu_slice.name else "v5p-8"),
+    ("TPU_ACCELERATOR_TYPE", one_slice if "-" in (one_slice := tpu_slice.name.rpartition("x")[2]) else "v5p-8"),
     ("TPU_WORKER_HOSTNAMES", "localhost"),
     ("TPU_WORKER_ID", "0"),
     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
