@@ -224,7 +224,10 @@ COMMANDS = {  # id: (argv, what the error line names); {run}, {a_file}, ... are 
     ["sweep", "--config", "experiments/quickstart.py", "--workdir", "{tmp}/s"],
     "get_sweep()",
   ),
-  "sweep-with-a-variant": (["sweep", "--config", TINY, "--workdir", "{tmp}/s"], f"--config {TINY}: pass an experiment"),
+  "sweep-unknown-common-argument": (
+    ["sweep", "--config", "experiments/hc_components.py:bogus=1", "--workdir", "{tmp}/s"],
+    "config argument 'bogus': unknown",
+  ),
   "compile-results-under-a-file": (
     ["compile", "--config", TINY, "--topology", "v5p-8", "--results", "{a_file}/r"],
     "--results {a_file}/r",

@@ -138,13 +138,15 @@ def run_sweep(
 
   Returns the results rows, or None if SIGTERM stopped a run (saved; rerunning resumes).
   """
-  files.path(results_dir).mkdir(parents=True, exist_ok=True)
   config_path, _, common = config.partition(":")
   experiment = _experiment(config_path)
-  summaries = []
+  variants = []  # every variant's config is checked before anything is written
   for arg in sweep_args(config_path, common):
     spec = f"{config_path}:{common},{arg}" if common else f"{config_path}:{arg}"
-    cfg = load_config(spec, overrides)
+    variants.append((arg, spec, load_config(spec, overrides)))
+  files.path(results_dir).mkdir(parents=True, exist_ok=True)
+  summaries = []
+  for arg, spec, cfg in variants:
     run_dir = os.path.join(workdir, run_name(arg))
     summary_path = files.path(run_dir) / "summary.json"
     if (saved := files.read_text(summary_path)) is not None:
