@@ -79,9 +79,10 @@ def parse_slice(name: str) -> Slice:
 def _find_libtpu(tpu_slice: Slice) -> None:
   # No TPU here: describe a one-host slice so libtpu does not query this machine's TPU
   # metadata (and warn), and let a second process (a test beside a compile) load it too.
+  one_slice = tpu_slice.name.partition("x")[2] if tpu_slice.count > 1 else tpu_slice.name  # "2xv5p-32" -> one v5p-32
   for key, value in (
     ("TPU_SKIP_MDS_QUERY", "1"),
-    ("TPU_ACCELERATOR_TYPE", one_slice if "-" in (one_slice := tpu_slice.name.rpartition("x")[2]) else "v5p-8"),
+    ("TPU_ACCELERATOR_TYPE", one_slice if "-" in one_slice else "v5p-8"),
     ("TPU_WORKER_HOSTNAMES", "localhost"),
     ("TPU_WORKER_ID", "0"),
     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),

@@ -130,7 +130,7 @@ class ModelConfig(Section):
       self.n_heads % self.n_kv_heads == 0,
       f"model.n_kv_heads={self.n_kv_heads}: must divide model.n_heads={self.n_heads}",
     )
-    mappings = self.hc_mappings.split(",")
+    mappings = self.learned_mappings
     require(
       bool(self.hc_mappings) and set(mappings) <= set(MAPPINGS) and len(set(mappings)) == len(mappings),
       f"model.hc_mappings={self.hc_mappings!r}: name one or more of {','.join(MAPPINGS)}, comma-separated",
@@ -166,6 +166,11 @@ class ModelConfig(Section):
       f"model.mhc_impl='pallas': the kernels learn every mapping, not only model.hc_mappings={self.hc_mappings!r}; "
       "use model.mhc_impl=auto or xla",
     )
+
+  @property
+  def learned_mappings(self) -> tuple[str, ...]:
+    """The stream mappings `hc_mappings` names (the others are fixed)."""
+    return tuple(self.hc_mappings.split(","))
 
   def is_moe_block(self, index: int) -> bool:
     """Whether block `index` has a routed MoE FFN (the first `first_k_dense_replace` stay dense)."""

@@ -125,7 +125,7 @@ class HyperConnection(Connection):
     self.b_post = param(rngs, jax.nn.initializers.ones, (n,), (None,))
     self.b_res = param(rngs, lambda *_: jnp.eye(n), (n, n), (None, None))
     self.streams = n
-    self.learned = tuple(cfg.hc_mappings.split(","))
+    self.learned = cfg.learned_mappings
 
   def __call__(self, x_btnd: jax.Array) -> Mixing:
     n = self.streams
@@ -169,7 +169,7 @@ class ManifoldHyperConnection(Connection):
     self.bias = param(rngs, jax.nn.initializers.zeros, (width,), (None,))
     self.norm_eps = cfg.norm_eps
     self.sinkhorn, self.sinkhorn_iters = cfg.mhc_sinkhorn, cfg.sinkhorn_iters
-    self.learned = tuple(cfg.hc_mappings.split(","))
+    self.learned = cfg.learned_mappings
     fusable = not self.lite and cfg.mhc_sinkhorn in mhc_kernels.SINKHORNS and len(self.learned) == len(MAPPINGS)
     self.impl = cfg.mhc_impl if fusable else "xla"
     self.tiles = parse_tiles(cfg.mhc_tiles)
