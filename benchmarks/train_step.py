@@ -239,6 +239,27 @@ def measure(
   return row
 
 
+def stream(command: list[str], env: dict | None = None, echo=lambda line: True) -> tuple[int, list[str]]:
+  """Runs a child process, writing the lines `echo` accepts to stderr as they come (so a slow
+  compile or a hang shows); its return code and all its lines."""
+  lines = []
+  with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    for line in proc.stdout:
+      if echo(line) and not line.startswith("ROW "):
+        sys.stderr.write(line)
+      lines.append(line.rstrip("\n"))
+  return proc.returncode, lines
+
+
+def child_row(command: list[str], env: dict | None = None) -> dict:
+  """The row a `--one` child prints (`ROW {json}`), or {"error": its last line}."""
+  code, lines = stream(command, env)
+  found = [line[4:] for line in lines if line.startswith("ROW ")]
+  if code or not found:
+    return {"error": next((line.strip() for line in reversed(lines) if line.strip()), "no output")[:200]}
+  return json.loads(found[0])
+
+
 def _percent(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -307,19 +328,7 @@ def main() -> None:
     command += ["--devices", str(args.devices)]
     command += [f"--set={o}" for o in args.set]
     command += [f"--profile={args.profile}/{model}"] if args.profile else []
-    found, tail = [], collections.deque(maxlen=60)
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-      for line in proc.stdout:  # the child's log streams through, so a slow compile or a hang shows
-        if line.startswith("ROW "):
-          found.append(line[4:])
-        else:
-          sys.stderr.write(line)
-          tail.append(line.strip())
-    if proc.returncode or not found:
-      last = next((line for line in reversed(tail) if line), "no output")
-      rows.append({"model": model, "error": last[:200]})
-    else:
-      rows.append(json.loads(found[0]))
+    rows.append({"model": model, **child_row(command, env)})
     print(f"{model}: {json.dumps(rows[-1])}", flush=True)  # each row as soon as it exists
     if args.json:
       with open(args.json, "w") as f:

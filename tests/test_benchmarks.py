@@ -137,3 +137,48 @@ def test_rollout_benchmark_times_the_engine_beside_the_old_generate():
   assert row["ratio"] == pytest.approx(row["engine_tokens_per_s"] / row["generate_tokens_per_s"])
   assert row["cpu_ratio"] == pytest.approx(row["generate_cpu_s"] / row["engine_cpu_s"])
   assert "| 2 | 4 + 3 |" in markdown_table([row], bench.COLUMNS)
+
+
+def test_maxtext_reference_maps_the_proxy_and_reads_maxtext_log(monkeypatch):
+  """MaxText gets the proxy's shapes (mHC's streams only with residual=mhc; a model MaxText's
+  DeepSeek block cannot express is refused), and its log becomes a row: the median step after
+  the warm-up, its parameter count and memory estimate; the table compares the two sides."""
+  monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # maxtext_reference imports train_step
+  bench = _benchmark_module("maxtext_reference")
+  for residual, streams in (("mhc", 4), ("plain", 1)):
+    cfg = ModelConfig.from_mapping(
+      load_config(f"{ROOT}/experiments/speed_proxies.py:model=moe-1b-active,residual={residual}").model
+    )
+    args = bench.maxtext_overrides(cfg, 4, 4096, 13)
+    for expected in ("base_emb_dim=2048", "base_num_decoder_layers=14", "first_num_dense_layers=1", "num_experts=32",
+                     "shared_experts=2", "base_moe_mlp_dim=896", "kv_lora_rank=512", "q_lora_rank=0", "mtp_num_layers=0",
+                     f"mhc_expansion_rate={streams}", "per_device_batch_size=4", "max_target_length=4096", "steps=13"):  # fmt: skip
+      assert expected in args
+  with pytest.raises(ValueError, match="MLA / MoE"):
+    bench.maxtext_overrides(
+      ModelConfig.from_mapping(load_config(f"{ROOT}/experiments/speed_proxies.py").model), 1, 8, 1
+    )
+
+  line = "I1205 metric_logger.py:265] completed step: {}, seconds: {}, TFLOP/s/device: 1.0, Tokens/s/device: {}, total_weights: 16384, loss: {}, lm_loss: 1.0"
+  seconds = [9.0, 0.9, 0.5, 0.46, 0.45, 0.47]  # step 0 compiles, steps 1-2 warm up
+  lines = [line.format(i, s, 16384 / s, 10.0 - i) for i, s in enumerate(seconds)]
+  lines += ["number parameters: 2.805 billion", "Total estimated memory size: 69.1 GB, estimated output size: 1.0 GB"]
+  row = bench.parse_maxtext_log(lines, warmup=2)
+  assert row["step_ms"] == pytest.approx(460.0) and row["step_ms_min_max"] == pytest.approx([450.0, 470.0])
+  assert row["tokens_per_s"] == pytest.approx(16384 / 0.46) and row["final_loss"] == 5.0
+  assert row["params_b"] == 2.805 and row["peak_gib"] == pytest.approx(69.1e9 / 2**30)
+  with pytest.raises(ValueError, match="none after step 2"):
+    bench.parse_maxtext_log(lines[:3], warmup=2)
+
+  def side(model, implementation, ms):
+    return dict(model=model, implementation=implementation, step_ms=ms, step_ms_min_max=[ms, ms], tokens_per_s=16384e3 / ms, final_loss=1.0)  # fmt: skip
+
+  rows = [side("moe-1b-active", "manifold", 300.0), side("moe-1b-active", "MaxText", 450.0)]
+  rows += [
+    side("moe-1b-active+mhc", "manifold", 330.0),
+    {"model": "moe-1b-active+mhc", "implementation": "MaxText", "error": "x"},
+  ]
+  text = bench.table(rows)
+  assert "moe-1b-active: manifold / MaxText tokens/s x1.50" in text
+  assert "manifold: mHC over plain, moe-1b-active: step time x1.100" in text
+  assert "| MaxText, moe-1b-active+mhc | failed: x |" in text and "MaxText: mHC" not in text
