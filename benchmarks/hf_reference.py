@@ -21,9 +21,10 @@ import inspect
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from train_step import child_row
 
 from manifold.results import markdown_table
 
@@ -129,16 +130,6 @@ def measure_torch(batch: int, steps: int, warmup: int, compile_model: bool) -> d
   }
 
 
-def run(command: list[str]) -> dict:
-  """A child process's ROW line, or {"error": its last line}."""
-  proc = subprocess.run(command, capture_output=True, text=True)
-  found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-  if proc.returncode or not found:
-    print(proc.stderr[-3000:], file=sys.stderr)
-    return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:200]}
-  return json.loads(found[0])
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=4, help="sequences of 4,096 per step, both sides")
@@ -151,7 +142,7 @@ def main() -> None:
     print("ROW " + json.dumps(measure_torch(args.batch, args.steps, args.warmup, not args.no_compile)), flush=True)
     return
   timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-  ours = run(
+  ours = child_row(
     [
       sys.executable,
       os.path.join(HERE, "train_step.py"),
@@ -162,13 +153,13 @@ def main() -> None:
     ]
   )
   print(f"manifold: {json.dumps(ours)}", flush=True)
-  theirs = run(
+  theirs = child_row(
     [sys.executable, __file__, "--torch-only", "--batch", str(args.batch), *timing]
     + (["--no-compile"] if args.no_compile else [])
   )
   if "error" in theirs and not args.no_compile:  # torch.compile failed: the eager step instead
     print(f"torch.compile failed ({theirs['error']}); PyTorch eager instead", flush=True)
-    theirs = run([sys.executable, __file__, "--torch-only", "--batch", str(args.batch), *timing, "--no-compile"])
+    theirs = child_row([sys.executable, __file__, "--torch-only", "--batch", str(args.batch), *timing, "--no-compile"])
   print(f"pytorch: {json.dumps(theirs)}", flush=True)
   columns = [
     ("implementation", lambda r: r["implementation"]),
