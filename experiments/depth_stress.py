@@ -13,7 +13,7 @@ unstable run keeps going; a non-finite loss still stops it (the table says "dive
 
 Arguments (`:key=value,...`): residual (plain | hc | mhc), layers (sub-block layers: 12, 24,
 48, 96), lr (stable | high: 3e-3 | 1e-2), seed, scale: `gpu` (width 128, 1,500 steps of
-32 x 256 bytes: 12.3M tokens a run) or `cpu` (width 64, 12 to 48 layers, 150 steps of 8 x
+32 x 256 bytes: 12.3M tokens a run) or `cpu` (width 64, 150 steps of 8 x
 128 bytes; a smoke-sized version).
 """
 
@@ -23,10 +23,8 @@ from manifold.config import ConfigError, experiment_module, parse_arg
 
 LEARNING_RATES = {"stable": 3e-3, "high": 1e-2}
 DEFAULTS = dict(residual="plain", layers=24, lr="stable", seed=0, scale="gpu")
-SCALES = {  # width, heads, steps, batch, sequence, the depths (sub-block layers) the sweep runs
-  "gpu": (128, 4, 1500, 32, 256, (12, 24, 48, 96)),
-  "cpu": (64, 4, 150, 8, 128, (12, 24, 48)),
-}
+DEPTHS = (12, 24, 48, 96)  # sub-block layers the sweep runs, at either scale
+SCALES = {"gpu": (128, 4, 1500, 32, 256), "cpu": (64, 4, 150, 8, 128)}  # width, heads, steps, batch, sequence
 
 
 def _components():
@@ -46,7 +44,7 @@ def get_config(arg: str | None = None):
     raise ConfigError(f"experiments/depth_stress.py: lr={args.lr!r}; use one of {', '.join(LEARNING_RATES)}")
   if args.layers % 2:
     raise ConfigError(f"experiments/depth_stress.py: layers={args.layers}; sub-block layers come in pairs per block")
-  width, heads, steps, batch, length, _ = _scale(args)
+  width, heads, steps, batch, length = _scale(args)
   c = _components().study_config(
     residual=args.residual,
     seed=args.seed,
@@ -63,12 +61,12 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None):
-  """Every depth of the scale (`arg`: the sweep's common arguments) x residual, at the stable
-  and the high learning rate."""
-  depths = _scale(parse_arg(arg, **DEFAULTS))[-1]
+  """Every depth x residual, at the stable and the high learning rate (`arg`: the sweep's
+  common arguments, checked here)."""
+  _scale(parse_arg(arg, **DEFAULTS))
   return [
     f"residual={residual},layers={layers},lr={lr}"
     for lr in LEARNING_RATES
-    for layers in depths
+    for layers in DEPTHS
     for residual in ("plain", "hc", "mhc")
   ]
