@@ -22,14 +22,13 @@ random tokens, which it memorises within a few steps, and `manifold`'s step alte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
 import sys
 import tempfile
 
-from train_step import PROXIES, child_row, stream
+from train_step import PROXIES, child_row, record, stream
 
 from manifold.cli import GPU_MEMORY_FRACTION
 from manifold.results import markdown_table
@@ -185,11 +184,7 @@ def main() -> None:
         if implementation == "manifold"
         else run_maxtext(model, args.steps, args.warmup, args.maxtext_set)
       )
-      rows.append({"model": model, "implementation": implementation, **row})
-      print(f"{model} {implementation}: {json.dumps(rows[-1])}", flush=True)
-      if args.json:
-        with open(args.json, "w") as f:
-          json.dump(rows, f, indent=1)
+      record(rows, {"model": model, "implementation": implementation, **row}, f"{model} {implementation}", args.json)
   print(table(rows))
 
 

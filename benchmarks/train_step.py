@@ -260,6 +260,15 @@ def child_row(command: list[str], env: dict | None = None) -> dict:
   return json.loads(found[0])
 
 
+def record(rows: list[dict], row: dict, label: str, json_path: str | None) -> None:
+  """Adds `row`, prints it as soon as it exists, and rewrites `json_path` with all rows."""
+  rows.append(row)
+  print(f"{label}: {json.dumps(row)}", flush=True)
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
 def _percent(x) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -328,11 +337,7 @@ def main() -> None:
     command += ["--devices", str(args.devices)]
     command += [f"--set={o}" for o in args.set]
     command += [f"--profile={args.profile}/{model}"] if args.profile else []
-    rows.append({"model": model, **child_row(command, env)})
-    print(f"{model}: {json.dumps(rows[-1])}", flush=True)  # each row as soon as it exists
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
+    record(rows, {"model": model, **child_row(command, env)}, model, args.json)
   print(table(rows))
 
 
