@@ -22,6 +22,7 @@ random tokens, which it memorises within a few steps, and `manifold`'s step alte
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import statistics
@@ -171,6 +172,10 @@ def main() -> None:
   parser.add_argument("--maxtext-set", action="append", default=[], help="MaxText key=value after ours")
   parser.add_argument("--json", help="write the rows here")
   args = parser.parse_args()
+  if args.only != "manifold" and importlib.util.find_spec("maxtext") is None:
+    parser.error(
+      "maxtext is not importable: install its wheel (Python 3.12) with --no-deps and the packages benchmarks/README.md lists, or pass --only manifold"
+    )
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)  # both sides, as `manifold train`
   rows = []
   for model in args.models.split(","):
