@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 
-from train_step import PROXIES, child_row, record, stream
+from train_step import PROXIES, child_row, failure, record, stream
 
 from manifold.cli import GPU_MEMORY_FRACTION
 from manifold.results import markdown_table
@@ -124,7 +124,7 @@ def run_maxtext(model: str, steps: int, warmup: int, extra: list[str]) -> dict:
       echo=lambda line: "completed step" in line or "Error" in line or "Traceback" in line,
     )
   if code:
-    return {"error": next((line.strip() for line in reversed(lines) if line.strip()), "no output")[:200]}
+    return failure(lines)
   try:
     row = parse_maxtext_log(lines, warmup)
   except ValueError as e:

@@ -251,12 +251,17 @@ def stream(command: list[str], env: dict | None = None, echo=lambda line: True) 
   return proc.returncode, lines
 
 
+def failure(lines: list[str]) -> dict:
+  """{"error": a failed child's last non-blank line}."""
+  return {"error": next((line.strip() for line in reversed(lines) if line.strip()), "no output")[:200]}
+
+
 def child_row(command: list[str], env: dict | None = None) -> dict:
   """The row a `--one` child prints (`ROW {json}`), or {"error": its last line}."""
   code, lines = stream(command, env)
   found = [line[4:] for line in lines if line.startswith("ROW ")]
   if code or not found:
-    return {"error": next((line.strip() for line in reversed(lines) if line.strip()), "no output")[:200]}
+    return failure(lines)
   return json.loads(found[0])
 
 
