@@ -69,9 +69,7 @@ def _backend(spec: Spec) -> calls.Backend:
   unknown = set(tiles) - set(inspect.signature(make).parameters)
   if unknown:
     raise ValueError(f"mHC kernel tiles {sorted(unknown)}: the {name} backend does not take them")
-  if name == "interpret":  # the Triton blocks on the CPU: token and chunk tiles apply, compiler settings not
-    return make(interpret=True, **{k: v for k, v in tiles.items() if k in ("block_tokens", "chunk")})
-  return make(**tiles)
+  return make(interpret=name == "interpret", **tiles)  # interpret: the Triton blocks on the CPU
 
 
 def unpack(coeff: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:

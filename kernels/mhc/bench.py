@@ -14,11 +14,15 @@ output once. Bandwidth is kernel bytes over time, against the best of three meas
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 
-from kernels.mhc import api, reference
+from kernels.mhc import api, calls, reference
+from kernels.mhc.tiles import parse_tiles
 from kernels.timing import timed
 
 N_STREAMS = 4
@@ -79,29 +83,73 @@ def inputs(tokens: int, d: int, n: int):
   return (x, y, phi, alpha, bias), (g_h, g_out)
 
 
-def sweep_tiles(tokens: int, d: int) -> None:
-  """Forward+backward milliseconds for each (block_tokens, chunk, num_warps, num_stages),
-  and each setting's largest relative error against the reference's outputs and gradients."""
-  primal, cotangents = inputs(tokens, d, N_STREAMS)
-  want = forward_backward(layer_fns(N_STREAMS)[1])(*primal, *cotangents)
-  results = []
-  for bt in (8, 16, 32):
-    for chunk in (256, 512):
-      for warps in (4, 8):
-        for stages in (1, 2, 3):
-          tiles = (("block_tokens", bt), ("chunk", chunk), ("num_warps", warps), ("num_stages", stages))
-          run = forward_backward(layer_fns(N_STREAMS, tiles)[0])
-          try:
-            ms = 1e3 * timed(run, *primal, *cotangents, repeats=10)
-          except Exception as e:  # noqa: BLE001 -- a tile the compiler rejects is reported and skipped
-            print(tiles, "failed:", str(e).splitlines()[0][:100])
-            continue
-          err = max_relative_error(run(*primal, *cotangents), want)
-          results.append((ms, err, tiles))
-          print(f"{ms:.3f} ms, max rel. err {err:.1e}", tiles, flush=True)
-  for ms, err, tiles in sorted(results)[:5]:
-    setting = ",".join(f"{k}={v}" for k, v in tiles)
-    print(f"best: {ms:.3f} ms, max rel. err {err:.1e}: --set model.mhc_tiles={setting}")
+GRID = "block_tokens=8,16,32,64;chunk=64,128,256;num_warps=4,8;num_stages=1"  # --tiles' default grid
+
+
+def parse_grid(text: str) -> list[tuple[tuple[str, int], ...]]:
+  """'block_tokens=8,16;num_warps=4' -> every combination, each as `Spec.tiles` takes it."""
+  axes = []
+  for item in filter(None, (part.strip() for part in text.split(";"))):
+    name, _, values = item.partition("=")
+    axes.append([parse_tiles(f"{name}={v}")[0] for v in values.split(",")])
+  return list(itertools.product(*axes))
+
+
+def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
+  """Each of the five kernels (calls.*) with inputs of a layer at this shape: name ->
+  (function of a backend, arguments)."""
+  (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
+  w = calls.width(n)
+  scale, shift = reference.gate_affine(alpha, bias, n)
+  affine = jnp.stack([jnp.pad(v, (0, w - v.shape[0])) for v in (scale, shift)])
+  phi_p = jnp.pad(phi.astype(x.dtype), ((0, 0), (0, w - phi.shape[1])))
+  settings = dict(n=n, iters=20, kind="exp", eps=1e-6)
+  _, coeff, _, _ = calls.pre_forward(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
+  g_z = 0.01 * jax.random.normal(jax.random.key(1), coeff.shape, jnp.float32)
+  return {
+    "pre forward": (lambda b, *a: calls.pre_forward(b, *a, **settings), (x, phi_p, affine)),
+    "res_post forward": (lambda b, *a: calls.res_post_forward(b, *a, n=n), (x, y, coeff)),
+    "res_post backward": (lambda b, *a: calls.res_post_backward(b, *a, n=n), (x, y, coeff, g_out)),
+    "pre backward reduce": (lambda b, *a: calls.pre_backward_reduce(b, *a, n=n, w=w), (x, g_h)),
+    "pre backward streams": (
+      lambda b, *a: calls.pre_backward_streams(b, *a, n=n),
+      (x, g_h, phi_p, g_z, coeff, g_out),
+    ),
+  }
+
+
+def sweep_tiles(tokens: int, d: int, grid: str) -> None:
+  """Milliseconds of each kernel and of the whole layer's forward+backward for every tile
+  setting of `grid`, with each setting's largest relative error against the reference (the
+  layer) or against the default tiles' result (a kernel); then the best settings of each."""
+  n = N_STREAMS
+  primal, cotangents = inputs(tokens, d, n)
+  want = forward_backward(layer_fns(n)[1])(*primal, *cotangents)
+  cases = kernel_cases(tokens, d, n)
+  default = api._backend(api.Spec(n=n, iters=20, kind="exp", eps=1e-6))
+  kernel_want = {name: jax.jit(functools.partial(fn, default))(*args) for name, (fn, args) in cases.items()}
+  results = collections.defaultdict(list)  # "layer" or a kernel -> [(ms, err, tiles)]
+  for tiles in [(), *parse_grid(grid)]:  # () first: the backend's defaults
+    backend = api._backend(api.Spec(n=n, iters=20, kind="exp", eps=1e-6, tiles=tiles))
+    runs = {"layer": (forward_backward(layer_fns(n, tiles)[0]), (*primal, *cotangents), want)}
+    runs.update({k: (jax.jit(functools.partial(fn, backend)), a, kernel_want[k]) for k, (fn, a) in cases.items()})
+    line = []
+    for name, (run, args, expected) in runs.items():
+      try:
+        ms = 1e3 * timed(run, *args, repeats=10)
+      except Exception as e:  # noqa: BLE001 -- a tile the compiler rejects is reported and skipped
+        line.append(f"{name}: failed ({str(e).splitlines()[0][:80]})")
+        continue
+      err = max_relative_error(run(*args), expected)
+      results[name].append((ms, err, tiles))
+      line.append(f"{name} {ms:.3f}")
+    print(", ".join(f"{k}={v}" for k, v in tiles) or "defaults", "|", "; ".join(line), flush=True)
+  print("\n| op | tiles | ms | max rel. err | at the defaults ms |\n| --- | --- | --- | --- | --- |")
+  for name, rows in results.items():
+    at_default = next((f"{ms:.3f}" for ms, _, tiles in rows if not tiles), "failed")
+    for ms, err, tiles in sorted(rows)[:3]:
+      setting = ",".join(f"{k}={v}" for k, v in tiles) or "defaults"
+      print(f"| {name} | {setting} | {ms:.3f} | {err:.1e} | {at_default} |")
 
 
 def main() -> None:
@@ -109,11 +157,12 @@ def main() -> None:
   parser.add_argument("--tokens", default="16384,65536")
   parser.add_argument("--dims", default="2048,4096,7168")
   parser.add_argument(
-    "--tiles", action="store_true", help="time forward+backward over tile settings at the first shape"
+    "--tiles", action="store_true", help="time each kernel and the layer over tile settings at the first shape"
   )
+  parser.add_argument("--grid", default=GRID, help="the tile settings --tiles times: name=v1,v2;name=...")
   args = parser.parse_args()
   if args.tiles:
-    return sweep_tiles(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]))
+    return sweep_tiles(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]), args.grid)
   n, s = N_STREAMS, 2  # bfloat16
   kernel, ref = layer_fns(n)
   bandwidths = copy_bandwidths()

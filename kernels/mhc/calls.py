@@ -1,8 +1,8 @@
 """`pallas_call`s of the mHC kernel bodies over a grid of token blocks, for any backend.
 
-A `Backend` (see triton.py, tpu.py) says how many tokens a block holds, how wide a
-chunk of a stream is and which compiler parameters apply. Token-major arrays [N, c] go
-in blocks of [bt, c] rows; weights are read whole by every block.
+A `Backend` (see triton.py, tpu.py) gives each kernel a `Tile`: how many tokens a block
+holds, how wide a chunk of a stream is and which compiler parameters apply. Token-major
+arrays [N, c] go in blocks of [bt, c] rows; weights are read whole by every block.
 Token counts that the block does not divide are padded with zero rows (a copy, for
 ragged shapes only) and the padding is dropped from the results.
 """
@@ -19,14 +19,24 @@ from jax.experimental import pallas as pl
 
 from kernels.mhc import bodies
 
+KERNELS = ("pre_forward", "res_post_forward", "res_post_backward", "pre_backward_reduce", "pre_backward_streams")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  block_tokens: int  # bt
+  chunk: int  # bd, the widest power of two <= this that divides D is used
+  compiler_params: Any = None
+
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
   name: str
-  block_tokens: int  # bt
-  chunk: int  # bd, the widest power of two <= this that divides D is used
-  compiler_params: Any = None
+  tiles: tuple[Tile, ...]  # one per KERNELS entry
   interpret: bool = False
+
+  def tile(self, kernel: str) -> Tile:
+    return self.tiles[KERNELS.index(kernel)]
 
 
 def width(n: int) -> int:
@@ -55,10 +65,13 @@ def _whole(shape) -> pl.BlockSpec:
 
 
 def _call(backend: Backend, body, inputs, outputs, static: dict):
-  """Runs `body` over token blocks; `inputs` are (array, token_major) pairs, `outputs`
+  """Runs `body` over token blocks of its tile (`static` holds D as d; the chunk width is
+  added as bd); `inputs` are (array, token_major) pairs, `outputs`
   (shape_without_tokens..., dtype) given as (columns, dtype) for token-major results."""
   n_tokens = next(a.shape[0] for a, token_major in inputs if token_major)
-  bt = backend.block_tokens
+  tile = backend.tile(body.__name__)
+  bt = tile.block_tokens
+  static = dict(static, bd=chunk_width(static["d"], tile.chunk))
   padded = -(-n_tokens // bt) * bt
   args, in_specs = [], []
   for a, token_major in inputs:
@@ -72,7 +85,7 @@ def _call(backend: Backend, body, inputs, outputs, static: dict):
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
-    compiler_params=backend.compiler_params,
+    compiler_params=tile.compiler_params,
     interpret=backend.interpret,
     name=f"mhc_{body.__name__}_{backend.name}",
   )(*args)
@@ -83,7 +96,7 @@ def pre_forward(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind:
   """x [N, n D], phi_p [n D, W], affine [2, W] -> h [N, D], coeff / logits [N, W], rms [N, 1]."""
   d = x.shape[1] // n
   w = phi_p.shape[1]
-  static = dict(n=n, d=d, bd=chunk_width(d, backend.chunk), iters=iters, kind=kind, eps=eps)
+  static = dict(n=n, d=d, iters=iters, kind=kind, eps=eps)
   return _call(
     backend,
     bodies.pre_forward,
@@ -96,7 +109,7 @@ def pre_forward(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind:
 def res_post_forward(backend: Backend, x, y, coeff, *, n: int):
   """x [N, n D], y [N, D], coeff [N, W] -> res x + post^T y [N, n D]."""
   d = y.shape[1]
-  static = dict(n=n, d=d, bd=chunk_width(d, backend.chunk))
+  static = dict(n=n, d=d)
   (out,) = _call(backend, bodies.res_post_forward, [(x, True), (y, True), (coeff, True)], [(n * d, x.dtype)], static)
   return out
 
@@ -104,7 +117,7 @@ def res_post_forward(backend: Backend, x, y, coeff, *, n: int):
 def res_post_backward(backend: Backend, x, y, coeff, g, *, n: int):
   """-> dL/dx [N, n D], dL/dy [N, D], dL/dcoeff [N, W] (post and res columns)."""
   d = y.shape[1]
-  static = dict(n=n, d=d, bd=chunk_width(d, backend.chunk))
+  static = dict(n=n, d=d)
   return _call(
     backend,
     bodies.res_post_backward,
@@ -117,7 +130,7 @@ def res_post_backward(backend: Backend, x, y, coeff, g, *, n: int):
 def pre_backward_reduce(backend: Backend, x, gh, *, n: int, w: int):
   """-> [N, W] with <dL/dh, x_j> in the pre columns."""
   d = gh.shape[1]
-  static = dict(n=n, d=d, bd=chunk_width(d, backend.chunk))
+  static = dict(n=n, d=d)
   (g_pre,) = _call(backend, bodies.pre_backward_reduce, [(x, True), (gh, True)], [(w, jnp.float32)], static)
   return g_pre
 
@@ -125,7 +138,7 @@ def pre_backward_reduce(backend: Backend, x, gh, *, n: int, w: int):
 def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g_in, *, n: int):
   """-> dL/dx [N, n D]: g_in plus the pre-mix's and the projection's parts (bodies.pre_backward_streams)."""
   d = gh.shape[1]
-  static = dict(n=n, d=d, bd=chunk_width(d, backend.chunk))
+  static = dict(n=n, d=d)
   (gx,) = _call(
     backend,
     bodies.pre_backward_streams,

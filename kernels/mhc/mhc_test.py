@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.mhc import api, reference
+from kernels.mhc import api, calls, reference, triton
 from kernels.mhc.tiles import parse_tiles
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -109,7 +109,17 @@ def test_tiles_change_the_blocks_not_the_results():
   for name, got, want in zip(("x", "phi", "alpha", "bias"), grads, ref_grads):
     close(got, want, 1e-5, name)
   traced = str(jax.make_jaxpr(lambda x: api.pre(x, phi, alpha, bias, spec))(x))
-  assert "GridMapping(grid=(5,)" in traced  # ceil(37 / 8) blocks, not interpret mode's default 16-token blocks' 3
+  assert "GridMapping(grid=(5,)" in traced  # ceil(37 / 8) blocks, not the 1 of pre_forward's own 64-token blocks
+
+
+def test_each_kernel_keeps_its_tile_and_a_given_setting_applies_to_all():
+  fastest = triton.backend()
+  assert [t.block_tokens for t in fastest.tiles] == [triton.FASTEST[k][0] for k in calls.KERNELS]
+  assert fastest.tile("pre_forward").compiler_params.num_warps == triton.FASTEST["pre_forward"][2]
+  given = triton.backend(block_tokens=16, num_warps=2)
+  assert {t.block_tokens for t in given.tiles} == {16}
+  assert {t.compiler_params.num_warps for t in given.tiles} == {2}
+  assert [t.chunk for t in given.tiles] == [t.chunk for t in fastest.tiles]
 
 
 @pytest.mark.parametrize(

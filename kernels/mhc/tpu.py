@@ -7,16 +7,10 @@ from __future__ import annotations
 
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.mhc.calls import Backend
+from kernels.mhc.calls import KERNELS, Backend, Tile
 
 
 def backend(*, interpret: bool = False, block_tokens: int = 16, chunk: int = 512) -> Backend:
-  return Backend(
-    name="tpu",
-    block_tokens=block_tokens,
-    chunk=chunk,
-    compiler_params=None
-    if interpret
-    else pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=64 * 2**20),
-    interpret=interpret,
-  )
+  """One tile for every kernel."""
+  params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=64 * 2**20)
+  return Backend(name="tpu", tiles=(Tile(block_tokens, chunk, params),) * len(KERNELS), interpret=interpret)

@@ -1,23 +1,38 @@
 """The GPU implementation: Pallas on Triton. A program owns `block_tokens` tokens and walks
-their streams in `chunk`-wide tiles (Triton tiles are powers of two). The defaults are the
-fastest in the model on an H100 (benchmarks/README.md). The same blocks run in interpret
-mode on the CPU (the tests)."""
+their streams in `chunk`-wide tiles (Triton tiles are powers of two), each kernel at its own
+tile. The same blocks and chunks run in interpret mode on the CPU (the tests)."""
 
 from __future__ import annotations
 
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.mhc.calls import Backend
+from kernels.mhc.calls import KERNELS, Backend, Tile
+
+# (block_tokens, chunk, num_warps) of each kernel: the fastest of 32 settings on an H200 at
+# 16,384 tokens x D = 2,048, bfloat16 (`kernels/mhc/bench.py --tiles`, kernels/mhc/README.md).
+# The two kernels that multiply by phi read all of it in every block, so they take many tokens.
+FASTEST = {
+  "pre_forward": (64, 128, 4),
+  "res_post_forward": (8, 128, 8),
+  "res_post_backward": (8, 256, 8),
+  "pre_backward_reduce": (32, 64, 8),
+  "pre_backward_streams": (64, 64, 4),
+}
 
 
 def backend(
-  *, interpret: bool = False, block_tokens: int | None = None, chunk: int = 256, num_warps: int = 4, num_stages: int = 1
+  *,
+  interpret: bool = False,
+  block_tokens: int | None = None,
+  chunk: int | None = None,
+  num_warps: int | None = None,
+  num_stages: int = 1,
 ) -> Backend:
-  """`block_tokens` unset: 8 compiled, 16 in interpret mode (whose time grows with the blocks)."""
-  return Backend(
-    name="triton",
-    block_tokens=block_tokens or (16 if interpret else 8),
-    chunk=chunk,
-    compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-    interpret=interpret,
-  )
+  """Each kernel at its FASTEST tile; a setting given replaces that setting in every kernel.
+  Interpret mode takes the blocks and chunks, not the compiler settings."""
+  tiles = []
+  for kernel in KERNELS:
+    bt, bd, warps = FASTEST[kernel]
+    params = None if interpret else plgpu.CompilerParams(num_warps=num_warps or warps, num_stages=num_stages)
+    tiles.append(Tile(block_tokens or bt, chunk or bd, params))
+  return Backend(name="triton", tiles=tuple(tiles), interpret=interpret)
