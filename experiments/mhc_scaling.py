@@ -5,6 +5,9 @@ advantage of mHC over plain can be read across sizes.
   manifold sweep --config experiments/mhc_scaling.py:scale=gpu --workdir runs/mhc_scaling \\
       --results experiments/results/mhc_scaling
 
+The sweep runs every size x residual with 3 seeds; `by_variant.md` gives each variant's mean
+and spread over the seeds of the final loss and of its gap to plain at the same size and seed.
+
 Arguments (`:key=value,...`): size (s | m | l), residual (plain | hc | mhc), seed, scale:
 `gpu` (blocks x width 4 x 192, 5 x 320, 6 x 448: 2.0M, 6.8M, 15.8M parameters without the
 embedding, batch 64 x 256 bytes; 1,209 to 9,647 steps) or `cpu` (2 x 32, 3 x 48, 4 x 64; batch 16 x 128). Steps give
@@ -23,6 +26,8 @@ SCALES = {  # size -> (blocks, width, heads); batch, sequence
   "cpu": ({"s": (2, 32, 2), "m": (3, 48, 3), "l": (4, 64, 4)}, 16, 128),
 }
 DEFAULTS = dict(size="s", residual="plain", seed=0, scale="gpu")
+SEEDS = (0, 1, 2)
+BASELINE = "residual=plain"  # by_variant.md's gaps: to plain at the same size and seed
 
 
 def _components():
@@ -47,5 +52,10 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep():
-  """Every size x residual."""
-  return [f"size={size},residual={residual}" for size in ("s", "m", "l") for residual in ("plain", "hc", "mhc")]
+  """Every size x residual, with each seed."""
+  return [
+    f"size={size},residual={residual},seed={seed}"
+    for seed in SEEDS
+    for size in ("s", "m", "l")
+    for residual in ("plain", "hc", "mhc")
+  ]

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 
-from manifold.sweep import run_name, spikes, sweep_args
+from manifold.sweep import by_variant, run_name, spikes, sweep_args
 
 
 def test_sweep_tabulates_every_variant_with_its_command(tiny_sweep):
@@ -29,6 +29,18 @@ def test_sweep_tabulates_every_variant_with_its_command(tiny_sweep):
   np.testing.assert_allclose(variants["residual=mhc"]["gap_mean"], np.mean(gaps), rtol=1e-9)
   np.testing.assert_allclose(variants["residual=mhc"]["gap_spread"], np.std(gaps, ddof=1), rtol=1e-9)
   assert variants["residual=plain"]["gap_mean"] == 0.0
+
+
+def test_each_variant_is_compared_with_the_baseline_that_shares_its_other_arguments():
+  runs = [
+    {"run": f"size={size},residual={r},seed={seed}", "seed": seed, "final_val_loss": loss + seed,
+     "peak_amax_gain": None, "loss_spikes": 0, "grad_norm_spikes": 0}
+    for seed in (0, 1)
+    for size, r, loss in (("s", "plain", 3.0), ("s", "hc", 2.5), ("l", "plain", 2.0), ("l", "hc", 1.75))
+  ]  # fmt: skip
+  rows = {r["variant"]: r for r in by_variant(runs, "residual=plain")}
+  assert rows["size=s,residual=hc"]["gap_mean"] == -0.5 and rows["size=l,residual=hc"]["gap_mean"] == -0.25
+  assert rows["size=l,residual=plain"]["gap_mean"] == 0.0 and rows["size=s,residual=hc"]["gap_spread"] == 0.0
 
 
 def test_spikes_count_values_above_a_multiple_of_the_running_median():
@@ -56,6 +68,7 @@ def test_the_paper_ablation_studies_are_what_their_docstrings_say():
   stress = load_config("experiments/depth_stress.py:residual=hc,layers=96,lr=high").train
   assert (stress.learning_rate, stress.spike_factor, stress.param_norm_factor) == (1e-2, 0.0, 0.0)
   assert sweep_args("experiments/depth_stress.py", "scale=cpu") == depth  # the same depths at either scale
+  assert len(sweep_args("experiments/mhc_scaling.py")) == 27  # 3 sizes x 3 residuals x 3 seeds
   for size in ("s", "m", "l"):
     configs = [load_config(f"experiments/mhc_scaling.py:size={size},residual={r}") for r in ("plain", "hc", "mhc")]
     tokens = {c.train.steps * c.train.batch_size * c.train.seq_len for c in configs}

@@ -96,11 +96,21 @@ def summarize(
 def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
   """One row per variant (a sweep argument without its `seed=`): over its seeds the mean and
   spread (sample standard deviation; 0 for one seed) of the final validation loss, and of its
-  gap to `baseline`'s run of the same seed (negative: better than the baseline)."""
+  gap to its baseline's run of the same seed (negative: better than the baseline).
+
+  A variant's baseline is the variant that has every `key=value` of `baseline` and shares the
+  most other arguments with it: with baseline "residual=plain", "size=s,residual=hc" is
+  compared with "size=s,residual=plain"."""
   groups: dict[str, list[dict]] = {}
   for s in summaries:
     groups.setdefault(",".join(p for p in s["run"].split(",") if not p.startswith("seed=")), []).append(s)
-  base = {s["seed"]: s["final_val_loss"] for s in groups.get(baseline, [])}
+  bases = [v for v in groups if baseline and set(baseline.split(",")) <= set(v.split(","))]
+
+  def base_losses(variant: str) -> dict[int, float]:
+    if not bases:
+      return {}
+    base = max(bases, key=lambda b: len(set(b.split(",")) & set(variant.split(","))))
+    return {s["seed"]: s["final_val_loss"] for s in groups[base]}
 
   def mean_and_spread(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else (None, None)
@@ -109,6 +119,7 @@ def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[di
   for variant, runs in groups.items():
     finished = [r for r in runs if r["final_val_loss"] is not None]
     loss_mean, loss_spread = mean_and_spread([r["final_val_loss"] for r in finished])
+    base = base_losses(variant)
     gaps = [r["final_val_loss"] - base[r["seed"]] for r in finished if base.get(r["seed"]) is not None]
     gap_mean, gap_spread = mean_and_spread(gaps)
     gains = [r["peak_amax_gain"] for r in runs if r["peak_amax_gain"] is not None]
