@@ -6,8 +6,11 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from manifold.sweep import by_variant, run_name, spikes, sweep_args
+
+from .conftest import error_line
 
 
 def test_sweep_tabulates_every_variant_with_its_command(tiny_sweep):
@@ -101,3 +104,42 @@ def test_a_rerun_completes_summaries_an_older_manifold_wrote_without_retraining(
     json.loads((runs / run_name(a) / "summary.json").read_text())["final_val_loss"]
     for a in ("residual=plain,seed=0", "residual=mhc,seed=0", "residual=plain,seed=1", "residual=mhc,seed=1")
   ]
+
+
+def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_path, capsys):
+  """`manifold sweep --workers 2`: two worker processes, each with its log, train the four
+  variants; the tables hold the one-process sweep's final losses."""
+  from manifold.cli import main
+
+  results, _ = tiny_sweep
+  overrides = [
+    f"--config.data.sources={corpus_dir}/*.py",
+    "--config.data.val_fraction=0.2",
+    f"--config.data.cache_dir={tmp_path / 'cache'}",
+  ]
+  runs, tables = tmp_path / "runs", tmp_path / "results"
+  args = ["sweep", "--config", str(results.parent / "tiny_sweep.py"), "--workdir", str(runs), "--results", str(tables)]
+  assert main([*args, "--workers", "2", *overrides]) == 0
+  assert "| residual=mhc,seed=1 |" in capsys.readouterr().out
+  for i, trained in ((0, ("residual=plain,seed=0", "residual=plain,seed=1")), (1, ("residual=mhc,seed=0",))):
+    log = (runs / f"worker-{i}" / "log.txt").read_text()
+    assert all(f":{arg} -> " in log for arg in trained), log[-2000:]
+  want = {s["run"]: s["final_val_loss"] for s in json.loads((results / "results.json").read_text())}
+  got = {s["run"]: s["final_val_loss"] for s in json.loads((tables / "results.json").read_text())}
+  assert got.keys() == want.keys()
+  np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--shard", "2/2"], "--shard '2/2': must be I/K with 0 <= I < K"),
+    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--shard", "0/2", "--workers", "2"], "--shard and --workers: pass one"),
+  ],
+)
+def test_bad_shard_or_workers_is_one_line(flags, message, tmp_path, capsys):
+  from manifold.cli import main
+
+  assert main(["sweep", "--config", "experiments/hc_components.py", "--workdir", str(tmp_path), *flags]) == 2
+  assert message in error_line(capsys.readouterr().err)

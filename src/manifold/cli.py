@@ -486,9 +486,29 @@ def cmd_sweep(args, overrides) -> int:
   results = args.results or args.workdir
   _check_output("--workdir", args.workdir)
   _check_output("--results", results)
-  if run_sweep(args.config, args.workdir, results, overrides) is not None:
+  if args.workers < 1:
+    raise ConfigError(f"--workers {args.workers}: must be at least 1")
+  shard = parse_shard(args.shard) if args.shard else None
+  if shard and args.workers > 1:
+    raise ConfigError("--shard and --workers: pass one (--workers starts its own shards)")
+  if args.workers > 1:
+    from manifold.sweep import run_sweep_workers
+
+    code = run_sweep_workers(args.config, args.workdir, results, overrides, args.workers)
+    tabulated = code == 0
+  else:  # stopped by SIGTERM: None, and the run saved; exit 0 as `manifold train` does
+    code, tabulated = 0, run_sweep(args.config, args.workdir, results, overrides, shard) is not None and not shard
+  if tabulated:
     print(files.read_text(files.path(results) / "results.md"))
-  return 0
+  return code
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """'1/4' -> (1, 4); a one-line ConfigError for anything but I/K with 0 <= I < K."""
+  i, sep, k = text.partition("/")
+  if not (sep and i.isdigit() and k.isdigit() and int(i) < int(k)):
+    raise ConfigError(f"--shard {text!r}: must be I/K with 0 <= I < K, e.g. 0/4")
+  return int(i), int(k)
 
 
 def cmd_convert(args, overrides) -> int:
@@ -834,6 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--workdir", required=True, help="one run directory per variant goes under it")
   p.add_argument("--results", default="", help="where results.md / results.json / curves.png go (default: --workdir)")
+  p.add_argument("--workers", type=int, default=1, help="variants that train at once, each in its own process")
+  p.add_argument("--shard", default="", help="I/K: train only every K-th variant from the I-th, no tables")
   p.set_defaults(fn=cmd_sweep)
 
   p = sub.add_parser("convert", help="import / export Hugging Face DeepSeek-V3 checkpoints; export GGUF")

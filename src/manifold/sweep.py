@@ -7,8 +7,10 @@ import json
 import os
 import re
 import statistics
+import sys
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -141,13 +143,20 @@ def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[di
 
 
 def run_sweep(
-  config: str, workdir: str, results_dir: str, overrides: Sequence[str] = ()
+  config: str,
+  workdir: str,
+  results_dir: str,
+  overrides: Sequence[str] = (),
+  shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]] | None:
   """Trains (or resumes) each variant of `config` (`experiments/<name>.py`, or with `:args`
   that go before every variant's, e.g. `:scale=gpu`) in `<workdir>/<name>`, then writes
   results.{json,md}, by_variant.{json,md} where variants have seeds, and curves.png.
+  `shard` (i, k): only every k-th variant from the i-th, and no tables (a rerun without it
+  writes them from the finished runs).
 
-  Returns the results rows, or None if SIGTERM stopped a run (saved; rerunning resumes).
+  Returns the results rows (the shard's), or None if SIGTERM stopped a run (saved; rerunning
+  resumes).
   """
   config_path, _, common = config.partition(":")
   experiment = _experiment(config_path)
@@ -155,7 +164,10 @@ def run_sweep(
   for arg in sweep_args(config_path, common):
     spec = f"{config_path}:{common},{arg}" if common else f"{config_path}:{arg}"
     variants.append((arg, spec, load_config(spec, overrides)))
-  files.path(results_dir).mkdir(parents=True, exist_ok=True)
+  if shard is not None:
+    variants = variants[shard[0] :: shard[1]]
+  else:
+    files.path(results_dir).mkdir(parents=True, exist_ok=True)
   summaries = []
   for arg, spec, cfg in variants:
     run_dir = os.path.join(workdir, run_name(arg))
@@ -186,6 +198,8 @@ def run_sweep(
     )
     files.write_atomic(summary_path, json.dumps(summary, indent=2))
     summaries.append(summary)
+  if shard is not None:
+    return summaries
   write_results(results_dir, summaries, COLUMNS)
   if any("seed=" in s["run"] for s in summaries):  # runs over seeds: a row per variant too
     write_results(
@@ -193,6 +207,79 @@ def run_sweep(
     )
   plot_sweep(summaries, files.path(results_dir) / "curves.png")
   return summaries
+
+
+def run_sweep_workers(
+  config: str,
+  workdir: str,
+  results_dir: str,
+  overrides: Sequence[str] = (),
+  workers: int = 2,
+  echo: Callable[[str], None] = print,
+) -> int:
+  """`run_sweep` with `workers` variants training at once, each worker a `manifold sweep
+  --shard i/workers` process (its log in `<workdir>/worker-<i>/log.txt`; each takes its share
+  of the GPUs' memory), then the tables from the finished runs. Returns 0, or the first failed
+  worker's exit code (130 after Ctrl-C: the workers save their runs; rerunning resumes)."""
+  from manifold.processes import Child, child_env, stop
+
+  env = child_env(workers)
+  if "JAX_COMPILATION_CACHE_DIR" not in env:  # variants that differ only in seed compile once
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.abspath(workdir), "xla_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+  lock = threading.Lock()
+
+  def say(text: str) -> None:
+    with lock:
+      echo(text)
+
+  children = [
+    Child(
+      f"worker {i}",
+      [
+        sys.executable,
+        "-m",
+        "manifold.cli",
+        "sweep",
+        "--config",
+        config,
+        "--workdir",
+        workdir,
+        "--shard",
+        f"{i}/{workers}",
+        *overrides,
+      ],
+      os.path.join(workdir, f"worker-{i}"),
+      say,
+    )  # fmt: skip
+    for i in range(workers)
+  ]
+  try:
+    for child in children:
+      child.start(env)
+    while (failed := next((c for c in children if c.poll() not in (None, 0)), None)) is None:
+      if all(child.poll() is not None for child in children):
+        break
+      time.sleep(0.2)
+    if failed is not None:
+      say(f"{failed.name} failed (exit code {failed.code}; see {failed.workdir}/log.txt); stopping the others")
+      stop(children, grace_s=60)
+      return failed.code if failed.code > 0 else 1
+  except KeyboardInterrupt:
+    say("interrupted: stopping the workers (each saves its run; rerun the same command to resume)")
+    stop(children, grace_s=60)
+    return 130
+  finally:
+    stop(children, grace_s=10)  # nothing outlives the sweep
+  missing = [arg for arg in sweep_args(config.partition(":")[0], config.partition(":")[2])
+             if not (files.path(workdir) / run_name(arg) / "summary.json").exists()]  # fmt: skip
+  if missing:
+    say(f"stopped before {len(missing)} variant(s) finished ({missing[0]}, ...); rerun the same command to resume")
+    return 1
+  return 0 if run_sweep(config, workdir, results_dir, overrides) is not None else 1
 
 
 # The sweep table: one row per variant, with the command that trained it.
