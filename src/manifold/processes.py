@@ -18,12 +18,32 @@ from manifold.config import ConfigError
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../src
 
 
-def child_env(processes: int) -> dict[str, str]:
+def child_env(processes: int, compile_cache: str | None = None) -> dict[str, str]:
   """This environment for one of `processes` children on this machine: this checkout's sources
-  first on PYTHONPATH, and each child's share of the GPUs' memory (JAX would take 90% in each)."""
+  first on PYTHONPATH, and each child's share of the GPUs' memory (JAX would take 90% in each);
+  with `compile_cache`, a JAX compilation cache there that the children share (programs that
+  several of them run compile once), unless one is set already."""
   path = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
   share = f"{float(GPU_MEMORY_FRACTION) / processes:.3f}"
-  return {**os.environ, "PYTHONPATH": path, "XLA_PYTHON_CLIENT_MEM_FRACTION": share}
+  env = {**os.environ, "PYTHONPATH": path, "XLA_PYTHON_CLIENT_MEM_FRACTION": share}
+  if compile_cache and "JAX_COMPILATION_CACHE_DIR" not in env:
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=compile_cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+  return env
+
+
+def serialized(echo: Callable[[str], None]) -> Callable[[str], None]:
+  """`echo` behind a lock: the children's output threads print whole lines."""
+  lock = threading.Lock()
+
+  def say(text: str) -> None:
+    with lock:
+      echo(text)
+
+  return say
 
 
 class Child:

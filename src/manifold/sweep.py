@@ -8,7 +8,6 @@ import os
 import re
 import statistics
 import sys
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -221,20 +220,11 @@ def run_sweep_workers(
   --shard i/workers` process (its log in `<workdir>/worker-<i>/log.txt`; each takes its share
   of the GPUs' memory), then the tables from the finished runs. Returns 0, or the first failed
   worker's exit code (130 after Ctrl-C: the workers save their runs; rerunning resumes)."""
-  from manifold.processes import Child, child_env, stop
+  from manifold.processes import Child, child_env, serialized, stop
 
-  env = child_env(workers)
-  if "JAX_COMPILATION_CACHE_DIR" not in env:  # variants that differ only in seed compile once
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.abspath(workdir), "xla_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-  lock = threading.Lock()
-
-  def say(text: str) -> None:
-    with lock:
-      echo(text)
+  # variants that differ only in their seed compile once
+  env = child_env(workers, compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache"))
+  say = serialized(echo)
 
   children = [
     Child(

@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Callable, Sequence
 
-from manifold.processes import Child, child_env, last_step, stop
+from manifold.processes import Child, child_env, last_step, serialized, stop
 
 
 def island_dir(workdir: str, k: int) -> str:
@@ -54,18 +53,8 @@ def run_islands(
   os.makedirs(workdir, exist_ok=True)
   store = store or "file://" + os.path.join(workdir, "store")
   kills, joins = dict(kills or {}), dict(joins or {})
-  env = child_env(count)
-  if "JAX_COMPILATION_CACHE_DIR" not in env:  # one machine: the islands compile their (identical) programs once
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "xla_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-  lock = threading.Lock()
-
-  def say(text: str) -> None:
-    with lock:
-      echo(text)
+  env = child_env(count, compile_cache=os.path.join(workdir, "xla_cache"))  # identical programs compile once
+  say = serialized(echo)
 
   islands = [
     Child(f"island {k}", train_command(config, workdir, store, k, count, overrides), island_dir(workdir, k), say)

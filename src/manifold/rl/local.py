@@ -17,11 +17,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Callable, Sequence
 
-from manifold.processes import Child, child_env, last_step, stop
+from manifold.processes import Child, child_env, last_step, serialized, stop
 
 
 def learner_command(config: str, workdir: str, store: str, overrides: Sequence[str]) -> list[str]:
@@ -55,11 +54,7 @@ def run_local(
   store = store or "file://" + os.path.join(workdir, "store")
   kills, joins = dict(kills or {}), dict(joins or {})
   env = child_env(1 + len(set(range(workers)) | set(joins)))  # the learner and every worker there will be
-  lock = threading.Lock()
-
-  def say(text: str) -> None:
-    with lock:
-      echo(text)
+  say = serialized(echo)
 
   learner = Child("learner", learner_command(config, os.path.join(workdir, "learner"), store, overrides),
                   os.path.join(workdir, "learner"), say)  # fmt: skip
