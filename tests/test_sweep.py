@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
+from manifold.processes import last_step
 from manifold.sweep import by_variant, run_name, spikes, sweep_args
 
 from .conftest import error_line
@@ -143,3 +150,38 @@ def test_bad_shard_or_workers_is_one_line(flags, message, tmp_path, capsys):
 
   assert main(["sweep", "--config", "experiments/hc_components.py", "--workdir", str(tmp_path), *flags]) == 2
   assert message in error_line(capsys.readouterr().err)
+
+
+def test_a_sweep_sent_sigterm_stops_its_workers_and_leaves_none_running(tiny_sweep, corpus_dir, tmp_path):
+  """SIGTERM to `manifold sweep --workers 2` (a preempted launcher) stops both workers as Ctrl-C
+  would: exit code 130, each worker's run saved, and no worker process left."""
+  results, _ = tiny_sweep
+  runs = tmp_path / "runs"
+  command = [
+    sys.executable, "-m", "manifold.cli", "sweep", "--config", str(results.parent / "tiny_sweep.py"),
+    "--workdir", str(runs), "--workers", "2", "--config.train.steps=5000",
+    f"--config.data.sources={corpus_dir}/*.py", "--config.data.val_fraction=0.2",
+    f"--config.data.cache_dir={tmp_path / 'cache'}",
+  ]  # fmt: skip
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))}
+  launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 240
+    while not all(last_step(str(runs / run_name(a))) >= 1 for a in ("residual=plain,seed=0", "residual=mhc,seed=0")):
+      assert launcher.poll() is None and time.monotonic() < deadline, "the workers never started training"
+      time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=180) == 130
+  finally:
+    launcher.kill()
+  left = [p for p in pathlib.Path("/proc").glob("[0-9]*") if str(runs) in _cmdline(p)]
+  assert not left, [_cmdline(p) for p in left]
+  for i in (0, 1):
+    assert "stopped during" in (runs / f"worker-{i}" / "log.txt").read_text()  # its run saved, to resume
+
+
+def _cmdline(proc: pathlib.Path) -> str:
+  try:
+    return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+  except OSError:  # gone meanwhile
+    return ""

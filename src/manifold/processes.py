@@ -1,9 +1,11 @@
-"""Child processes a local launcher starts (`manifold islands`, `manifold rl local`): each one's
-output copied to `<workdir>/log.txt` and to the console behind its name, and all of them stopped
-(SIGTERM, then SIGKILL after a grace period) so that nothing outlives the launcher."""
+"""Child processes a local launcher starts (`manifold islands`, `manifold rl local`, `manifold
+sweep --workers`): each one's output copied to `<workdir>/log.txt` and to the console behind its
+name, and all of them stopped (SIGTERM, then SIGKILL after a grace period) so that nothing
+outlives the launcher, also when the launcher itself is sent SIGTERM (`stops_on_sigterm`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -44,6 +46,28 @@ def serialized(echo: Callable[[str], None]) -> Callable[[str], None]:
       echo(text)
 
   return say
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
+def stops_on_sigterm(launcher: Callable) -> Callable:
+  """`launcher` with SIGTERM raising KeyboardInterrupt in it, as Ctrl-C does: a launcher that is
+  itself stopped (a scheduler's preemption, `kill`) stops its children the same way, each saving
+  its run. The previous handler is restored after; off the main thread it runs as it is."""
+
+  @functools.wraps(launcher)
+  def run(*args, **kwargs):
+    if threading.current_thread() is not threading.main_thread():
+      return launcher(*args, **kwargs)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+      return launcher(*args, **kwargs)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+  return run
 
 
 class Child:

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from manifold import files  # noqa: E402
 from manifold.config import ConfigError, experiment_module, load_config  # noqa: E402
+from manifold.processes import Child, child_env, serialized, stop, stops_on_sigterm  # noqa: E402
 from manifold.results import fmt, source_commit, write_results  # noqa: E402
 from manifold.train.loop import TrainingDiverged, train  # noqa: E402
 from manifold.train.metrics import read_metrics  # noqa: E402
@@ -208,6 +209,7 @@ def run_sweep(
   return summaries
 
 
+@stops_on_sigterm
 def run_sweep_workers(
   config: str,
   workdir: str,
@@ -219,9 +221,7 @@ def run_sweep_workers(
   """`run_sweep` with `workers` variants training at once, each worker a `manifold sweep
   --shard i/workers` process (its log in `<workdir>/worker-<i>/log.txt`; each takes its share
   of the GPUs' memory), then the tables from the finished runs. Returns 0, or the first failed
-  worker's exit code (130 after Ctrl-C: the workers save their runs; rerunning resumes)."""
-  from manifold.processes import Child, child_env, serialized, stop
-
+  worker's exit code (130 after Ctrl-C or SIGTERM: the workers save their runs; rerunning resumes)."""
   # variants that differ only in their seed compile once
   env = child_env(workers, compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache"))
   say = serialized(echo)

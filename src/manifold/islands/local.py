@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from manifold.processes import Child, child_env, last_step, serialized, stop
+from manifold.processes import Child, child_env, last_step, serialized, stop, stops_on_sigterm
 
 
 def island_dir(workdir: str, k: int) -> str:
@@ -34,6 +34,7 @@ def train_command(config: str, workdir: str, store: str, k: int, count: int, ove
   ]  # fmt: skip
 
 
+@stops_on_sigterm
 def run_islands(
   config: str,
   workdir: str,
@@ -47,7 +48,7 @@ def run_islands(
   timeout_s: float | None = None,
 ) -> int:
   """Starts the islands, runs the drills, waits; 0 if every island ended well (a killed island
-  that is not restarted counts as intended), else the first failure's exit code (130 after Ctrl-C,
+  that is not restarted counts as intended), else the first failure's exit code (130 after Ctrl-C or SIGTERM,
   124 past `timeout_s`)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from manifold.processes import Child, child_env, last_step, serialized, stop
+from manifold.processes import Child, child_env, last_step, serialized, stop, stops_on_sigterm
 
 
 def learner_command(config: str, workdir: str, store: str, overrides: Sequence[str]) -> list[str]:
@@ -33,6 +33,7 @@ def worker_command(config: str, workdir: str, store: str, k: int, overrides: Seq
           "--store", store, "--id", str(k), *overrides]  # fmt: skip
 
 
+@stops_on_sigterm
 def run_local(
   config: str,
   workdir: str,
@@ -48,7 +49,7 @@ def run_local(
 ) -> int:
   """Starts the learner and workers 0..`workers`-1, runs the drills (`kills`, `joins`: worker id ->
   learner step), waits for the learner; its exit code (1 if every worker failed first, 124 past
-  `timeout_s`, 130 after Ctrl-C)."""
+  `timeout_s`, 130 after Ctrl-C or SIGTERM)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   store = store or "file://" + os.path.join(workdir, "store")
