@@ -199,14 +199,15 @@ def routed_expert_parallel(
   *,
   exchange: str | None = None,
   matmul: str = "auto",
-  capacity_factor: float = 0.0,
+  capacity_factor: float,
 ):
   """`routed_ragged` once per device on its own tokens, the experts split over the
   ambient mesh's `expert` axis (which may be 1: then nothing is exchanged).
 
   x [N, D], weights / experts [N, K], w_gate / w_up [E, D, F], w_down [E, F, D] -> [N, D].
   Requires E and N divisible by the expert axis and N by data x fsdp x expert.
-  `capacity_factor` sizes the exchange rounds (`round_capacity`; 0: one round, the worst case).
+  `capacity_factor` sizes the exchange rounds (`round_capacity`; 0: one round, the worst case;
+  the model passes `model.expert_capacity_factor`).
   """
   mesh = jax.sharding.get_abstract_mesh()
   tensor_split = mesh.shape["tensor"] > 1 and w_gate.shape[2] % mesh.shape["tensor"] == 0
