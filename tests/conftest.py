@@ -172,6 +172,15 @@ def get_sweep():
 """
 
 
+def tiny_sweep_overrides(corpus_dir, cache_dir) -> list[str]:
+  """The tiny sweep's data: the test corpus, a fifth of it for validation, its own token cache."""
+  return [
+    f"--config.data.sources={corpus_dir}/*.py",
+    "--config.data.val_fraction=0.2",
+    f"--config.data.cache_dir={cache_dir}",
+  ]
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(corpus_dir, tmp_path_factory):
   """(results dir, the mhc run's directory) of a plain / mhc sweep over seeds 0 and 1."""
@@ -180,12 +189,9 @@ def tiny_sweep(corpus_dir, tmp_path_factory):
   def make(root):
     experiment = root / "tiny_sweep.py"
     experiment.write_text(TINY_SWEEP)
-    overrides = [
-      f"--config.data.sources={corpus_dir}/*.py",
-      "--config.data.val_fraction=0.2",
-      f"--config.data.cache_dir={root / 'cache'}",
-    ]
-    run_sweep(str(experiment), str(root / "runs"), str(root / "results"), overrides)
+    run_sweep(
+      str(experiment), str(root / "runs"), str(root / "results"), tiny_sweep_overrides(corpus_dir, root / "cache")
+    )
 
   root = made_once(tmp_path_factory, "tiny_sweep", make)
   return root / "results", root / "runs" / "residual-mhc-seed-0"

@@ -17,7 +17,7 @@ import pytest
 from manifold.processes import last_step
 from manifold.sweep import by_variant, run_name, spikes, sweep_args
 
-from .conftest import error_line
+from .conftest import error_line, tiny_sweep_overrides
 
 
 def test_sweep_tabulates_every_variant_with_its_command(tiny_sweep):
@@ -119,11 +119,7 @@ def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_
   from manifold.cli import main
 
   results, _ = tiny_sweep
-  overrides = [
-    f"--config.data.sources={corpus_dir}/*.py",
-    "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={tmp_path / 'cache'}",
-  ]
+  overrides = tiny_sweep_overrides(corpus_dir, tmp_path / "cache")
   runs, tables = tmp_path / "runs", tmp_path / "results"
   args = ["sweep", "--config", str(results.parent / "tiny_sweep.py"), "--workdir", str(runs), "--results", str(tables)]
   assert main([*args, "--workers", "2", *overrides]) == 0
@@ -160,8 +156,7 @@ def test_a_sweep_sent_sigterm_stops_its_workers_and_leaves_none_running(tiny_swe
   command = [
     sys.executable, "-m", "manifold.cli", "sweep", "--config", str(results.parent / "tiny_sweep.py"),
     "--workdir", str(runs), "--workers", "2", "--config.train.steps=5000",
-    f"--config.data.sources={corpus_dir}/*.py", "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={tmp_path / 'cache'}",
+    *tiny_sweep_overrides(corpus_dir, tmp_path / "cache"),
   ]  # fmt: skip
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))}
   launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -81,13 +81,19 @@ def _padded(a: jax.Array, w: int) -> jax.Array:
   return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, w - a.shape[-1])])
 
 
-def _pre_forward(x, phi, alpha, bias, spec: Spec):
-  w = calls.width(spec.n)
-  scale, shift = reference.gate_affine(alpha, bias, spec.n)
+def kernel_operands(x, phi, alpha, bias, n: int) -> tuple[jax.Array, jax.Array]:
+  """phi [n D, 2n + n^2] and the gates' alpha, bias as the `pre` kernel takes them: phi padded to
+  [n D, W] in x's dtype, the gate scale and shift as an [2, W] affine."""
+  w = calls.width(n)
+  scale, shift = reference.gate_affine(alpha, bias, n)
   affine = jnp.stack([_padded(scale, w), _padded(shift, w)])  # [2, W]
   # In x's dtype: the kernels multiply x (and dL/dz) by phi in that dtype anyway, and every block of
   # tokens reads all of phi, which for bfloat16 x moved twice the bytes of its own x block in float32.
-  phi_p = _padded(phi.astype(x.dtype), w)
+  return _padded(phi.astype(x.dtype), w), affine
+
+
+def _pre_forward(x, phi, alpha, bias, spec: Spec):
+  phi_p, affine = kernel_operands(x, phi, alpha, bias, spec.n)
   h, coeff, logits, rms = calls.pre_forward(
     _backend(spec), x, phi_p, affine, n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps
   )

@@ -26,6 +26,7 @@ from kernels.mhc.tiles import parse_tiles
 from kernels.timing import timed
 
 N_STREAMS = 4
+SETTINGS = dict(n=N_STREAMS, iters=20, kind="exp", eps=1e-6)  # one connection's, as api.Spec takes them
 
 
 def copy_bandwidths() -> dict[str, float]:
@@ -50,8 +51,8 @@ def max_relative_error(got, want) -> float:
 
 
 def layer_fns(n: int, tiles: tuple = ()):
-  spec = api.Spec(n=n, iters=20, kind="exp", eps=1e-6, tiles=tiles)
-  settings = dict(n=n, iters=20, kind="exp", eps=1e-6)
+  settings = dict(SETTINGS, n=n)
+  spec = api.Spec(**settings, tiles=tiles)
 
   def kernel(x, y, phi, alpha, bias):
     h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
@@ -100,10 +101,8 @@ def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
   (function of a backend, arguments)."""
   (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
   w = calls.width(n)
-  scale, shift = reference.gate_affine(alpha, bias, n)
-  affine = jnp.stack([jnp.pad(v, (0, w - v.shape[0])) for v in (scale, shift)])
-  phi_p = jnp.pad(phi.astype(x.dtype), ((0, 0), (0, w - phi.shape[1])))
-  settings = dict(n=n, iters=20, kind="exp", eps=1e-6)
+  phi_p, affine = api.kernel_operands(x, phi, alpha, bias, n)
+  settings = dict(SETTINGS, n=n)
   _, coeff, _, _ = calls.pre_forward(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
   g_z = 0.01 * jax.random.normal(jax.random.key(1), coeff.shape, jnp.float32)
   return {
@@ -126,11 +125,11 @@ def sweep_tiles(tokens: int, d: int, grid: str) -> None:
   primal, cotangents = inputs(tokens, d, n)
   want = forward_backward(layer_fns(n)[1])(*primal, *cotangents)
   cases = kernel_cases(tokens, d, n)
-  default = api._backend(api.Spec(n=n, iters=20, kind="exp", eps=1e-6))
+  default = api._backend(api.Spec(**SETTINGS))
   kernel_want = {name: jax.jit(functools.partial(fn, default))(*args) for name, (fn, args) in cases.items()}
   results = collections.defaultdict(list)  # "layer" or a kernel -> [(ms, err, tiles)]
   for tiles in [(), *parse_grid(grid)]:  # () first: the backend's defaults
-    backend = api._backend(api.Spec(n=n, iters=20, kind="exp", eps=1e-6, tiles=tiles))
+    backend = api._backend(api.Spec(**SETTINGS, tiles=tiles))
     runs = {"layer": (forward_backward(layer_fns(n, tiles)[0]), (*primal, *cotangents), want)}
     runs.update({k: (jax.jit(functools.partial(fn, backend)), a, kernel_want[k]) for k, (fn, a) in cases.items()})
     line = []

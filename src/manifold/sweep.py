@@ -54,6 +54,11 @@ def run_name(arg: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "-", arg).strip("-")
 
 
+def summary_path(workdir: str, arg: str):
+  """Where the variant `arg`'s finished run keeps its results row: `<workdir>/<name>/summary.json`."""
+  return files.path(workdir) / run_name(arg) / "summary.json"
+
+
 def summarize(
   run_dir: str, cfg, *, name: str, command: str, wall_time_s: float, diverged: str | None = None
 ) -> dict[str, Any]:
@@ -170,9 +175,8 @@ def run_sweep(
     files.path(results_dir).mkdir(parents=True, exist_ok=True)
   summaries = []
   for arg, spec, cfg in variants:
-    run_dir = os.path.join(workdir, run_name(arg))
-    summary_path = files.path(run_dir) / "summary.json"
-    if (saved := files.read_text(summary_path)) is not None:
+    run_dir, summary_file = os.path.join(workdir, run_name(arg)), summary_path(workdir, arg)
+    if (saved := files.read_text(summary_file)) is not None:
       summary = json.loads(saved)
       if "training" not in summary:  # written by an older manifold: its metrics give the rest
         known = {k: summary.get(k) for k in ("device", "commit")}  # None: not recorded then
@@ -180,7 +184,7 @@ def run_sweep(
           **summarize(run_dir, cfg, name=arg, command=summary["command"], wall_time_s=summary["wall_time_s"]),
           **known,
         }
-        files.write_atomic(summary_path, json.dumps(summary, indent=2))
+        files.write_atomic(summary_file, json.dumps(summary, indent=2))
       summaries.append(summary)
       continue
     print(f"=== {spec} -> {run_dir}")
@@ -196,7 +200,7 @@ def run_sweep(
     summary = summarize(
       run_dir, cfg, name=arg, command=command, wall_time_s=time.perf_counter() - started, diverged=diverged
     )
-    files.write_atomic(summary_path, json.dumps(summary, indent=2))
+    files.write_atomic(summary_file, json.dumps(summary, indent=2))
     summaries.append(summary)
   if shard is not None:
     return summaries
@@ -225,33 +229,18 @@ def run_sweep_workers(
   # variants that differ only in their seed compile once
   env = child_env(workers, compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache"))
   say = serialized(echo)
-
+  command = [sys.executable, "-m", "manifold.cli", "sweep", "--config", config, "--workdir", workdir]
   children = [
-    Child(
-      f"worker {i}",
-      [
-        sys.executable,
-        "-m",
-        "manifold.cli",
-        "sweep",
-        "--config",
-        config,
-        "--workdir",
-        workdir,
-        "--shard",
-        f"{i}/{workers}",
-        *overrides,
-      ],
-      os.path.join(workdir, f"worker-{i}"),
-      say,
-    )  # fmt: skip
+    Child(f"worker {i}", [*command, "--shard", f"{i}/{workers}", *overrides], os.path.join(workdir, f"worker-{i}"), say)
     for i in range(workers)
   ]
   try:
     for child in children:
       child.start(env)
-    while (failed := next((c for c in children if c.poll() not in (None, 0)), None)) is None:
-      if all(child.poll() is not None for child in children):
+    while True:
+      codes = [child.poll() for child in children]
+      failed = next((child for child, code in zip(children, codes) if code not in (None, 0)), None)
+      if failed is not None or None not in codes:
         break
       time.sleep(0.2)
     if failed is not None:
@@ -264,8 +253,8 @@ def run_sweep_workers(
     return 130
   finally:
     stop(children, grace_s=10)  # nothing outlives the sweep
-  missing = [arg for arg in sweep_args(config.partition(":")[0], config.partition(":")[2])
-             if not (files.path(workdir) / run_name(arg) / "summary.json").exists()]  # fmt: skip
+  config_path, _, common = config.partition(":")
+  missing = [arg for arg in sweep_args(config_path, common) if not summary_path(workdir, arg).exists()]
   if missing:
     say(f"stopped before {len(missing)} variant(s) finished ({missing[0]}, ...); rerun the same command to resume")
     return 1
