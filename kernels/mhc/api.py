@@ -9,11 +9,12 @@ for dL/dpre = <dL/dh, x_j>, once to write dL/dx; dL/dphi is one matmul over the 
 
     h, coeff, xs = pre(x, phi, alpha, bias, spec)   # x [N, n D] -> h [N, D], coeff [N, W]
     out = res_post(xs, y, coeff, spec)              # y = F(norm(h)) [N, D] -> out [N, n D]
-
-`pre` also returns the streams unchanged (xs is x): res_post reads them through it, so
-the streams' gradient from res-mix reaches pre's backward pass, whose kernel adds it
-while writing dL/dx, instead of a separate pass adding two [N, n D] gradients.
     p, q, r = unpack(coeff, n)                  # pre [N, n], post [N, n], res [N, n, n]
+
+`pre` also hands the streams on, as `Streams(x)`, and res_post reads them through it. The
+handle's cotangent is res_post's dL/d out itself, not the res-mix's part of dL/dx: pre's
+backward kernel reads dL/d out and forms res^T dL/d out while it writes dL/dx, so that part
+is never written to memory as an [N, n D] array of its own.
 
 `resolve` is the one place that turns `model.mhc_impl` (auto | pallas | xla) into an
 implementation for a platform: the kernels' backend, or None for the XLA path
@@ -72,6 +73,15 @@ def _backend(spec: Spec) -> calls.Backend:
   return make(interpret=name == "interpret", **tiles)  # interpret: the Triton blocks on the CPU
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Streams:
+  """x [N, n D] as `pre` hands it to `res_post`. Its cotangent is dL/d out of that res_post,
+  which `pre`'s backward pass mixes into dL/dx; so take it only from `pre`."""
+
+  x: jax.Array
+
+
 def unpack(coeff: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """coeff [N, W] -> (pre [N, n], post [N, n], res [N, n_out, n_in])."""
   return coeff[:, :n], coeff[:, n : 2 * n], coeff[:, 2 * n : 2 * n + n * n].reshape(-1, n, n)
@@ -97,18 +107,19 @@ def _pre_forward(x, phi, alpha, bias, spec: Spec):
   h, coeff, logits, rms = calls.pre_forward(
     _backend(spec), x, phi_p, affine, n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps
   )
-  return (h, coeff, x), (x, phi_p, alpha, bias, coeff, logits, rms)
+  return (h, coeff, Streams(x)), (x, phi_p, alpha, bias, coeff, logits, rms)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def pre(x, phi, alpha, bias, spec: Spec):
-  """x [N, n D], phi [n D, 2n + n^2], alpha [3], bias [2n + n^2] -> (h [N, D], coeff [N, W], x)."""
+  """x [N, n D], phi [n D, 2n + n^2], alpha [3], bias [2n + n^2] -> (h [N, D], coeff [N, W],
+  Streams(x))."""
   return _pre_forward(x, phi, alpha, bias, spec)[0]
 
 
 def _pre_backward(spec: Spec, saved, cotangents):
   x, phi_p, alpha, bias, coeff, logits, rms = saved
-  g_h, g_coeff, g_streams = cotangents
+  g_h, g_coeff, g_streams = cotangents  # g_streams.x: dL/d out of the res_post that read the streams
   n, w = spec.n, coeff.shape[1]
   used = 2 * n + n * n
   backend = _backend(spec)
@@ -124,8 +135,8 @@ def _pre_backward(spec: Spec, saved, cotangents):
   g_logits = _padded(g_a * scale, w)  # logits = (x phi) r
   g_z = g_logits * rms
   c_rms = -jnp.sum(g_logits * logits, axis=1, keepdims=True) * rms * rms / x.shape[1]
-  scalars = _padded(jnp.concatenate([coeff[:, :n], c_rms], axis=1), w)
-  g_x = calls.pre_backward_streams(backend, x, g_h, phi_p, g_z, scalars, g_streams.astype(x.dtype), n=n)
+  scalars = _padded(jnp.concatenate([coeff[:, :n], c_rms, coeff[:, 2 * n : used]], axis=1), w)  # pre, c, res
+  g_x = calls.pre_backward_streams(backend, x, g_h, phi_p, g_z, scalars, g_streams.x.astype(x.dtype), n=n)
   g_phi = jnp.einsum("tm,tw->mw", x, g_z[:, :used].astype(x.dtype), preferred_element_type=jnp.float32)
   return g_x, g_phi, g_alpha, g_bias
 
@@ -134,18 +145,19 @@ pre.defvjp(_pre_forward, _pre_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def res_post(x, y, coeff, spec: Spec):
-  """x [N, n D], y [N, D], coeff [N, W] -> res x + post^T y [N, n D] in x's dtype."""
-  return calls.res_post_forward(_backend(spec), x, y, coeff, n=spec.n)
+def res_post(xs: Streams, y, coeff, spec: Spec):
+  """Streams(x [N, n D]) from `pre`, y [N, D], coeff [N, W] -> res x + post^T y [N, n D] in x's dtype."""
+  return calls.res_post_forward(_backend(spec), xs.x, y, coeff, n=spec.n)
 
 
-def _res_post_forward(x, y, coeff, spec: Spec):
-  return res_post(x, y, coeff, spec), (x, y, coeff)
+def _res_post_forward(xs, y, coeff, spec: Spec):
+  return res_post(xs, y, coeff, spec), (xs.x, y, coeff)
 
 
 def _res_post_backward(spec: Spec, saved, g):
   x, y, coeff = saved
-  return tuple(calls.res_post_backward(_backend(spec), x, y, coeff, g, n=spec.n))
+  g_y, g_coeff = calls.res_post_backward(_backend(spec), x, y, coeff, g, n=spec.n)
+  return Streams(g), g_y, g_coeff  # the streams' cotangent: dL/d out, mixed in pre's backward pass
 
 
 res_post.defvjp(_res_post_forward, _res_post_backward)

@@ -5,8 +5,9 @@
 The op is one layer's mixing without its sub-block: (h, out) = (pre-mix of x,
 res-mix of x + post^T y) from x [N, n D] and y [N, D], n = 4, bfloat16; forward+backward
 also returns dL/dx, dL/dy and the weights' gradients from cotangents of h and out.
-Bytes: `kernel bytes` counts what the kernels and their XLA glue read and write (each
-stream-sized array 2 n D bytes per token); `minimum` reads every input and writes every
+Bytes: `traffic` counts what the traced program reads and writes (each stream-sized array
+2 n D bytes per token): every kernel's and XLA op's operands and results, and the passes a
+kernel makes over the streams more than once; `minimum` reads every input and writes every
 output once. Bandwidth is kernel bytes over time, against the best of three measured copies
 (`copy_bandwidths`: on an H200 a device-to-device copy is about 4.2 TB/s, XLA's `a * 2` 2.7).
 """
@@ -19,6 +20,7 @@ import functools
 import itertools
 
 import jax
+import jax.extend.core as core
 import jax.numpy as jnp
 
 from kernels.mhc import api, calls, reference
@@ -40,6 +42,50 @@ def copy_bandwidths() -> dict[str, float]:
     "XLA a * 2": 2 * a.nbytes / timed(jax.jit(lambda a: a * 2), a),
     "XLA a + b": 3 * a.nbytes / timed(jax.jit(lambda a, b: a + b), a, b),
   }
+
+
+LAYOUT_ONLY = {"reshape", "squeeze", "expand_dims", "broadcast_in_dim", "iota"}  # ops that move no bytes
+# Kernels that walk their first operand, the streams, twice (bodies.pre_forward: the projection and
+# sum of squares, then the pre-mix with the finished coefficients).
+TWO_PASSES = ("pre_forward",)
+
+
+def _kernel_name(params) -> str:
+  info = params.get("name_and_src_info")
+  return getattr(info, "name", None) or params.get("name") or ""
+
+
+def traffic(unit: int, fn, *args) -> tuple[float, float]:
+  """What `fn(*args)` reads and writes as traced, in units of `unit` bytes (one [N, D] array):
+  (stream units, row units). Each Pallas kernel's and XLA op's operands and results count (ops
+  inside jit / custom_vjp / shard_map followed, layout-only ops free), plus the second pass of
+  the TWO_PASSES kernels. Stream units: ops with an array of `unit` bytes or more (the kernels,
+  dL/dphi's matmul). Row units: the rest, ops on per-token rows such as [N, W] (the Sinkhorn's
+  backward); counted op by op, an upper bound, since XLA fuses them."""
+  streams = rows = 0
+
+  def walk(jaxpr) -> None:
+    nonlocal streams, rows
+    for eqn in jaxpr.eqns:
+      inner = [getattr(p, "jaxpr", p) for p in eqn.params.values() if isinstance(p, (core.Jaxpr, core.ClosedJaxpr))]
+      if eqn.primitive.name != "pallas_call" and inner:
+        for j in inner:
+          walk(j)
+        continue
+      if eqn.primitive.name in LAYOUT_ONLY:
+        continue
+      sizes = [
+        v.aval.size * v.aval.dtype.itemsize for v in (*eqn.invars, *eqn.outvars) if not isinstance(v, core.Literal)
+      ]
+      if eqn.primitive.name == "pallas_call" and any(k in _kernel_name(eqn.params) for k in TWO_PASSES):
+        sizes.append(sizes[0])
+      if max(sizes) >= unit:
+        streams += sum(sizes)
+      else:
+        rows += sum(sizes)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return streams / unit, rows / unit
 
 
 def max_relative_error(got, want) -> float:
@@ -174,34 +220,35 @@ def main() -> None:
   for tokens in (int(t) for t in args.tokens.split(",")):
     for d in (int(v) for v in args.dims.split(",")):
       (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
-      per_token = {  # bytes per token, in units of D * itemsize
-        # (kernels + glue, minimum); pre's forward reads the streams twice (projection, then
-        # pre-mix), its backward twice (<dL/dh, x_j>, then dL/dx) and dL/dphi once more
-        "forward": (5 * n + 3, 2 * n + 2),
-        "forward+backward": (13 * n + 7, 5 * n + 5),
-      }
+      minimum = {"forward": 2 * n + 2, "forward+backward": 5 * n + 5}  # each input read, each output written once
       cases = {
         "forward": (jax.jit(kernel), jax.jit(ref), (x, y, phi, alpha, bias)),
         "forward+backward": (forward_backward(kernel), forward_backward(ref), (x, y, phi, alpha, bias, g_h, g_out)),
       }
       for name, (kernel_fn, ref_fn, fn_args) in cases.items():
         t_kernel = timed(kernel_fn, *fn_args)
-        moved, minimum = (units * d * s * tokens for units in per_token[name])
+        unit = d * s * tokens  # one [N, D] array's bytes
+        units, row_units = traffic(unit, kernel_fn, *fn_args)
         try:
           t_ref, err = timed(ref_fn, *fn_args), max_relative_error(kernel_fn(*fn_args), ref_fn(*fn_args))
         except jax.errors.JaxRuntimeError as e:  # the float32 reference can exhaust device memory
           if "RESOURCE_EXHAUSTED" not in str(e):
             raise
           t_ref, err = float("nan"), float("nan")
-        rows.append((tokens, d, name, t_ref * 1e3, t_kernel * 1e3, moved / t_kernel / bandwidth, moved / minimum, err))
+        share = units * unit / t_kernel / bandwidth
+        rows.append((tokens, d, name, t_ref * 1e3, t_kernel * 1e3, share, units, row_units, units / minimum[name], err))
         print(rows[-1], flush=True)
   print(
-    "\n| tokens | D | pass | reference ms | kernels ms | speed-up | HBM bandwidth (of copy) | bytes / minimum | max rel. err |"
+    "\n| tokens | D | pass | reference ms | kernels ms | speed-up | HBM bandwidth (of baseline) "
+    "| stream units (+ row units) | bytes / minimum | max rel. err |"
   )
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-  for tokens, d, name, t_ref, t_k, frac, over, err in rows:
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for tokens, d, name, t_ref, t_k, share, units, row_units, over, err in rows:
     ref, speedup = ("out of memory", "-") if t_ref != t_ref else (f"{t_ref:.3f}", f"{t_ref / t_k:.2f}x")
-    print(f"| {tokens} | {d} | {name} | {ref} | {t_k:.3f} | {speedup} | {frac:.0%} | {over:.2f} | {err:.1e} |")
+    print(
+      f"| {tokens} | {d} | {name} | {ref} | {t_k:.3f} | {speedup} | {share:.0%} | {units:.1f} (+{row_units:.1f}) "
+      f"| {over:.2f} | {err:.1e} |"
+    )
 
 
 if __name__ == "__main__":

@@ -112,12 +112,12 @@ def res_post_forward(x_ref, y_ref, coeff_ref, out_ref, *, n, d, bd):
   _chunks(d, bd, mix, 0)
 
 
-def res_post_backward(x_ref, y_ref, coeff_ref, g_ref, gx_ref, gy_ref, gcoeff_ref, *, n, d, bd):
-  """From g = dL/d out: g_x_j = sum_k res[k, j] g_k, g_y = sum_k post_k g_k, and the
-  per-token g_res[k, j] = <g_k, x_j>, g_post_k = <g_k, y> in the coefficient columns."""
+def res_post_backward(x_ref, y_ref, coeff_ref, g_ref, gy_ref, gcoeff_ref, *, n, d, bd):
+  """From g = dL/d out: g_y = sum_k post_k g_k, and the per-token g_res[k, j] = <g_k, x_j>,
+  g_post_k = <g_k, y> in the coefficient columns. dL/dx (res^T g) is left to
+  `pre_backward_streams`, which reads g anyway."""
   coeff = coeff_ref[...]
   post = [column(coeff, n + k) for k in range(n)]
-  res = [[column(coeff, 2 * n + k * n + j) for j in range(n)] for k in range(n)]
   bt = coeff.shape[0]
 
   def step(c, acc):
@@ -125,9 +125,6 @@ def res_post_backward(x_ref, y_ref, coeff_ref, g_ref, gx_ref, gy_ref, gcoeff_ref
     xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
     gs = [_tile(g_ref, k, d, c, bd).astype(jnp.float32) for k in range(n)]
     y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
-    for j in range(n):
-      gx = functools.reduce(jnp.add, [res[k][j] * gs[k] for k in range(n)])
-      gx_ref[:, pl_ds(j * d + c * bd, bd)] = gx.astype(gx_ref.dtype)
     gy = functools.reduce(jnp.add, [post[k] * gs[k] for k in range(n)])
     gy_ref[:, pl_ds(c * bd, bd)] = gy.astype(gy_ref.dtype)
     g_res = tuple(g_res[k * n + j] + jnp.sum(gs[k] * xs[j], 1, keepdims=True) for k in range(n) for j in range(n))
@@ -155,21 +152,22 @@ def pre_backward_reduce(x_ref, gh_ref, gpre_ref, *, n, d, bd):
   gpre_ref[...] = assemble(dict(enumerate(acc)), (bt, width))
 
 
-def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, gin_ref, gx_ref, *, n, d, bd):
-  """dL/dx_j = g_in_j + pre_j dL/dh + (dL/dz) phi_j^T + c x_j, with z = x phi the raw
-  projection, c the per-token RMS term and g_in the gradient x receives elsewhere (from
-  res-mix); `scalars` holds pre in columns 0..n-1 and c in column n."""
+def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, g_ref, gx_ref, *, n, d, bd):
+  """dL/dx_j = sum_k res[k, j] g_k + pre_j dL/dh + (dL/dz) phi_j^T + c x_j, with g = dL/d out of
+  the layer's res_post, z = x phi the raw projection and c the per-token RMS term; `scalars`
+  holds pre in columns 0..n-1, c in column n and res[k, j] in column n + 1 + k n + j."""
   scalars, gz = scalars_ref[...], gz_ref[...].astype(x_ref.dtype)
   pre = [column(scalars, j) for j in range(n)]
   c_rms = column(scalars, n)
+  res = [[column(scalars, n + 1 + k * n + j) for j in range(n)] for k in range(n)]
 
   def step(c, _):
     gh = gh_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
     for j in range(n):
       x = _tile(x_ref, j, d, c, bd).astype(jnp.float32)
       back = _dot(gz, phi_ref[pl_ds(j * d + c * bd, bd), :], contract_b=1)  # [bt, bd]
-      g_in = _tile(gin_ref, j, d, c, bd).astype(jnp.float32)
-      gx_ref[:, pl_ds(j * d + c * bd, bd)] = (g_in + pre[j] * gh + back + c_rms * x).astype(gx_ref.dtype)
+      mixed = functools.reduce(jnp.add, [res[k][j] * _tile(g_ref, k, d, c, bd).astype(jnp.float32) for k in range(n)])
+      gx_ref[:, pl_ds(j * d + c * bd, bd)] = (mixed + pre[j] * gh + back + c_rms * x).astype(gx_ref.dtype)
     return 0
 
   _chunks(d, bd, step, 0)

@@ -115,14 +115,14 @@ def res_post_forward(backend: Backend, x, y, coeff, *, n: int):
 
 
 def res_post_backward(backend: Backend, x, y, coeff, g, *, n: int):
-  """-> dL/dx [N, n D], dL/dy [N, D], dL/dcoeff [N, W] (post and res columns)."""
+  """g = dL/d out [N, n D] -> dL/dy [N, D], dL/dcoeff [N, W] (post and res columns)."""
   d = y.shape[1]
   static = dict(n=n, d=d)
   return _call(
     backend,
     bodies.res_post_backward,
     [(x, True), (y, True), (coeff, True), (g, True)],
-    [(n * d, x.dtype), (d, y.dtype), (coeff.shape[1], jnp.float32)],
+    [(d, y.dtype), (coeff.shape[1], jnp.float32)],
     static,
   )
 
@@ -135,14 +135,15 @@ def pre_backward_reduce(backend: Backend, x, gh, *, n: int, w: int):
   return g_pre
 
 
-def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g_in, *, n: int):
-  """-> dL/dx [N, n D]: g_in plus the pre-mix's and the projection's parts (bodies.pre_backward_streams)."""
+def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g, *, n: int):
+  """g = dL/d out of the layer's res_post -> dL/dx [N, n D]: the res-mix's, pre-mix's and
+  projection's parts (bodies.pre_backward_streams)."""
   d = gh.shape[1]
   static = dict(n=n, d=d)
   (gx,) = _call(
     backend,
     bodies.pre_backward_streams,
-    [(x, True), (gh, True), (phi_p, False), (gz, True), (scalars, True), (g_in, True)],
+    [(x, True), (gh, True), (phi_p, False), (gz, True), (scalars, True), (g, True)],
     [(n * d, x.dtype)],
     static,
   )

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.mhc import api, calls, reference, triton
+from kernels.mhc import api, bench, calls, reference, triton
 from kernels.mhc.tiles import parse_tiles
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -46,7 +46,7 @@ def test_forward_matches_reference(tokens, n, d, dtype, kind):
   x, phi, alpha, bias, y, _ = inputs(tokens, n, d, dtype)
   spec = api.Spec(n=n, iters=20, kind=kind, eps=1e-6, implementation="interpret")
   h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
-  assert xs is x or bool(jnp.all(xs == x))
+  assert xs.x is x or bool(jnp.all(xs.x == x))
   out = api.res_post(xs, y, coeff, spec)
   ref_h, ref_pre, ref_post, ref_res = reference.pre(x, phi, alpha, bias, n=n, iters=20, kind=kind, eps=1e-6)
   pre, post, res = api.unpack(coeff, n)
@@ -162,3 +162,20 @@ def test_resolve_picks_the_kernels_on_gpu_and_tpu_and_the_xla_path_elsewhere(imp
 def test_resolve_names_an_unknown_implementation():
   with pytest.raises(ValueError, match="'reference'; use one of auto, pallas, xla"):
     api.resolve("reference", "cpu")
+
+
+@pytest.mark.parametrize("n", [4, 2])
+def test_traffic_counts_each_stream_array_the_layer_reads_and_writes(n):
+  """bench.traffic, from the traced layer (tracing only): forward, pre reads x twice and writes h,
+  res_post reads x and y and writes out (4n + 2 stream units); the backward pass adds res_post's
+  x, y, dL/d out and dL/dy (2n + 2), pre's <dL/dh, x_j> pass (n + 1), its dL/dx pass (3n + 1)
+  and dL/dphi's matmul (n): 11n + 6. The rest is per-token rows and weights, well under a unit."""
+  tokens, d = 4096, 2048
+  kernel, _ = bench.layer_fns(n)
+  (x, y, phi, alpha, bias), (g_h, g_out) = bench.inputs(tokens, d, n)
+  unit = tokens * d * x.dtype.itemsize
+  forward, _ = bench.traffic(unit, jax.jit(kernel), x, y, phi, alpha, bias)
+  both, rows = bench.traffic(unit, bench.forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
+  assert 4 * n + 2 <= forward < 4 * n + 2.5
+  assert 11 * n + 6 <= both < 11 * n + 6.5
+  assert 0 < rows < both

@@ -40,7 +40,7 @@ class Mixing(NamedTuple):
   post: jax.Array  # [B, T, n]    H_post: how much of F's output each stream receives
   res: jax.Array  # [B, T, n, n]  H_res[k, j]: weight of input stream j in output stream k
   packed: jax.Array | None = None  # [B T, W] the same rows as the Pallas kernels keep them
-  streams: jax.Array | None = None  # [B T, n D] x as the kernels' `pre` passes it on to res_post
+  streams: mhc_kernels.Streams | None = None  # [B T, n D] x as the kernels' `pre` hands it to res_post
   kernel: mhc_kernels.Spec | None = None  # set when the kernels mix this layer
 
 
