@@ -2,7 +2,8 @@
 (also at small tiles, so that groups span several), the Triton blocks in interpret mode on
 the CPU (at small tiles so that several tiles, straddling groups and padding all occur),
 JAX's megablox TPU kernels in interpret mode (compiled on a TPU), and on a GPU the compiled
-Triton and (Hopper) Mosaic GPU kernels too. Tolerances relative
+Triton and (Hopper) Mosaic GPU kernels too; the Triton kernels are lowered for CUDA on any
+machine. Tolerances relative
 to each output's largest magnitude: float32 1e-5, bfloat16 1e-2 (both accumulate in
 float32; the rounding of the output differs)."""
 
@@ -128,3 +129,18 @@ def test_gmm_kernel_stores_only_its_groups_rows():
   y = np.asarray(triton.gmm(x, w, group_sizes, block_m=16, block_n=32, block_k=16, interpret=True))
   close(y[:41], reference.gmm(x, w, group_sizes)[:41], 1e-5)
   assert np.all(np.isnan(y[41:]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_triton_kernels_lower_for_a_cuda_device(dtype):
+  """gmm and tgmm at their GPU tiles, lowered for CUDA on this CPU machine (Pallas's Triton
+  lowering; only compiling the Triton IR needs the GPU), on shapes off the tiles: a shape or an
+  op the Triton lowering rejects fails here, not on a lent GPU."""
+  x, w, dy, group_sizes = inputs(*CASES[1], dtype)
+
+  def forward_backward(x, w):
+    y, vjp = jax.vjp(lambda x, w: api.gmm(x, w, group_sizes, "triton"), x, w)
+    return y, vjp(dy)
+
+  lowered = jax.jit(forward_backward).trace(x, w).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # y = x w, dL/dx = dy w^T, dL/dw (tgmm)

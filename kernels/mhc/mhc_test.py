@@ -179,3 +179,25 @@ def test_traffic_counts_each_stream_array_the_layer_reads_and_writes(n):
   assert 4 * n + 2 <= forward < 4 * n + 2.5
   assert 11 * n + 6 <= both < 11 * n + 6.5
   assert 0 < rows < both
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_triton_kernels_lower_for_a_cuda_device(dtype):
+  """The five kernels at their GPU tiles, forward and backward, lowered for CUDA on this CPU
+  machine (Pallas's Triton lowering; only compiling the Triton IR needs the GPU), at a width
+  whose n D is no power of two: a shape or an op the Triton lowering rejects fails here, not on
+  a lent GPU."""
+  x, phi, alpha, bias, y, (k1, k2) = inputs(64, 4, 320, dtype)
+  spec = api.Spec(n=4, iters=20, kind="exp", eps=1e-6, implementation="triton")
+  g_h, g_out = jax.random.normal(k1, (64, 320), dtype), jax.random.normal(k2, x.shape, dtype)
+
+  def layer(x, y, phi, alpha, bias):
+    h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
+    return h, api.res_post(xs, y, coeff, spec)
+
+  def forward_backward(*primal):
+    outs, vjp = jax.vjp(layer, *primal)
+    return outs, vjp((g_h, g_out))
+
+  lowered = jax.jit(forward_backward).trace(x, y, phi, alpha, bias).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == len(calls.KERNELS)
