@@ -7,6 +7,8 @@ Does HC's composite gain (the paper's forward and backward gains of prod H_res, 
 training time, and does mHC keep it near 1? The runs count loss spikes and gradient-norm
 spikes (`manifold.sweep.spikes`) with the loss-spike and parameter-norm stops off, so an
 unstable run keeps going; a non-finite loss still stops it (the table says "diverged").
+At the stable rate every run has 3 seeds, so `by_variant.md` can tell final-loss differences
+from seed noise; at the high rate one (the gains and spikes are the question there).
 
   manifold sweep --config experiments/depth_stress.py:scale=gpu --workdir runs/depth_stress \\
       --results experiments/results/depth_stress
@@ -24,6 +26,8 @@ from manifold.config import ConfigError, experiment_module, parse_arg
 LEARNING_RATES = {"stable": 3e-3, "high": 1e-2}
 DEFAULTS = dict(residual="plain", layers=24, lr="stable", seed=0, scale="gpu")
 DEPTHS = (12, 24, 48, 96)  # sub-block layers the sweep runs, at either scale
+SEEDS = {"stable": (0, 1, 2), "high": (0,)}  # per learning rate; seed 0 is the default, unnamed
+BASELINE = "residual=plain"  # by_variant.md's gaps: to plain at the same depth, rate and seed
 SCALES = {"gpu": (128, 4, 1500, 32, 256), "cpu": (64, 4, 150, 8, 128)}  # width, heads, steps, batch, sequence
 
 
@@ -61,12 +65,13 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None):
-  """Every depth x residual, at the stable and the high learning rate (`arg`: the sweep's
-  common arguments, checked here)."""
+  """Every depth x residual, at the stable and the high learning rate, with each of the rate's
+  SEEDS (`arg`: the sweep's common arguments, checked here)."""
   _scale(parse_arg(arg, **DEFAULTS))
   return [
-    f"residual={residual},layers={layers},lr={lr}"
+    f"residual={residual},layers={layers},lr={lr}" + (f",seed={seed}" if seed else "")
     for lr in LEARNING_RATES
+    for seed in SEEDS[lr]
     for layers in DEPTHS
     for residual in ("plain", "hc", "mhc")
   ]

@@ -60,8 +60,8 @@ def test_spikes_count_values_above_a_multiple_of_the_running_median():
 
 def test_the_paper_ablation_studies_are_what_their_docstrings_say():
   """Component ablation: plain and HC / mHC x 3 learned sets, 3 seeds each; depth stress: 12 to
-  96 sub-block layers at two learning rates with the spike stops off; scaling: each size's
-  variants see the same tokens, 10 per parameter of the plain model."""
+  96 sub-block layers at two learning rates with the spike stops off, 3 seeds at the stable
+  rate; scaling: each size's variants see the same tokens, 10 per parameter of the plain model."""
   from manifold.config import load_config, model_config
   from manifold.model.accounting import count_params
 
@@ -69,12 +69,15 @@ def test_the_paper_ablation_studies_are_what_their_docstrings_say():
   assert len(components) == 21 and len({a.rsplit(",seed=", 1)[0] for a in components}) == 7
   assert load_config("experiments/hc_components.py:residual=hc,mappings=pre+post").model.hc_mappings == "pre,post"
   depth = sweep_args("experiments/depth_stress.py")
-  assert len(depth) == 24 and {load_config(f"experiments/depth_stress.py:{a}").model.n_layers for a in depth} == {
+  assert len(depth) == 12 * 3 + 12 and {
+    load_config(f"experiments/depth_stress.py:{a}").model.n_layers for a in depth
+  } == {
     6,
     12,
     24,
     48,
   }
+  assert {load_config(f"experiments/depth_stress.py:{a}").train.seed for a in depth if "lr=stable" in a} == {0, 1, 2}
   stress = load_config("experiments/depth_stress.py:residual=hc,layers=96,lr=high").train
   assert (stress.learning_rate, stress.spike_factor, stress.param_norm_factor) == (1e-2, 0.0, 0.0)
   assert sweep_args("experiments/depth_stress.py", "scale=cpu") == depth  # the same depths at either scale
