@@ -1,6 +1,7 @@
 """Times the mHC kernels against the jit-compiled reference on the local accelerator.
 
   PYTHONPATH=src:. python kernels/mhc/bench.py [--tokens 16384,65536] [--dims 2048,4096,7168]
+  PYTHONPATH=src:. python kernels/mhc/bench.py --traffic [...]   # the byte counts only, on any machine
 
 The op is one layer's mixing without its sub-block: (h, out) = (pre-mix of x,
 res-mix of x + post^T y) from x [N, n D] and y [N, D], n = 4, bfloat16; forward+backward
@@ -96,9 +97,9 @@ def max_relative_error(got, want) -> float:
   )
 
 
-def layer_fns(n: int, tiles: tuple = ()):
+def layer_fns(n: int, tiles: tuple = (), implementation: str = "auto"):
   settings = dict(SETTINGS, n=n)
-  spec = api.Spec(**settings, tiles=tiles)
+  spec = api.Spec(**settings, implementation=implementation, tiles=tiles)
 
   def kernel(x, y, phi, alpha, bias):
     h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
@@ -163,6 +164,21 @@ def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
   }
 
 
+def print_traffic(kernel, tokens: str, dims: str) -> None:
+  """The layer's traced stream units (and row units) a token, forward and forward+backward, at
+  each shape; tracing only, so it runs anywhere."""
+  n = N_STREAMS
+  print("| tokens | D | forward units | forward+backward units | bytes / minimum, forward+backward |")
+  print("| --- | --- | --- | --- | --- |")
+  for t in (int(v) for v in tokens.split(",")):
+    for d in (int(v) for v in dims.split(",")):
+      (x, y, phi, alpha, bias), (g_h, g_out) = inputs(t, d, n)
+      unit = t * d * x.dtype.itemsize
+      f, f_rows = traffic(unit, jax.jit(kernel), x, y, phi, alpha, bias)
+      b, b_rows = traffic(unit, forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
+      print(f"| {t} | {d} | {f:.1f} (+{f_rows:.1f}) | {b:.1f} (+{b_rows:.1f}) | {b / (5 * n + 5):.2f} |")
+
+
 def sweep_tiles(tokens: int, d: int, grid: str) -> None:
   """Milliseconds of each kernel and of the whole layer's forward+backward for every tile
   setting of `grid`, with each setting's largest relative error against the reference (the
@@ -205,9 +221,14 @@ def main() -> None:
     "--tiles", action="store_true", help="time each kernel and the layer over tile settings at the first shape"
   )
   parser.add_argument("--grid", default=GRID, help="the tile settings --tiles times: name=v1,v2;name=...")
+  parser.add_argument(
+    "--traffic", action="store_true", help="only the traced byte counts (no timing; any machine, the GPU kernels)"
+  )
   args = parser.parse_args()
   if args.tiles:
     return sweep_tiles(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]), args.grid)
+  if args.traffic:
+    return print_traffic(layer_fns(N_STREAMS, implementation="triton")[0], args.tokens, args.dims)
   n, s = N_STREAMS, 2  # bfloat16
   kernel, ref = layer_fns(n)
   bandwidths = copy_bandwidths()
