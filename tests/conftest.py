@@ -120,12 +120,7 @@ def tiny_config(corpus_dir, tmp_path):
   """`tiny_config(*overrides)` -> the quickstart:tiny config on the small corpus."""
 
   def make(*overrides: str):
-    base = [
-      f"--config.data.sources={corpus_dir}/*.py",
-      "--config.data.val_fraction=0.2",
-      f"--config.data.cache_dir={tmp_path / 'cache'}",
-    ]
-    return load_config(TINY, base + list(overrides))
+    return load_config(TINY, data_overrides(corpus_dir, tmp_path / "cache") + list(overrides))
 
   return make
 
@@ -137,12 +132,7 @@ def trained_workdir(corpus_dir, tmp_path_factory):
   from manifold.train.loop import train
 
   def make(root):
-    overrides = [
-      f"--config.data.sources={corpus_dir}/*.py",
-      "--config.data.val_fraction=0.2",
-      f"--config.data.cache_dir={root / 'cache'}",
-      "--config.train.checkpoint_every=5",
-    ]
+    overrides = [*data_overrides(corpus_dir, root / "cache"), "--config.train.checkpoint_every=5"]
     train(load_config(TINY, overrides), str(root / "run"), progress=False)
 
   return made_once(tmp_path_factory, "trained", make) / "run"
@@ -172,8 +162,8 @@ def get_sweep():
 """
 
 
-def tiny_sweep_overrides(corpus_dir, cache_dir) -> list[str]:
-  """The tiny sweep's data: the test corpus, a fifth of it for validation, its own token cache."""
+def data_overrides(corpus_dir, cache_dir) -> list[str]:
+  """The tests' data: the test corpus, a fifth of it for validation, a token cache of its own."""
   return [
     f"--config.data.sources={corpus_dir}/*.py",
     "--config.data.val_fraction=0.2",
@@ -189,9 +179,7 @@ def tiny_sweep(corpus_dir, tmp_path_factory):
   def make(root):
     experiment = root / "tiny_sweep.py"
     experiment.write_text(TINY_SWEEP)
-    run_sweep(
-      str(experiment), str(root / "runs"), str(root / "results"), tiny_sweep_overrides(corpus_dir, root / "cache")
-    )
+    run_sweep(str(experiment), str(root / "runs"), str(root / "results"), data_overrides(corpus_dir, root / "cache"))
 
   root = made_once(tmp_path_factory, "tiny_sweep", make)
   return root / "results", root / "runs" / "residual-mhc-seed-0"

@@ -35,6 +35,8 @@ from manifold.provenance import ledger
 from manifold.store import Identity, Store, fetch
 from manifold.train.metrics import read_metrics
 
+from .conftest import data_overrides
+
 EXPERIMENT = "experiments/islands.py:tiny"
 
 
@@ -44,14 +46,6 @@ def island_env(compile_cache, monkeypatch):
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-
-def data_overrides(corpus_dir, cache_dir) -> list[str]:
-  return [
-    f"--config.data.sources={corpus_dir}/*.py",
-    "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={cache_dir}",
-  ]
 
 
 def warm_cache(overrides: list[str]) -> None:

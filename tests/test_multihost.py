@@ -16,7 +16,7 @@ import sys
 from manifold.serve.server import free_port
 from manifold.train.metrics import read_metrics
 
-from .conftest import xla_flags
+from .conftest import data_overrides, xla_flags
 
 SCRIPT = pathlib.Path(__file__).with_name("multihost_train.py")
 
@@ -33,9 +33,7 @@ def env(devices: int, **extra) -> dict[str, str]:
 def test_two_processes_train_and_checkpoint_like_one(tiny_config, corpus_dir, tmp_path):
   cfg = tiny_config()  # the shared small corpus and a data cache under tmp_path
   overrides = [
-    f"--config.data.sources={corpus_dir}/*.py",
-    "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={cfg.data.cache_dir}",
+    *data_overrides(corpus_dir, cfg.data.cache_dir),
     "--config.model.residual=mhc",
     "--config.model.ffn=moe",
     "--config.train.steps=2",

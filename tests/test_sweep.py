@@ -17,7 +17,7 @@ import pytest
 from manifold.processes import last_step
 from manifold.sweep import by_variant, run_name, spikes, sweep_args
 
-from .conftest import error_line, tiny_sweep_overrides
+from .conftest import data_overrides, error_line
 
 
 def test_sweep_tabulates_every_variant_with_its_command(tiny_sweep):
@@ -122,7 +122,7 @@ def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_
   from manifold.cli import main
 
   results, _ = tiny_sweep
-  overrides = tiny_sweep_overrides(corpus_dir, tmp_path / "cache")
+  overrides = data_overrides(corpus_dir, tmp_path / "cache")
   runs, tables = tmp_path / "runs", tmp_path / "results"
   args = ["sweep", "--config", str(results.parent / "tiny_sweep.py"), "--workdir", str(runs), "--results", str(tables)]
   assert main([*args, "--workers", "2", *overrides]) == 0
@@ -159,7 +159,7 @@ def test_a_sweep_sent_sigterm_stops_its_workers_and_leaves_none_running(tiny_swe
   command = [
     sys.executable, "-m", "manifold.cli", "sweep", "--config", str(results.parent / "tiny_sweep.py"),
     "--workdir", str(runs), "--workers", "2", "--config.train.steps=5000",
-    *tiny_sweep_overrides(corpus_dir, tmp_path / "cache"),
+    *data_overrides(corpus_dir, tmp_path / "cache"),
   ]  # fmt: skip
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))}
   launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -25,7 +25,7 @@ from manifold.train.divergence import DivergenceCheck
 from manifold.train.loop import TrainingDiverged, train
 from manifold.train.metrics import read_metrics
 
-from .conftest import TINY
+from .conftest import TINY, data_overrides
 
 
 def assert_trees_bit_identical(a, b):
@@ -39,8 +39,7 @@ def train_command(workdir, corpus_dir, cache_dir, *overrides: str) -> list[str]:
   """`manifold train` of quickstart:tiny on the test corpus, as a separate process would run it."""
   return [
     sys.executable, "-m", "manifold.cli", "train", "--config", TINY, "--workdir", str(workdir), "--no-progress",
-    f"--config.data.sources={corpus_dir}/*.py", "--config.data.val_fraction=0.2",
-    f"--config.data.cache_dir={cache_dir}", *overrides,
+    *data_overrides(corpus_dir, cache_dir), *overrides,
   ]  # fmt: skip
 
 
