@@ -51,6 +51,11 @@ LAYOUT_ONLY = {"reshape", "squeeze", "expand_dims", "broadcast_in_dim", "iota"} 
 TWO_PASSES = ("pre_forward",)
 
 
+def minimum_units(n: int) -> dict[str, int]:
+  """Stream units a token of one connection at the least: each input read, each output written once."""
+  return {"forward": 2 * n + 2, "forward+backward": 5 * n + 5}
+
+
 def _kernel_name(params) -> str:
   info = params.get("name_and_src_info")
   return getattr(info, "name", None) or params.get("name") or ""
@@ -176,7 +181,9 @@ def print_traffic(kernel, tokens: str, dims: str) -> None:
       unit = t * d * x.dtype.itemsize
       f, f_rows = traffic(unit, jax.jit(kernel), x, y, phi, alpha, bias)
       b, b_rows = traffic(unit, forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
-      print(f"| {t} | {d} | {f:.1f} (+{f_rows:.1f}) | {b:.1f} (+{b_rows:.1f}) | {b / (5 * n + 5):.2f} |")
+      print(
+        f"| {t} | {d} | {f:.1f} (+{f_rows:.1f}) | {b:.1f} (+{b_rows:.1f}) | {b / minimum_units(n)['forward+backward']:.2f} |"
+      )
 
 
 def sweep_tiles(tokens: int, d: int, grid: str) -> None:
@@ -241,7 +248,6 @@ def main() -> None:
   for tokens in (int(t) for t in args.tokens.split(",")):
     for d in (int(v) for v in args.dims.split(",")):
       (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
-      minimum = {"forward": 2 * n + 2, "forward+backward": 5 * n + 5}  # each input read, each output written once
       cases = {
         "forward": (jax.jit(kernel), jax.jit(ref), (x, y, phi, alpha, bias)),
         "forward+backward": (forward_backward(kernel), forward_backward(ref), (x, y, phi, alpha, bias, g_h, g_out)),
@@ -257,7 +263,9 @@ def main() -> None:
             raise
           t_ref, err = float("nan"), float("nan")
         share = units * unit / t_kernel / bandwidth
-        rows.append((tokens, d, name, t_ref * 1e3, t_kernel * 1e3, share, units, row_units, units / minimum[name], err))
+        rows.append(
+          (tokens, d, name, t_ref * 1e3, t_kernel * 1e3, share, units, row_units, units / minimum_units(n)[name], err)
+        )
         print(rows[-1], flush=True)
   print(
     "\n| tokens | D | pass | reference ms | kernels ms | speed-up | HBM bandwidth (of baseline) "
