@@ -156,15 +156,9 @@ def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g, *, n: i
   d = gh.shape[1]
   static = dict(n=n, d=d)
   inputs = [(x, True), (gh, True), (phi_p, False), (gz, True), (scalars, True), (g, True)]
-  if not backend.tile("pre_backward_streams").token_groups:
-    (gx,) = _call(backend, bodies.pre_backward_streams, inputs, [(n * d, x.dtype)], static)
-    return gx, jnp.einsum("tm,tw->mw", x, gz.astype(x.dtype), preferred_element_type=jnp.float32)
-  gx, partial = _call(
-    backend,
-    bodies.pre_backward_streams,
-    inputs,
-    [(n * d, x.dtype)],
-    static,
-    per_group=[(n * d, gz.shape[1], jnp.float32)],
-  )
-  return gx, jnp.sum(partial, axis=0)
+  grouped = backend.tile("pre_backward_streams").token_groups > 0
+  per_group = [(n * d, gz.shape[1], jnp.float32)] if grouped else []
+  gx, *partial = _call(backend, bodies.pre_backward_streams, inputs, [(n * d, x.dtype)], static, per_group)
+  if grouped:
+    return gx, jnp.sum(partial[0], axis=0)
+  return gx, jnp.einsum("tm,tw->mw", x, gz.astype(x.dtype), preferred_element_type=jnp.float32)
