@@ -186,20 +186,27 @@ def print_traffic(kernel, tokens: str, dims: str) -> None:
       )
 
 
-def sweep_tiles(tokens: int, d: int, grid: str) -> None:
+def sweep_tiles(tokens: int, d: int, grid: str, only: str = "") -> None:
   """Milliseconds of each kernel and of the whole layer's forward+backward for every tile
   setting of `grid`, with each setting's largest relative error against the reference (the
-  layer) or against the default tiles' result (a kernel); then the best settings of each."""
+  layer) or against the default tiles' result (a kernel); then the best settings of each.
+  `only`: a comma list of the runs to time ("layer" or kernel names), all if empty."""
   n = N_STREAMS
   primal, cotangents = inputs(tokens, d, n)
   want = forward_backward(layer_fns(n)[1])(*primal, *cotangents)
   cases = kernel_cases(tokens, d, n)
+  chosen = set(filter(None, (name.strip() for name in only.split(",")))) or {"layer", *cases}
+  if unknown := chosen - {"layer", *cases}:
+    raise SystemExit(f"--only: unknown run(s) {sorted(unknown)}; use layer, {', '.join(cases)}")
+  cases = {name: case for name, case in cases.items() if name in chosen}
   default = api._backend(api.Spec(**SETTINGS))
   kernel_want = {name: jax.jit(functools.partial(fn, default))(*args) for name, (fn, args) in cases.items()}
   results = collections.defaultdict(list)  # "layer" or a kernel -> [(ms, err, tiles)]
   for tiles in [(), *parse_grid(grid)]:  # () first: the backend's defaults
     backend = api._backend(api.Spec(**SETTINGS, tiles=tiles))
-    runs = {"layer": (forward_backward(layer_fns(n, tiles)[0]), (*primal, *cotangents), want)}
+    runs = (
+      {"layer": (forward_backward(layer_fns(n, tiles)[0]), (*primal, *cotangents), want)} if "layer" in chosen else {}
+    )
     runs.update({k: (jax.jit(functools.partial(fn, backend)), a, kernel_want[k]) for k, (fn, a) in cases.items()})
     line = []
     for name, (run, args, expected) in runs.items():
@@ -228,12 +235,13 @@ def main() -> None:
     "--tiles", action="store_true", help="time each kernel and the layer over tile settings at the first shape"
   )
   parser.add_argument("--grid", default=GRID, help="the tile settings --tiles times: name=v1,v2;name=...")
+  parser.add_argument("--only", default="", help="--tiles times only these runs: layer and/or kernel names, comma list")
   parser.add_argument(
     "--traffic", action="store_true", help="only the traced byte counts (no timing; any machine, the GPU kernels)"
   )
   args = parser.parse_args()
   if args.tiles:
-    return sweep_tiles(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]), args.grid)
+    return sweep_tiles(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]), args.grid, args.only)
   if args.traffic:
     return print_traffic(layer_fns(N_STREAMS, implementation="triton")[0], args.tokens, args.dims)
   n, s = N_STREAMS, 2  # bfloat16
