@@ -5,8 +5,7 @@ Per token the kernels keep only float32 rows of W = 16 or 32 numbers (coefficien
 normalised logits, r) between the passes; the backward pass recomputes the gates and
 the Sinkhorn iterations from those logits (`jax.vjp` of reference.activate, on [N, W])
 instead of storing per-layer copies of the n streams. It reads the streams twice: once
-for dL/dpre = <dL/dh, x_j>, once to write dL/dx, which on the GPU also sums dL/dphi
-(calls.pre_backward_streams; on the TPU dL/dphi is one XLA matmul over the tokens).
+for dL/dpre = <dL/dh, x_j>, once to write dL/dx; dL/dphi is one matmul over the tokens.
 
     h, coeff, xs = pre(x, phi, alpha, bias, spec)   # x [N, n D] -> h [N, D], coeff [N, W]
     out = res_post(xs, y, coeff, spec)              # y = F(norm(h)) [N, D] -> out [N, n D]
@@ -137,8 +136,9 @@ def _pre_backward(spec: Spec, saved, cotangents):
   g_z = g_logits * rms
   c_rms = -jnp.sum(g_logits * logits, axis=1, keepdims=True) * rms * rms / x.shape[1]
   scalars = _padded(jnp.concatenate([coeff[:, :n], c_rms, coeff[:, 2 * n : used]], axis=1), w)  # pre, c, res
-  g_x, g_phi = calls.pre_backward_streams(backend, x, g_h, phi_p, g_z, scalars, g_streams.x.astype(x.dtype), n=n)
-  return g_x, g_phi[:, :used], g_alpha, g_bias
+  g_x = calls.pre_backward_streams(backend, x, g_h, phi_p, g_z, scalars, g_streams.x.astype(x.dtype), n=n)
+  g_phi = jnp.einsum("tm,tw->mw", x, g_z[:, :used].astype(x.dtype), preferred_element_type=jnp.float32)
+  return g_x, g_phi, g_alpha, g_bias
 
 
 pre.defvjp(_pre_forward, _pre_backward)

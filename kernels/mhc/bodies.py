@@ -48,11 +48,11 @@ def pl_ds(start, size):
   return pl.ds(pl.multiple_of(start, size), size)
 
 
-def _dot(a, b, contract_b: int = 0, contract_a: int = 1):
-  """a times b, contracting a's axis `contract_a` and b's axis `contract_b` (2-D operands),
-  operands in a's dtype, float32 result; float32 operands multiply exactly (no TF32)."""
+def _dot(a, b, contract_b: int = 0):
+  """a [bt, k] times b (contracting b's axis `contract_b`), operands in a's dtype, float32
+  result; float32 operands multiply exactly (no TF32)."""
   precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  dims = (((contract_a,), (contract_b,)), ((), ()))
+  dims = (((1,), (contract_b,)), ((), ()))
   return jax.lax.dot_general(a, b.astype(a.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -152,49 +152,25 @@ def pre_backward_reduce(x_ref, gh_ref, gpre_ref, *, n, d, bd):
   gpre_ref[...] = assemble(dict(enumerate(acc)), (bt, width))
 
 
-def pre_backward_streams(
-  x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, g_ref, gx_ref, *phi_partial_ref, n, d, bd, bt=None
-):
+def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, g_ref, gx_ref, *, n, d, bd):
   """dL/dx_j = sum_k res[k, j] g_k + pre_j dL/dh + (dL/dz) phi_j^T + c x_j, with g = dL/d out of
   the layer's res_post, z = x phi the raw projection and c the per-token RMS term; `scalars`
-  holds pre in columns 0..n-1, c in column n and res[k, j] in column n + 1 + k n + j.
+  holds pre in columns 0..n-1, c in column n and res[k, j] in column n + 1 + k n + j. Each chunk
+  loads the block's rows and its n tiles of g once, then writes its n tiles of dL/dx (the
+  arrangement timed on an H200; kernels/mhc/README.md)."""
 
-  Token blocks (no `phi_partial_ref`): the program walks its block's chunks. A grid of token
-  groups x chunks (with it, on the GPU): the program owns chunk `program_id(1)` of every stream
-  over its group's rows, walks them in `bt`-token blocks, and also writes that chunk's rows of
-  its group's dL/dphi = sum_t x_t^T dL/dz_t; it reads only its chunk's rows of phi, where a
-  token block's program reads all of them."""
-  fused = bool(phi_partial_ref)
-
-  def block(rows, c, acc):
-    scalars, gz = scalars_ref[rows, :], gz_ref[rows, :].astype(x_ref.dtype)
+  def step(c, _):
+    scalars, gz = scalars_ref[...], gz_ref[...].astype(x_ref.dtype)
     pre = [column(scalars, j) for j in range(n)]
     c_rms = column(scalars, n)
     res = [[column(scalars, n + 1 + k * n + j) for j in range(n)] for k in range(n)]
-    gh = gh_ref[rows, pl_ds(c * bd, bd)].astype(jnp.float32)
-    sums = []
+    gh = gh_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
+    g = [_tile(g_ref, k, d, c, bd).astype(jnp.float32) for k in range(n)]
     for j in range(n):
-      cols = pl_ds(j * d + c * bd, bd)
-      xc = x_ref[rows, cols]
-      back = _dot(gz, phi_ref[cols, :], contract_b=1)  # [rows, bd]
-      g = [g_ref[rows, pl_ds(k * d + c * bd, bd)].astype(jnp.float32) for k in range(n)]
+      x = _tile(x_ref, j, d, c, bd).astype(jnp.float32)
+      back = _dot(gz, phi_ref[pl_ds(j * d + c * bd, bd), :], contract_b=1)  # [bt, bd]
       mixed = functools.reduce(jnp.add, [res[k][j] * g[k] for k in range(n)])
-      grad = mixed + pre[j] * gh + back + c_rms * xc.astype(jnp.float32)
-      gx_ref[rows, cols] = grad.astype(gx_ref.dtype)
-      if fused:
-        sums.append(acc[j] + _dot(xc, gz, contract_a=0))  # [bd, W]: x_j^T dL/dz over these rows
-    return sums
+      gx_ref[:, pl_ds(j * d + c * bd, bd)] = (mixed + pre[j] * gh + back + c_rms * x).astype(gx_ref.dtype)
+    return 0
 
-  if fused:
-    c = pl.program_id(1)
-    zero = jnp.zeros((bd, phi_ref.shape[1]), jnp.float32)
-    sums = jax.lax.fori_loop(0, x_ref.shape[0] // bt, lambda t, acc: block(pl_ds(t * bt, bt), c, acc), [zero] * n)
-    for j in range(n):
-      phi_partial_ref[0][0, pl_ds(j * d + c * bd, bd), :] = sums[j]
-  else:
-
-    def chunk(c, carry):
-      block(slice(None), c, None)
-      return carry
-
-    _chunks(d, bd, chunk, 0)
+  _chunks(d, bd, step, 0)

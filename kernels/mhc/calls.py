@@ -4,10 +4,7 @@ A `Backend` (see triton.py, tpu.py) gives each kernel a `Tile`: how many tokens 
 holds, how wide a chunk of a stream is and which compiler parameters apply. Token-major
 arrays [N, c] go in blocks of [bt, c] rows; weights are read whole by every block.
 Token counts that the block does not divide are padded with zero rows (a copy, for
-ragged shapes only) and the padding is dropped from the results. A tile with
-`token_groups` runs a 2-D grid instead, token groups x chunks: each program gets its
-group's rows (whole bt-token blocks) and a chunk index, and may write one row of a
-per-group result.
+ragged shapes only) and the padding is dropped from the results.
 """
 
 from __future__ import annotations
@@ -30,9 +27,6 @@ class Tile:
   block_tokens: int  # bt
   chunk: int  # bd, the widest power of two <= this that divides D is used
   compiler_params: Any = None
-  # pre_backward_streams: > 0 runs token groups x chunks and sums dL/dphi in the kernel (a
-  # partial per group); 0 runs token blocks and leaves dL/dphi to one XLA matmul
-  token_groups: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,39 +57,31 @@ def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
 
 
 def _rows(bt: int, cols: int) -> pl.BlockSpec:
-  return pl.BlockSpec((bt, cols), lambda i, *_: (i, 0))
+  return pl.BlockSpec((bt, cols), lambda i: (i, 0))
 
 
 def _whole(shape) -> pl.BlockSpec:
-  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
 
 
-def _call(backend: Backend, body, inputs, outputs, static: dict, per_group=()):
-  """Runs `body` over token blocks of its tile, or over token groups x chunks if the tile has
-  token_groups (`static` holds D as d; the chunk width is added as bd, and the block as bt);
-  `inputs` are (array, token_major) pairs, `outputs` (columns, dtype) of token-major results,
-  `per_group` (rows, columns, dtype) of results [groups, rows, columns] that each program of a
-  group writes its rows of."""
+def _call(backend: Backend, body, inputs, outputs, static: dict):
+  """Runs `body` over token blocks of its tile (`static` holds D as d; the chunk width is
+  added as bd); `inputs` are (array, token_major) pairs, `outputs`
+  (shape_without_tokens..., dtype) given as (columns, dtype) for token-major results."""
   n_tokens = next(a.shape[0] for a, token_major in inputs if token_major)
   tile = backend.tile(body.__name__)
-  bt, bd = tile.block_tokens, chunk_width(static["d"], tile.chunk)
-  static = dict(static, bd=bd, bt=bt) if tile.token_groups else dict(static, bd=bd)
-  blocks = -(-n_tokens // bt)
-  groups = min(tile.token_groups, blocks)
-  rows = -(-blocks // groups) * bt if groups else bt  # token rows a program owns
-  padded = -(-n_tokens // rows) * rows
-  grid = (padded // rows, static["d"] // bd) if groups else (padded // rows,)
+  bt = tile.block_tokens
+  static = dict(static, bd=chunk_width(static["d"], tile.chunk))
+  padded = -(-n_tokens // bt) * bt
   args, in_specs = [], []
   for a, token_major in inputs:
     args.append(_pad_rows(a, padded) if token_major else a)
-    in_specs.append(_rows(rows, a.shape[1]) if token_major else _whole(a.shape))
+    in_specs.append(_rows(bt, a.shape[1]) if token_major else _whole(a.shape))
   out_shape = [jax.ShapeDtypeStruct((padded, cols), dtype) for cols, dtype in outputs]
-  out_specs = [_rows(rows, cols) for cols, _ in outputs]
-  out_shape += [jax.ShapeDtypeStruct((grid[0], r, cols), dtype) for r, cols, dtype in per_group]
-  out_specs += [pl.BlockSpec((1, r, cols), lambda i, *_: (i, 0, 0)) for r, cols, _ in per_group]
+  out_specs = [_rows(bt, cols) for cols, _ in outputs]
   results = pl.pallas_call(
     functools.partial(body, **static),
-    grid=grid,
+    grid=(padded // bt,),
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
@@ -103,7 +89,7 @@ def _call(backend: Backend, body, inputs, outputs, static: dict, per_group=()):
     interpret=backend.interpret,
     name=f"mhc_{body.__name__}_{backend.name}",
   )(*args)
-  return [r[:n_tokens] for r in results[: len(outputs)]] + list(results[len(outputs) :])
+  return [r[:n_tokens] for r in results]
 
 
 def pre_forward(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind: str, eps: float):
@@ -150,15 +136,15 @@ def pre_backward_reduce(backend: Backend, x, gh, *, n: int, w: int):
 
 
 def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g, *, n: int):
-  """g = dL/d out of the layer's res_post -> (dL/dx [N, n D]: the res-mix's, pre-mix's and
-  projection's parts (bodies.pre_backward_streams); dL/dphi [n D, W] float32, summed in the
-  kernel over token groups if the tile has token_groups, else by one XLA matmul)."""
+  """g = dL/d out of the layer's res_post -> dL/dx [N, n D]: the res-mix's, pre-mix's and
+  projection's parts (bodies.pre_backward_streams)."""
   d = gh.shape[1]
   static = dict(n=n, d=d)
-  inputs = [(x, True), (gh, True), (phi_p, False), (gz, True), (scalars, True), (g, True)]
-  grouped = backend.tile("pre_backward_streams").token_groups > 0
-  per_group = [(n * d, gz.shape[1], jnp.float32)] if grouped else []
-  gx, *partial = _call(backend, bodies.pre_backward_streams, inputs, [(n * d, x.dtype)], static, per_group)
-  if grouped:
-    return gx, jnp.sum(partial[0], axis=0)
-  return gx, jnp.einsum("tm,tw->mw", x, gz.astype(x.dtype), preferred_element_type=jnp.float32)
+  (gx,) = _call(
+    backend,
+    bodies.pre_backward_streams,
+    [(x, True), (gh, True), (phi_p, False), (gz, True), (scalars, True), (g, True)],
+    [(n * d, x.dtype)],
+    static,
+  )
+  return gx

@@ -1,7 +1,6 @@
 """The GPU implementation: Pallas on Triton. A program owns `block_tokens` tokens and walks
 their streams in `chunk`-wide tiles (Triton tiles are powers of two), each kernel at its own
-tile; dL/dx's kernel runs token groups x chunks instead and sums dL/dphi as it goes. The same
-blocks, chunks and groups run in interpret mode on the CPU (the tests)."""
+tile. The same blocks and chunks run in interpret mode on the CPU (the tests)."""
 
 from __future__ import annotations
 
@@ -10,18 +9,15 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.mhc.calls import KERNELS, Backend, Tile
 
 # (block_tokens, chunk, num_warps) of each kernel: the fastest of 32 settings on an H200 at
-# 16,384 tokens x D = 2,048, bfloat16 (`kernels/mhc/bench.py --tiles`, kernels/mhc/README.md).
-# The two kernels that multiply by phi read all of it in every block, so they take many tokens.
+# 16,384 tokens x D = 2,048, bfloat16 (`kernels/mhc/bench.py --tiles`, kernels/mhc/README.md);
+# pre_backward_streams' of 18 (`--only "pre backward streams"`, the same README).
 FASTEST = {
   "pre_forward": (64, 128, 4),
   "res_post_forward": (8, 128, 8),
   "res_post_backward": (8, 256, 8),
   "pre_backward_reduce": (32, 64, 8),
-  "pre_backward_streams": (64, 64, 4),
+  "pre_backward_streams": (16, 128, 8),
 }
-# pre_backward_streams runs token groups x chunks and sums dL/dphi as it goes: 8 groups give
-# 8 x D / 64 programs (256 at D = 2,048) and an 8 x [n D, W] float32 partial to add up.
-TOKEN_GROUPS = 8
 
 
 def backend(
@@ -31,15 +27,12 @@ def backend(
   chunk: int | None = None,
   num_warps: int | None = None,
   num_stages: int = 1,
-  token_groups: int = TOKEN_GROUPS,
 ) -> Backend:
-  """Each kernel at its FASTEST tile; a setting given replaces that setting in every kernel
-  (token_groups: pre_backward_streams' only; 0 leaves dL/dphi to XLA). Interpret mode takes
-  the blocks, chunks and groups, not the compiler settings."""
+  """Each kernel at its FASTEST tile; a setting given replaces that setting in every kernel.
+  Interpret mode takes the blocks and chunks, not the compiler settings."""
   tiles = []
   for kernel in KERNELS:
     bt, bd, warps = FASTEST[kernel]
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps or warps, num_stages=num_stages)
-    groups = token_groups if kernel == "pre_backward_streams" else 0
-    tiles.append(Tile(block_tokens or bt, chunk or bd, params, groups))
+    tiles.append(Tile(block_tokens or bt, chunk or bd, params))
   return Backend(name="triton", tiles=tuple(tiles), interpret=interpret)

@@ -115,9 +115,7 @@ class ModelConfig(Section):
     "auto", "mhc stream mixing: auto (Pallas kernels on GPU / TPU, jnp elsewhere) | pallas | xla",
     one_of("auto", "pallas", "xla"),
   )  # fmt: skip
-  mhc_tiles: str = field(
-    "", "the mHC kernels' tiles as name=value,...: block_tokens, chunk, num_warps, num_stages, token_groups"
-  )
+  mhc_tiles: str = field("", "the mHC kernels' tiles as name=value,...: block_tokens, chunk, num_warps, num_stages")
   remat: str = field(
     "none", "what each block keeps for the backward pass: none (all) | dots (matmul outputs) | full",
     one_of("none", "dots", "full"),
