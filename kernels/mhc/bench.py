@@ -193,12 +193,12 @@ def sweep_tiles(tokens: int, d: int, grid: str, only: str = "") -> None:
   `only`: a comma list of the runs to time ("layer" or kernel names), all if empty."""
   n = N_STREAMS
   primal, cotangents = inputs(tokens, d, n)
-  want = forward_backward(layer_fns(n)[1])(*primal, *cotangents)
   cases = kernel_cases(tokens, d, n)
   chosen = set(filter(None, (name.strip() for name in only.split(",")))) or {"layer", *cases}
   if unknown := chosen - {"layer", *cases}:
     raise SystemExit(f"--only: unknown run(s) {sorted(unknown)}; use layer, {', '.join(cases)}")
   cases = {name: case for name, case in cases.items() if name in chosen}
+  want = forward_backward(layer_fns(n)[1])(*primal, *cotangents) if "layer" in chosen else None
   default = api._backend(api.Spec(**SETTINGS))
   kernel_want = {name: jax.jit(functools.partial(fn, default))(*args) for name, (fn, args) in cases.items()}
   results = collections.defaultdict(list)  # "layer" or a kernel -> [(ms, err, tiles)]

@@ -201,3 +201,13 @@ def test_triton_kernels_lower_for_a_cuda_device(dtype):
 
   lowered = jax.jit(forward_backward).trace(x, y, phi, alpha, bias).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == len(calls.KERNELS)
+
+
+def test_tile_sweep_times_only_the_runs_named(capsys):
+  """bench.sweep_tiles(only=...) times the named kernel alone (here in interpret mode), and an
+  unknown name is refused in one line that lists the names."""
+  bench.sweep_tiles(32, 64, "block_tokens=8", only="pre backward streams")
+  out = capsys.readouterr().out
+  assert "block_tokens=8 | pre backward streams" in out and "res_post" not in out and "layer" not in out
+  with pytest.raises(SystemExit, match=r"--only: unknown run\(s\) \['layr'\]; use layer, pre forward"):
+    bench.sweep_tiles(32, 64, "block_tokens=8", only="layr")
