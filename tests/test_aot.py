@@ -28,7 +28,7 @@ def test_slice_names():
   with pytest.raises(ConfigError, match="expected <generation>-<size> like v5p-128"):
     parse_slice("h100-8")
   two = parse_slice("2xv5p-32")  # two slices over DCN
-  assert (two.name, two.topology, two.chips, two.count) == ("2xv5p-32", "v5p:2x2x4", 32, 2)
+  assert (two.name, two.topology, two.chips, two.count, two.one) == ("2xv5p-32", "v5p:2x2x4", 32, 2, "v5p-32")
 
 
 @pytest.mark.skipif(

@@ -45,6 +45,7 @@ class Slice:
   chips: int  # in all slices
   hbm_bytes: int  # per chip
   count: int = 1
+  one: str = ""  # the name of one of the slices (2xv5p-32 -> v5p-32); the name itself when count is 1
 
 
 def parse_slice(name: str) -> Slice:
@@ -55,7 +56,7 @@ def parse_slice(name: str) -> Slice:
     if int(count) < 1:
       raise ConfigError(f"--topology {name!r}: {count} slices; use at least 1, e.g. 2xv5p-32")
     single = parse_slice(one)
-    return dataclasses.replace(single, name=name, chips=single.chips * int(count), count=int(count))
+    return dataclasses.replace(single, name=name, chips=single.chips * int(count), count=int(count), one=one)
   known = ", ".join(GENERATIONS)
   if ":" in name:
     generation, grid = name.split(":", 1)
@@ -73,16 +74,15 @@ def parse_slice(name: str) -> Slice:
   if generation not in GENERATIONS or chips < 1:
     raise ConfigError(f"--topology {name!r}: expected e.g. v5p-128 or v5p:4x4x4 ({known})")
   libtpu_name, _, hbm_gib, _ = GENERATIONS[generation]
-  return Slice(name, f"{libtpu_name}:{grid}", chips, hbm_gib * 2**30)
+  return Slice(name, f"{libtpu_name}:{grid}", chips, hbm_gib * 2**30, one=name)
 
 
 def _find_libtpu(tpu_slice: Slice) -> None:
   # No TPU here: describe a one-host slice so libtpu does not query this machine's TPU
   # metadata (and warn), and let a second process (a test beside a compile) load it too.
-  one_slice = tpu_slice.name.partition("x")[2] if tpu_slice.count > 1 else tpu_slice.name  # "2xv5p-32" -> one v5p-32
   for key, value in (
     ("TPU_SKIP_MDS_QUERY", "1"),
-    ("TPU_ACCELERATOR_TYPE", one_slice if "-" in one_slice else "v5p-8"),
+    ("TPU_ACCELERATOR_TYPE", tpu_slice.one if "-" in tpu_slice.one else "v5p-8"),
     ("TPU_WORKER_HOSTNAMES", "localhost"),
     ("TPU_WORKER_ID", "0"),
     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
