@@ -7,8 +7,7 @@ The op is one layer's mixing without its sub-block: (h, out) = (pre-mix of x,
 res-mix of x + post^T y) from x [N, n D] and y [N, D], n = 4, bfloat16; forward+backward
 also returns dL/dx, dL/dy and the weights' gradients from cotangents of h and out.
 Bytes: `traffic` counts what the traced program reads and writes (each stream-sized array
-2 n D bytes per token): every kernel's and XLA op's operands and results, and the passes a
-kernel makes over the streams more than once; `minimum` reads every input and writes every
+2 n D bytes per token): every kernel's and XLA op's operands and results; `minimum` reads every input and writes every
 output once. Bandwidth is kernel bytes over time, against the best of three measured copies
 (`copy_bandwidths`: on an H200 a device-to-device copy is about 4.2 TB/s, XLA's `a * 2` 2.7).
 """
@@ -46,9 +45,6 @@ def copy_bandwidths() -> dict[str, float]:
 
 
 LAYOUT_ONLY = {"reshape", "squeeze", "expand_dims", "broadcast_in_dim", "iota"}  # ops that move no bytes
-# Kernels that walk their first operand, the streams, twice (bodies.pre_forward: the projection and
-# sum of squares, then the pre-mix with the finished coefficients).
-TWO_PASSES = ("pre_forward",)
 
 
 def minimum_units(n: int) -> dict[str, int]:
@@ -56,17 +52,12 @@ def minimum_units(n: int) -> dict[str, int]:
   return {"forward": 2 * n + 2, "forward+backward": 5 * n + 5}
 
 
-def _kernel_name(params) -> str:
-  info = params.get("name_and_src_info")
-  return getattr(info, "name", None) or params.get("name") or ""
-
-
 def traffic(unit: int, fn, *args) -> tuple[float, float]:
   """What `fn(*args)` reads and writes as traced, in units of `unit` bytes (one [N, D] array):
   (stream units, row units). Each Pallas kernel's and XLA op's operands and results count (ops
-  inside jit / custom_vjp / shard_map followed, layout-only ops free), plus the second pass of
-  the TWO_PASSES kernels. Stream units: ops with an array of `unit` bytes or more (the kernels,
-  dL/dphi's matmul). Row units: the rest, ops on per-token rows such as [N, W] (the Sinkhorn's
+  inside jit / custom_vjp / shard_map followed, layout-only ops free; a GPU kernel reads each
+  operand once). Stream units: ops with an array of `unit` bytes or more (the kernels, dL/dphi's
+  matmul). Row units: the rest, ops on per-token rows such as [N, W] (the Sinkhorn's
   backward); counted op by op, an upper bound, since XLA fuses them."""
   streams = rows = 0
 
@@ -83,8 +74,6 @@ def traffic(unit: int, fn, *args) -> tuple[float, float]:
       sizes = [
         v.aval.size * v.aval.dtype.itemsize for v in (*eqn.invars, *eqn.outvars) if not isinstance(v, core.Literal)
       ]
-      if eqn.primitive.name == "pallas_call" and any(k in _kernel_name(eqn.params) for k in TWO_PASSES):
-        sizes.append(sizes[0])
       if max(sizes) >= unit:
         streams += sum(sizes)
       else:
@@ -149,7 +138,7 @@ def parse_grid(text: str) -> list[tuple[tuple[str, int], ...]]:
 
 
 def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
-  """Each of the five kernels (calls.*) with inputs of a layer at this shape: name ->
+  """Each of the six GPU kernels (calls.*; "pre forward" is the projection alone) with inputs of a layer at this shape: name ->
   (function of a backend, arguments)."""
   (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
   w = calls.width(n)
@@ -158,7 +147,8 @@ def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
   _, coeff, _, _ = calls.pre_forward(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
   g_z = 0.01 * jax.random.normal(jax.random.key(1), coeff.shape, jnp.float32)
   return {
-    "pre forward": (lambda b, *a: calls.pre_forward(b, *a, **settings), (x, phi_p, affine)),
+    "pre forward": (lambda b, *a: calls.pre_project(b, *a, **settings), (x, phi_p, affine)),
+    "pre mix": (lambda b, *a: calls.pre_mix(b, *a, n=n), (x, coeff)),
     "res_post forward": (lambda b, *a: calls.res_post_forward(b, *a, n=n), (x, y, coeff)),
     "res_post backward": (lambda b, *a: calls.res_post_backward(b, *a, n=n), (x, y, coeff, g_out)),
     "pre backward reduce": (lambda b, *a: calls.pre_backward_reduce(b, *a, n=n, w=w), (x, g_h)),

@@ -66,9 +66,13 @@ def _coefficients(a, n: int, iters: int, kind: str):
   return assemble(out, a.shape)
 
 
-def pre_forward(x_ref, phi_ref, affine_ref, h_ref, coeff_ref, logits_ref, rms_ref, *, n, d, bd, iters, kind, eps):
-  """Coefficients and pre-mix in one pass: h = sum_j pre_j x_j, plus the coefficient rows,
-  the normalised logits (x phi) r and r, which the backward pass starts from."""
+def pre_forward(x_ref, phi_ref, affine_ref, *out_refs, n, d, bd, iters, kind, eps):
+  """The coefficient rows, the normalised logits (x phi) r and r, which the backward pass starts
+  from; out_refs = (coeff, logits, rms), or (h, coeff, logits, rms) to pre-mix here too (the
+  TPU, whose block holds its whole rows in VMEM, so the second pass reads no HBM). On the GPU
+  `pre_mix` is a kernel of its own: its per-token columns then come from memory rather than from
+  the projection's matrix-unit layout, and it streams x without the projection's registers."""
+  *h_ref, coeff_ref, logits_ref, rms_ref = out_refs
   bt, width = coeff_ref.shape
   z, ss = jnp.zeros((bt, width), jnp.float32), jnp.zeros((bt, 1), jnp.float32)
   for j in range(n):
@@ -85,14 +89,24 @@ def pre_forward(x_ref, phi_ref, affine_ref, h_ref, coeff_ref, logits_ref, rms_re
   logits = z * r
   coeff = _coefficients(logits * affine_ref[0:1, :] + affine_ref[1:2, :], n, iters, kind)
   coeff_ref[...], logits_ref[...], rms_ref[...] = coeff, logits, r
+  if h_ref:
+    _mix(x_ref, coeff, h_ref[0], n=n, d=d, bd=bd)
+
+
+def pre_mix(x_ref, coeff_ref, h_ref, *, n, d, bd):
+  """h = sum_j pre_j x_j from the coefficient rows `pre_forward` wrote."""
+  _mix(x_ref, coeff_ref[...], h_ref, n=n, d=d, bd=bd)
+
+
+def _mix(x_ref, coeff, h_ref, *, n, d, bd):
   pre = [column(coeff, j) for j in range(n)]
 
-  def mix(c, _):
+  def step(c, _):
     h = functools.reduce(jnp.add, [pre[j] * _tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)])
     h_ref[:, pl_ds(c * bd, bd)] = h.astype(h_ref.dtype)
     return 0
 
-  _chunks(d, bd, mix, 0)
+  _chunks(d, bd, step, 0)
 
 
 def res_post_forward(x_ref, y_ref, coeff_ref, out_ref, *, n, d, bd):
@@ -170,7 +184,9 @@ def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, g_ref, gx_
       x = _tile(x_ref, j, d, c, bd).astype(jnp.float32)
       back = _dot(gz, phi_ref[pl_ds(j * d + c * bd, bd), :], contract_b=1)  # [bt, bd]
       mixed = functools.reduce(jnp.add, [res[k][j] * g[k] for k in range(n)])
-      gx_ref[:, pl_ds(j * d + c * bd, bd)] = (mixed + pre[j] * gh + back + c_rms * x).astype(gx_ref.dtype)
+      # the projection's part last: it comes in the matrix unit's layout, and one conversion of
+      # the sum to the store's layout is cheaper than converting the other parts to it
+      gx_ref[:, pl_ds(j * d + c * bd, bd)] = ((mixed + pre[j] * gh + c_rms * x) + back).astype(gx_ref.dtype)
     return 0
 
   _chunks(d, bd, step, 0)

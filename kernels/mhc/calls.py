@@ -19,7 +19,14 @@ from jax.experimental import pallas as pl
 
 from kernels.mhc import bodies
 
-KERNELS = ("pre_forward", "res_post_forward", "res_post_backward", "pre_backward_reduce", "pre_backward_streams")
+KERNELS = (
+  "pre_forward",
+  "pre_mix",
+  "res_post_forward",
+  "res_post_backward",
+  "pre_backward_reduce",
+  "pre_backward_streams",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +41,7 @@ class Backend:
   name: str
   tiles: tuple[Tile, ...]  # one per KERNELS entry
   interpret: bool = False
+  mix_in_pre: bool = False  # pre_forward also pre-mixes (else the pre_mix kernel does)
 
   def tile(self, kernel: str) -> Tile:
     return self.tiles[KERNELS.index(kernel)]
@@ -93,17 +101,29 @@ def _call(backend: Backend, body, inputs, outputs, static: dict):
 
 
 def pre_forward(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind: str, eps: float):
-  """x [N, n D], phi_p [n D, W], affine [2, W] -> h [N, D], coeff / logits [N, W], rms [N, 1]."""
-  d = x.shape[1] // n
-  w = phi_p.shape[1]
+  """x [N, n D], phi_p [n D, W], affine [2, W] -> h [N, D], coeff / logits [N, W], rms [N, 1]:
+  one kernel if the backend mixes in pre_forward, else `pre_project` then `pre_mix`."""
+  settings = dict(n=n, iters=iters, kind=kind, eps=eps)
+  if backend.mix_in_pre:
+    return pre_project(backend, x, phi_p, affine, **settings, mix=True)
+  coeff, logits, rms = pre_project(backend, x, phi_p, affine, **settings)
+  return pre_mix(backend, x, coeff, n=n), coeff, logits, rms
+
+
+def pre_project(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind: str, eps: float, mix: bool = False):
+  """The pre_forward kernel -> coeff / logits [N, W], rms [N, 1]; with `mix`, h [N, D] first
+  (the pre-mix in the same kernel)."""
+  d, w = x.shape[1] // n, phi_p.shape[1]
+  rows = [(d, x.dtype)] * mix + [(w, jnp.float32), (w, jnp.float32), (1, jnp.float32)]
   static = dict(n=n, d=d, iters=iters, kind=kind, eps=eps)
-  return _call(
-    backend,
-    bodies.pre_forward,
-    [(x, True), (phi_p, False), (affine, False)],
-    [(d, x.dtype), (w, jnp.float32), (w, jnp.float32), (1, jnp.float32)],
-    static,
-  )
+  return _call(backend, bodies.pre_forward, [(x, True), (phi_p, False), (affine, False)], rows, static)
+
+
+def pre_mix(backend: Backend, x, coeff, *, n: int):
+  """x [N, n D], coeff [N, W] -> h = sum_j pre_j x_j [N, D]."""
+  d = x.shape[1] // n
+  (h,) = _call(backend, bodies.pre_mix, [(x, True), (coeff, True)], [(d, x.dtype)], dict(n=n, d=d))
+  return h
 
 
 def res_post_forward(backend: Backend, x, y, coeff, *, n: int):

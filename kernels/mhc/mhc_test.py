@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.mhc import api, bench, calls, reference, triton
+from kernels.mhc import api, bench, calls, reference, tpu, triton
 from kernels.mhc.tiles import parse_tiles
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -183,7 +183,7 @@ def test_traffic_counts_each_stream_array_the_layer_reads_and_writes(n):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_triton_kernels_lower_for_a_cuda_device(dtype):
-  """The five kernels at their GPU tiles, forward and backward, lowered for CUDA on this CPU
+  """The six kernels at their GPU tiles, forward and backward, lowered for CUDA on this CPU
   machine (Pallas's Triton lowering; only compiling the Triton IR needs the GPU), at a width
   whose n D is no power of two: a shape or an op the Triton lowering rejects fails here, not on
   a lent GPU."""
@@ -201,6 +201,18 @@ def test_triton_kernels_lower_for_a_cuda_device(dtype):
 
   lowered = jax.jit(forward_backward).trace(x, y, phi, alpha, bias).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == len(calls.KERNELS)
+
+
+def test_the_tpu_pre_forward_equals_the_gpu_kernel_pair():
+  """The TPU's pre_forward pre-mixes in the same kernel; the GPU's pre_project + pre_mix give the
+  same h, coefficient rows, logits and RMS (both in interpret mode; 37 tokens: padded blocks)."""
+  x, phi, alpha, bias, _, _ = inputs(37, 4, 64, jnp.float32, seed=3)
+  phi_p, affine = api.kernel_operands(x, phi, alpha, bias, 4)
+  settings = dict(n=4, iters=20, kind="exp", eps=1e-6)
+  one = calls.pre_forward(tpu.backend(interpret=True), x, phi_p, affine, **settings)
+  two = calls.pre_forward(triton.backend(interpret=True), x, phi_p, affine, **settings)
+  for got, want, name in zip(one, two, ("h", "coeff", "logits", "rms")):
+    close(got, want, 1e-5, name)
 
 
 def test_tile_sweep_times_only_the_runs_named(capsys):

@@ -1,6 +1,7 @@
 """The GPU implementation: Pallas on Triton. A program owns `block_tokens` tokens and walks
 their streams in `chunk`-wide tiles (Triton tiles are powers of two), each kernel at its own
-tile. The same blocks and chunks run in interpret mode on the CPU (the tests)."""
+tile; the pre-mix is a kernel of its own (`bodies.pre_forward` says why). The same blocks and
+chunks run in interpret mode on the CPU (the tests)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kernels.mhc.calls import KERNELS, Backend, Tile
 # pre_backward_streams' of 18 (`--only "pre backward streams"`, the same README).
 FASTEST = {
   "pre_forward": (64, 128, 4),
+  "pre_mix": (8, 128, 8),  # not swept yet: res_post_forward's, the other streaming kernel
   "res_post_forward": (8, 128, 8),
   "res_post_backward": (8, 256, 8),
   "pre_backward_reduce": (32, 64, 8),
