@@ -170,8 +170,7 @@ def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, g_ref, gx_
   """dL/dx_j = sum_k res[k, j] g_k + pre_j dL/dh + (dL/dz) phi_j^T + c x_j, with g = dL/d out of
   the layer's res_post, z = x phi the raw projection and c the per-token RMS term; `scalars`
   holds pre in columns 0..n-1, c in column n and res[k, j] in column n + 1 + k n + j. Each chunk
-  loads the block's rows and its n tiles of g once, then writes its n tiles of dL/dx (the
-  arrangement timed on an H200; kernels/mhc/README.md)."""
+  loads the block's rows and its n tiles of g once, then writes its n tiles of dL/dx."""
 
   def step(c, _):
     scalars, gz = scalars_ref[...], gz_ref[...].astype(x_ref.dtype)
