@@ -7,9 +7,10 @@ The op is one layer's mixing without its sub-block: (h, out) = (pre-mix of x,
 res-mix of x + post^T y) from x [N, n D] and y [N, D], n = 4, bfloat16; forward+backward
 also returns dL/dx, dL/dy and the weights' gradients from cotangents of h and out.
 Bytes: `traffic` counts what the traced program reads and writes (each stream-sized array
-2 n D bytes per token): every kernel's and XLA op's operands and results; `minimum` reads every input and writes every
-output once. Bandwidth is kernel bytes over time, against the best of three measured copies
-(`copy_bandwidths`: on an H200 a device-to-device copy is about 4.2 TB/s, XLA's `a * 2` 2.7).
+2 n D bytes per token): every kernel's and XLA op's operands and results; `minimum` reads
+every input and writes every output once. Bandwidth is kernel bytes over time, against the best
+of three measured copies (`copy_bandwidths`: on an H200 a device-to-device copy is about
+4.2 TB/s, XLA's `a * 2` 2.7).
 """
 
 from __future__ import annotations
@@ -138,13 +139,13 @@ def parse_grid(text: str) -> list[tuple[tuple[str, int], ...]]:
 
 
 def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
-  """Each of the six GPU kernels (calls.*; "pre forward" is the projection alone) with inputs of a layer at this shape: name ->
-  (function of a backend, arguments)."""
+  """Each of the six GPU kernels (calls.*; "pre forward" is the projection alone) with inputs
+  of a layer at this shape: name -> (function of a backend, arguments)."""
   (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
   w = calls.width(n)
   phi_p, affine = api.kernel_operands(x, phi, alpha, bias, n)
   settings = dict(SETTINGS, n=n)
-  _, coeff, _, _ = calls.pre_forward(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
+  coeff, _, _ = calls.pre_project(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
   g_z = 0.01 * jax.random.normal(jax.random.key(1), coeff.shape, jnp.float32)
   return {
     "pre forward": (lambda b, *a: calls.pre_project(b, *a, **settings), (x, phi_p, affine)),

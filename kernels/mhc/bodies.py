@@ -169,14 +169,15 @@ def pre_backward_reduce(x_ref, gh_ref, gpre_ref, *, n, d, bd):
 def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, g_ref, gx_ref, *, n, d, bd):
   """dL/dx_j = sum_k res[k, j] g_k + pre_j dL/dh + (dL/dz) phi_j^T + c x_j, with g = dL/d out of
   the layer's res_post, z = x phi the raw projection and c the per-token RMS term; `scalars`
-  holds pre in columns 0..n-1, c in column n and res[k, j] in column n + 1 + k n + j. Each chunk
-  loads the block's rows and its n tiles of g once, then writes its n tiles of dL/dx."""
+  holds pre in columns 0..n-1, c in column n and res[k, j] in column n + 1 + k n + j. The
+  per-token columns are read once per block; each chunk loads its n tiles of g once, then writes
+  its n tiles of dL/dx."""
+  scalars, gz = scalars_ref[...], gz_ref[...].astype(x_ref.dtype)
+  pre = [column(scalars, j) for j in range(n)]
+  c_rms = column(scalars, n)
+  res = [[column(scalars, n + 1 + k * n + j) for j in range(n)] for k in range(n)]
 
   def step(c, _):
-    scalars, gz = scalars_ref[...], gz_ref[...].astype(x_ref.dtype)
-    pre = [column(scalars, j) for j in range(n)]
-    c_rms = column(scalars, n)
-    res = [[column(scalars, n + 1 + k * n + j) for j in range(n)] for k in range(n)]
     gh = gh_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
     g = [_tile(g_ref, k, d, c, bd).astype(jnp.float32) for k in range(n)]
     for j in range(n):
