@@ -2,6 +2,7 @@
 
   PYTHONPATH=src:. python kernels/mhc/bench.py [--tokens 16384,65536] [--dims 2048,4096,7168]
   PYTHONPATH=src:. python kernels/mhc/bench.py --traffic [...]   # the byte counts only, on any machine
+  PYTHONPATH=src:. python kernels/mhc/bench.py --static [...]    # sm_90 registers etc., any machine; needs `triton`
 
 The op is one layer's mixing without its sub-block: (h, out) = (pre-mix of x,
 res-mix of x + post^T y) from x [N, n D] and y [N, D], n = 4, bfloat16; forward+backward
@@ -19,6 +20,11 @@ import argparse
 import collections
 import functools
 import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.extend.core as core
@@ -177,6 +183,89 @@ def print_traffic(kernel, tokens: str, dims: str) -> None:
       )
 
 
+def triton_ir(fn, *args) -> dict[str, str]:
+  """The Triton IR (text) of every Pallas Triton kernel in `fn(*args)`, lowered for CUDA on any
+  machine: kernel name (`mhc_<body>_triton`) -> module. Hooks Pallas's lowering (a private JAX
+  module) while `fn` is lowered."""
+  from jax._src.pallas.triton import pallas_call_registration as registration
+
+  modules, lower = {}, registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(jaxpr, *rest, **kwargs):
+    result = lower(jaxpr, *rest, **kwargs)
+    modules[jaxpr.debug_info.func_name] = result.module.operation.get_asm()
+    return result
+
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = lower
+  return modules
+
+
+def compile_sm90(module: str, num_warps: int, num_stages: int) -> dict[str, int]:
+  """Compiles Triton IR text for sm_90 with the `triton` package (its passes, its ptxas), with no
+  GPU: registers a thread, layout conversions in the GPU IR (each a round trip through shared
+  memory), barriers and instructions in the SASS."""
+  here = os.path.dirname(os.path.abspath(__file__))  # run as a script, its folder's triton.py would shadow the package
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+  try:
+    import triton
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import Language, make_backend
+  except ImportError:
+    raise SystemExit("--static compiles with the `triton` package: pip install triton") from None
+  target = GPUTarget("cuda", 90, 32)
+  backend = make_backend(target)
+  options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+  context = ir.context()
+  ir.load_dialects(context)
+  backend.load_dialects(context)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.ttir")
+    with open(path, "w") as f:
+      f.write(module)
+    compiled = ir.parse_mlir_module(path, context)
+    compiled.context = context
+    stages, metadata, text = {}, {"hash": "", "target": target, **options.__dict__}, {}
+    backend.add_stages(stages, options, Language.TRITON)
+    for name, stage in stages.items():
+      compiled = stage(compiled, metadata)
+      text[name] = compiled if isinstance(compiled, (str, bytes)) else str(compiled)  # later stages mutate it
+    with open(path + ".cubin", "wb") as f:
+      f.write(text["cubin"])
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tools, "--dump-resource-usage", path + ".cubin"], capture_output=True, text=True).stdout
+    sass = subprocess.run([tools, "--dump-sass", path + ".cubin"], capture_output=True, text=True).stdout
+  return {
+    "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+    "conversions": text["ttgir"].count("ttg.convert_layout"),
+    "barriers": len(re.findall(r"\sBAR\b", sass)),
+    "instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/", sass)),
+  }
+
+
+def print_static(tokens: int, d: int) -> None:
+  """Each GPU kernel of the layer's forward+backward at its tile, compiled for sm_90 here:
+  registers, programs an SM holds by registers (65,536 a SM), conversions, barriers."""
+  n = N_STREAMS
+  primal, cotangents = inputs(tokens, d, n)
+  backend = api._backend(api.Spec(**SETTINGS, implementation="triton"))
+  modules = triton_ir(forward_backward(layer_fns(n, implementation="triton")[0]), *primal, *cotangents)
+  print("| kernel | warps | registers | programs / SM | layout conversions | barriers | SASS instructions |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  for kernel in calls.KERNELS:
+    params = backend.tile(kernel).compiler_params
+    got = compile_sm90(modules[f"mhc_{kernel}_triton"], params.num_warps, params.num_stages)
+    programs = min(65536 // (got["registers"] * 32 * params.num_warps), 64 // params.num_warps)
+    print(
+      f"| {kernel} | {params.num_warps} | {got['registers']} | {programs} | {got['conversions']} | "
+      f"{got['barriers']} | {got['instructions']} |"
+    )
+
+
 def sweep_tiles(tokens: int, d: int, grid: str, only: str = "") -> None:
   """Milliseconds of each kernel and of the whole layer's forward+backward for every tile
   setting of `grid`, with each setting's largest relative error against the reference (the
@@ -230,9 +319,14 @@ def main() -> None:
   parser.add_argument(
     "--traffic", action="store_true", help="only the traced byte counts (no timing; any machine, the GPU kernels)"
   )
+  parser.add_argument(
+    "--static", action="store_true", help="the GPU kernels compiled for sm_90 here, at the first shape (needs triton)"
+  )
   args = parser.parse_args()
   if args.tiles:
     return sweep_tiles(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]), args.grid, args.only)
+  if args.static:
+    return print_static(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]))
   if args.traffic:
     return print_traffic(layer_fns(N_STREAMS, implementation="triton")[0], args.tokens, args.dims)
   n, s = N_STREAMS, 2  # bfloat16

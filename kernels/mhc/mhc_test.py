@@ -215,6 +215,16 @@ def test_the_tpu_pre_forward_equals_the_gpu_kernel_pair():
     close(got, want, 1e-5, name)
 
 
+def test_triton_ir_is_captured_for_every_gpu_kernel():
+  """bench.triton_ir (what `bench.py --static` compiles) gives each GPU kernel of the layer's
+  forward+backward as Triton IR text, from a CUDA lowering on this CPU machine."""
+  primal, cotangents = bench.inputs(64, 128, 4)
+  layer = bench.layer_fns(4, implementation="triton")[0]
+  modules = bench.triton_ir(bench.forward_backward(layer), *primal, *cotangents)
+  assert sorted(modules) == sorted(f"mhc_{kernel}_triton" for kernel in calls.KERNELS)
+  assert all("tt.func" in module for module in modules.values())
+
+
 def test_tile_sweep_times_only_the_runs_named(capsys):
   """bench.sweep_tiles(only=...) times the named kernel alone (here in interpret mode), and an
   unknown name is refused in one line that lists the names."""
