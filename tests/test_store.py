@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import manifold.store
+from manifold.schema import ConfigError
 from manifold.store import (
   CorruptObject,
   Identity,
@@ -35,6 +36,7 @@ from manifold.store import (
   encode,
   fetch,
   publish,
+  run_config,
   verify,
 )
 from manifold.store.objects import MAGIC
@@ -160,6 +162,30 @@ def test_wrong_kind_fingerprint_producer_or_key_is_rejected(tmp_path, me):
     fetch(store, "diloco/delta/00000004/a")
   with pytest.raises(KeyExists, match="key exists"):
     publish(store, key, "diloco/delta", {}, {}, me, FP)
+
+
+def test_run_config_is_written_once_and_a_differing_or_unusable_one_is_refused_in_one_line(tmp_path, me):
+  store = Store.open(tmp_path)
+  fields = {"model.d_model": 64, "train.seed": 0}
+  fp = config_fingerprint(fields)
+  assert run_config.publish_once(store, "run-config", fields, me, fp)
+  assert not run_config.publish_once(store, "run-config", {**fields, "train.seed": 1}, Identity.generate(), fp)
+  obj = run_config.read(store, "run-config", "islands.store")
+  run_config.require_same(obj, fields, fp, store=store, field="islands.store", owner="the run", fix="refusing")
+  with pytest.raises(ConfigError, match=r"^train\.seed=1: the run in file://.* has 0; refusing$"):
+    run_config.require_same(
+      obj, {**fields, "train.seed": 1}, fp, store=store, field="islands.store", owner="the run", fix="refusing"
+    )
+  with pytest.raises(ConfigError, match=r"^islands\.store file://.*: run/config has another config fingerprint"):
+    run_config.require_same(obj, fields, FP, store=store, field="islands.store", owner="the run", fix="refusing")
+  with pytest.raises(ConfigError, match=r"^rl\.store file://.*: run/config is unusable \(.*kind.*\); start the run"):
+    run_config.read(store, "rl-config", "rl.store")  # another capability's object under the key
+  data = store.get(run_config.KEY)
+  store.delete(run_config.KEY)
+  store.put(run_config.KEY, _flip_hex(data, len(data) // 2))
+  with pytest.raises(ConfigError, match=r"run/config is unusable") as e:
+    run_config.read(store, "run-config", "islands.store")
+  assert "\n" not in str(e.value)
 
 
 RACE = """

@@ -81,7 +81,6 @@ from manifold.schema import FREE, Section, first_difference
 from manifold.store import (
   BadObject,
   Identity,
-  KeyExists,
   RejectedObject,
   Store,
   StoreError,
@@ -89,7 +88,7 @@ from manifold.store import (
   config_fingerprint,
   encode,
   fetch,
-  publish,
+  run_config,
   stake_claim,
 )
 
@@ -182,28 +181,10 @@ def check_config(store: Store, identity: Identity, cfg) -> str:
   field where this island's config differs from the run's. Returns the config fingerprint."""
   mine = shared_config(cfg)
   fingerprint = config_fingerprint(mine)
-  try:
-    publish(store, "run/config", "run-config", {}, {"fields": mine}, identity, fingerprint)
-    return fingerprint
-  except KeyExists:
-    pass
-  try:
-    obj = fetch(store, "run/config", kind="run-config")
-  except BadObject as e:
-    raise ConfigError(
-      f"islands.store {store.url}: run/config is unusable ({e}); start the run in a new store"
-    ) from None
-  if obj is None:
-    raise ConfigError(f"islands.store {store.url}: run/config exists but cannot be read; retry")
-  diff = first_difference(obj.meta["fields"], mine)
-  if diff is not None:
-    name, theirs, ours = diff
-    raise ConfigError(
-      f"{name}={ours!r}: the run in {store.url} has {theirs!r}; islands of one run must agree on every field "
-      "but islands.id, islands.store and per-island settings; refusing to join"
-    )
-  if obj.header["config_fingerprint"] != fingerprint:
-    raise ConfigError(f"islands.store {store.url}: run/config has another fingerprint; refusing to join")
+  if not run_config.publish_once(store, "run-config", mine, identity, fingerprint):
+    obj = run_config.read(store, "run-config", "islands.store")
+    fix = "islands of one run agree on every field but islands.id, islands.store and per-island ones; refusing to join"
+    run_config.require_same(obj, mine, fingerprint, store=store, field="islands.store", owner="the run", fix=fix)
   return fingerprint
 
 

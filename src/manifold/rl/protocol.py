@@ -50,23 +50,20 @@ from typing import Any, Callable
 import numpy as np
 
 from manifold.config import ConfigError, validate
-from manifold.schema import Section, first_difference
+from manifold.schema import Section
 from manifold.store import (
   BadObject,
   Identity,
-  KeyExists,
   Store,
   StoredObject,
   StoreError,
   StoreUnavailable,
   config_fingerprint,
   encode,
-  fetch,
-  publish,
+  run_config,
   stake_claim,
 )
 
-CONFIG_KEY = "run/config"
 LEARNER_HEARTBEAT = "heartbeats/learner"
 
 KIND_CONFIG = "rl-config"
@@ -179,35 +176,17 @@ def publish_config(store: Store, identity: Identity, cfg) -> str:
   this config's); returns the config fingerprint every object carries."""
   mine = shared_config(cfg)
   fingerprint = config_fingerprint(mine)
-  try:
-    publish(store, CONFIG_KEY, KIND_CONFIG, {}, {"fields": mine}, identity, fingerprint)
+  if run_config.publish_once(store, KIND_CONFIG, mine, identity, fingerprint):
     return fingerprint
-  except KeyExists:
-    pass
-  obj = _read_config(store)
+  obj = run_config.read(store, KIND_CONFIG, "rl.store")
   if obj.producer != identity.public_key:
     raise ConfigError(
       f"rl.store {store.url}: its run belongs to another learner (key {obj.producer[:16]}...); a learner keeps its "
       "key in its --workdir: restart it with the same --workdir, or use a new store"
     )
-  diff = first_difference(obj.meta["fields"], mine)
-  if diff is not None:
-    name, theirs, ours = diff
-    raise ConfigError(
-      f"{name}={ours!r}: this learner's run in {store.url} has {theirs!r}; resume with the same value, or use a new "
-      "store and --workdir"
-    )
+  fix = "resume with the same value, or use a new store and --workdir"
+  run_config.require_same(obj, mine, fingerprint, store=store, field="rl.store", owner="this learner's run", fix=fix)
   return fingerprint
-
-
-def _read_config(store: Store) -> StoredObject:
-  try:
-    obj = fetch(store, CONFIG_KEY, kind=KIND_CONFIG)
-  except BadObject as e:
-    raise ConfigError(f"rl.store {store.url}: run/config is unusable ({e}); start the run in a new store") from None
-  if obj is None:
-    raise ConfigError(f"rl.store {store.url}: run/config vanished; retry")
-  return obj
 
 
 def join_config(store: Store, cfg, *, deadline_s: float, poll_s: float, say: Callable[[str], None]) -> tuple[str, str]:
@@ -219,7 +198,7 @@ def join_config(store: Store, cfg, *, deadline_s: float, poll_s: float, say: Cal
   started, told = time.monotonic(), False
   while True:
     try:
-      present = bool(store.list(CONFIG_KEY))
+      present = bool(store.list(run_config.KEY))
     except StoreUnavailable as e:
       say(f"store unavailable ({e}); retrying")
       present = False
@@ -231,16 +210,9 @@ def join_config(store: Store, cfg, *, deadline_s: float, poll_s: float, say: Cal
       say(f"waiting for a learner in {store.url} (run/config)")
       told = True
     time.sleep(poll_s)
-  obj = _read_config(store)
-  diff = first_difference(obj.meta["fields"], mine)
-  if diff is not None:
-    name, theirs, ours = diff
-    raise ConfigError(
-      f"{name}={ours!r}: the learner in {store.url} has {theirs!r}; a worker must run the learner's model and "
-      "rollout settings; refusing to start"
-    )
-  if obj.header["config_fingerprint"] != fingerprint:
-    raise ConfigError(f"rl.store {store.url}: run/config has another fingerprint; refusing to start")
+  obj = run_config.read(store, KIND_CONFIG, "rl.store")
+  fix = "a worker must run the learner's model and rollout settings; refusing to start"
+  run_config.require_same(obj, mine, fingerprint, store=store, field="rl.store", owner="the learner", fix=fix)
   return fingerprint, obj.producer
 
 

@@ -12,6 +12,8 @@ teachers and a provenance ledger later).
   and refuse what fails (`CorruptObject`, `RejectedObject`).
 - Keys: `<run-relative kind>/<round or version:08d>/<sender>`, e.g. `diloco/delta/00000012/<key>`,
   so a writer never contends for another's key, and `list(prefix)` finds a round's objects.
+- `run_config`: the fields every participant of a run shares, written once under `run/config`;
+  a later participant that differs is refused in one line naming the field.
 - Nothing waits forever: every operation retries with backoff, then raises `StoreUnavailable`;
   callers poll (`list`, `fetch`) against their own deadlines."""
 
