@@ -213,6 +213,7 @@ def main() -> None:
   report["skewed_expert_parallel_vs_dense"] = skewed_dispatch(dict(data=2, expert=4), "auto")
   report["skewed_bounded_exchange_vs_dense"] = skewed_dispatch(dict(data=2, expert=4), "auto", capacity_factor=1.0)
   report["skewed_megablox_per_device_vs_dense"] = skewed_dispatch(dict(data=2, expert=4), "megablox")
+  report["skewed_tokamax_per_device_vs_dense"] = skewed_dispatch(dict(data=2, expert=4), "tokamax")
   with kernel_math_from_reference():
     report["skewed_expert_tensor_split_kernel_path_vs_dense"] = skewed_dispatch(
       dict(fsdp=2, expert=2, tensor=2), "triton"

@@ -16,8 +16,8 @@ def test_one_step_on_several_meshes_equals_one_device():
   """MLA + MoE + mHC + MTP; data, FSDP, tensor and expert axes (tokens dispatched with
   all_to_all), microbatches and remat, the mHC kernels per shard; float32, 1e-5. The
   grouped-matmul kernel path (its Triton calls answered by the reference) runs under a
-  tensor-split expert mesh; JAX's megablox kernels (interpret mode) run per device under the
-  expert mesh. The
+  tensor-split expert mesh; JAX's megablox kernels (interpret mode) and `tokamax.ragged_dot`
+  run per device under the expert mesh. The
   ragged_all_to_all exchange (TPU) is traced: its gradient sums nothing over `expert`. Splash
   attention (interpret mode) runs per device on its batch rows and heads."""
   env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
@@ -33,6 +33,7 @@ def test_one_step_on_several_meshes_equals_one_device():
     "skewed_expert_parallel_vs_dense",
     "skewed_bounded_exchange_vs_dense",
     "skewed_megablox_per_device_vs_dense",
+    "skewed_tokamax_per_device_vs_dense",
     "skewed_expert_tensor_split_kernel_path_vs_dense",
     "ragged_exchange",
     "splash_attention_per_shard",

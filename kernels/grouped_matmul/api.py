@@ -10,6 +10,8 @@ Implementations: `xla` (jax.lax.ragged_dot, differentiated by JAX), `blocked` (o
 batched XLA matmul over row tiles of one group each: blocked.py), `triton` (Pallas Triton,
 any CUDA GPU), `mosaic_gpu` (Pallas Mosaic GPU, Hopper), `megablox` (JAX's maintained TPU
 kernels, `jax.experimental.pallas.ops.tpu.megablox`; interpret mode off the TPU),
+`tokamax` (`tokamax.ragged_dot`, with its own kernels and gradient: Mosaic GPU on Hopper,
+Pallas Triton on other GPUs, Mosaic TPU, XLA's `ragged_dot` elsewhere),
 `interpret` (the Triton blocks on the CPU: tests). `auto` picks per platform (that of the
 ambient mesh, else the default backend): on GPUs `GPU_DEFAULT`, what measured fastest
 (kernels/grouped_matmul/bench.py), on TPUs `megablox`, on the CPU `blocked` (whose
@@ -35,7 +37,7 @@ from kernels.platform import platform
 # The module: the package's `gmm` attribute is its differentiable function, which shadows it.
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "triton", "mosaic_gpu", "megablox", "interpret")
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "triton", "mosaic_gpu", "megablox", "tokamax", "interpret")
 GPU_DEFAULT = "triton"
 BLOCKED_ROWS = 128  # rows per tile of `blocked`: 3x faster than ragged_dot on a quickstart MoE layer (2-core CPU)
 # Tiles (rows, K, N) and launch settings per kernel: the best of bench.py --sweep on an H100
@@ -117,8 +119,13 @@ def _gmm(x, w, group_sizes, impl: str, transpose_w: bool = False) -> jax.Array:
     y = _megablox(megablox.gmm, x_p, w_p, group_sizes, x.dtype, (bm, bk, bn), transpose_rhs=transpose_w, like=(x, w))
   else:
     y = triton.gmm(x_p, w_p, group_sizes, transpose_w=transpose_w, interpret=impl == "interpret", **tiles)
-  row = jax.lax.broadcasted_iota(jnp.int32, (m, 1), 0)
-  return jnp.where(row < jnp.sum(group_sizes), y[:m, :n], 0)  # the kernels leave rows past the groups unwritten
+  return _zero_past_groups(y[:m, :n], group_sizes)  # the kernels leave rows past the groups unwritten
+
+
+def _zero_past_groups(y: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """y [M, N] with its rows past sum(group_sizes) set to 0."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (y.shape[0], 1), 0)
+  return jnp.where(row < jnp.sum(group_sizes), y, 0)
 
 
 def _tgmm(x, dy, group_sizes, impl: str) -> jax.Array:
@@ -166,6 +173,10 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str 
     return jax.lax.ragged_dot(x, w, group_sizes)
   if impl == "blocked":
     return blocked.gmm(x, w, group_sizes, BLOCKED_ROWS)
+  if impl == "tokamax":
+    import tokamax  # here, not at the top: importing it costs about a second, paid only by those who choose it
+
+    return _zero_past_groups(tokamax.ragged_dot(x, w, group_sizes.astype(jnp.int32)), group_sizes)
   # Outside the custom_vjp, so that autodiff sums x's gradient over the axes it gains here.
   x, w, group_sizes = _same_varying(x, w, group_sizes.astype(jnp.int32))
   return _kernel_gmm(x, w, group_sizes, impl)

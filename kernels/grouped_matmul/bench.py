@@ -1,7 +1,7 @@
 """Times the grouped-matmul implementations on the local accelerator, against a dense
 matmul doing the same FLOPs.
 
-  PYTHONPATH=src:. python kernels/grouped_matmul/bench.py [--tokens 16384] [--impls xla,triton,mosaic_gpu]
+  PYTHONPATH=src:. python kernels/grouped_matmul/bench.py [--tokens 16384] [--impls xla,triton,mosaic_gpu,tokamax]
   PYTHONPATH=src:. python kernels/grouped_matmul/bench.py --sweep     # Triton tile sizes too
 
 Shapes are one MoE layer of experiments/speed_proxies.py's moe-1b-active (D 2048, 32
@@ -72,7 +72,7 @@ def sweep(rows: int) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tokens", type=int, default=16384, help="tokens per step (rows = tokens x 6)")
-  parser.add_argument("--impls", default="xla,triton,mosaic_gpu")
+  parser.add_argument("--impls", default="xla,triton,mosaic_gpu,tokamax")
   parser.add_argument("--sweep", action="store_true", help="also time Triton tile sizes")
   args = parser.parse_args()
   rows = args.tokens * TOP_K

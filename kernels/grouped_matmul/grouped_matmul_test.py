@@ -1,7 +1,8 @@
 """The grouped matmuls against reference.py: XLA's `ragged_dot`, the blocked XLA matmul
 (also at small tiles, so that groups span several), the Triton blocks in interpret mode on
 the CPU (at small tiles so that several tiles, straddling groups and padding all occur),
-JAX's megablox TPU kernels in interpret mode (compiled on a TPU), and on a GPU the compiled
+JAX's megablox TPU kernels in interpret mode (compiled on a TPU), `tokamax.ragged_dot` (its
+kernels on a GPU or TPU, XLA's on the CPU), and on a GPU the compiled
 Triton and (Hopper) Mosaic GPU kernels too; the Triton kernels are lowered for CUDA on any
 machine. Tolerances relative
 to each output's largest magnitude: float32 1e-5, bfloat16 1e-2 (both accumulate in
@@ -21,7 +22,7 @@ ON_GPU = jax.default_backend() == "gpu"
 HOPPER = ON_GPU and any(name in jax.devices()[0].device_kind for name in ("H100", "H200"))
 IMPLS = [
   (i, d)
-  for i in ("xla", "blocked", "interpret", "megablox", "triton")
+  for i in ("xla", "blocked", "interpret", "megablox", "tokamax", "triton")
   for d in (jnp.float32, jnp.bfloat16)
   if i != "triton" or ON_GPU
 ]

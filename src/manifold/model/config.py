@@ -86,7 +86,7 @@ class ModelConfig(Section):
   )  # fmt: skip
   grouped_matmul_impl: str = field(
     "auto", "ragged's grouped matmul: auto (Pallas on GPU, megablox on TPU, blocked on CPU, xla elsewhere) | "
-    "xla | blocked | triton | mosaic_gpu | megablox",
+    "xla | blocked | triton | mosaic_gpu | megablox | tokamax",
     one_of(*(name for name in grouped_api.IMPLEMENTATIONS if name != "interpret")),  # interpret: the kernel tests'
   )  # fmt: skip
   expert_capacity_factor: float = field(
