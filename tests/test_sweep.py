@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from manifold.processes import last_step
-from manifold.sweep import by_variant, run_name, spikes, sweep_args
+from manifold.sweep import by_variant, plot_sweep, run_name, spikes, sweep_args
 
 from .conftest import data_overrides, error_line
 
@@ -51,6 +51,13 @@ def test_each_variant_is_compared_with_the_baseline_that_shares_its_other_argume
   rows = {r["variant"]: r for r in by_variant(runs, "residual=plain")}
   assert rows["size=s,residual=hc"]["gap_mean"] == -0.5 and rows["size=l,residual=hc"]["gap_mean"] == -0.25
   assert rows["size=l,residual=plain"]["gap_mean"] == 0.0 and rows["size=s,residual=hc"]["gap_spread"] == 0.0
+
+
+def test_the_curves_show_every_run_past_the_palettes_ten_colours(tmp_path):
+  validation = [{"step": step, "val_loss": 3.0 - step / 100, "amax_gain": None} for step in (0, 50, 100)]
+  runs = [{"run": f"lr={lr},seed={seed}", "validation": validation} for lr in range(7) for seed in range(3)]
+  assert plot_sweep(runs, tmp_path / "curves.png") == 21
+  assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
 def test_spikes_count_values_above_a_multiple_of_the_running_median():

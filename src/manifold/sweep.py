@@ -100,6 +100,11 @@ def summarize(
   }
 
 
+def variant_of(run: str) -> str:
+  """A run's sweep argument without its `seed=`: "residual=hc,seed=2" -> "residual=hc"."""
+  return ",".join(p for p in run.split(",") if not p.startswith("seed="))
+
+
 def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
   """One row per variant (a sweep argument without its `seed=`): over its seeds the mean and
   spread (sample standard deviation; 0 for one seed) of the final validation loss, and of its
@@ -110,7 +115,7 @@ def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[di
   compared with "size=s,residual=plain"."""
   groups: dict[str, list[dict]] = {}
   for s in summaries:
-    groups.setdefault(",".join(p for p in s["run"].split(",") if not p.startswith("seed=")), []).append(s)
+    groups.setdefault(variant_of(s["run"]), []).append(s)
   bases = [v for v in groups if baseline and set(baseline.split(",")) <= set(v.split(","))]
 
   def base_losses(variant: str) -> dict[int, float]:
@@ -293,29 +298,38 @@ VARIANT_COLUMNS = [
 ]
 
 
-def plot_sweep(summaries: list[dict[str, Any]], out_path: str | os.PathLike) -> None:
+def plot_sweep(summaries: list[dict[str, Any]], out_path: str | os.PathLike) -> int:
   """Validation loss (after step 0, so the runs' differences show) against step, and the
-  composite Amax gain where runs have residual streams; one colour per run."""
+  composite Amax gain where runs have residual streams: every run, one colour per variant (its
+  seeds share it), a legend entry per variant. Returns how many loss curves it drew."""
+  variants = list(dict.fromkeys(variant_of(s["run"]) for s in summaries))
+  palette = plt.cm.tab10.colors if len(variants) <= 10 else plt.cm.tab20.colors
+  colors = {v: palette[i % len(palette)] for i, v in enumerate(variants)}
   with_gain = any(s["validation"][0]["amax_gain"] is not None for s in summaries)
-  fig, axes = plt.subplots(1, 2 if with_gain else 1, figsize=(11 if with_gain else 6, 3.8), squeeze=False)
+  columns = 3 if with_gain else 2
+  legend_rows = -(-len(variants) // columns)
+  legend_in = 0.25 * legend_rows + 0.1  # the legend goes under the plots, a row per `columns` variants
+  height = 3.8 + legend_in
+  fig, axes = plt.subplots(1, 2 if with_gain else 1, figsize=(11 if with_gain else 6, height), squeeze=False)
   ax_loss = axes[0, 0]
-  for color, s in zip(plt.cm.tab10.colors, summaries):
-    rows = s["validation"]
+  labelled = set()
+  for s in summaries:
+    rows, variant = s["validation"], variant_of(s["run"])
+    style = dict(marker="o", markersize=3, color=colors[variant], label=None if variant in labelled else variant)
+    labelled.add(variant)
     trained = [r for r in rows if r["step"] > 0]
-    ax_loss.plot(
-      [r["step"] for r in trained], [r["val_loss"] for r in trained], marker="o", color=color, label=s["run"]
-    )
+    ax_loss.plot([r["step"] for r in trained], [r["val_loss"] for r in trained], **style)
     if with_gain and rows[0]["amax_gain"] is not None:
-      axes[0, 1].plot(
-        [r["step"] for r in rows], [r["amax_gain"] for r in rows], marker="o", color=color, label=s["run"]
-      )
+      axes[0, 1].plot([r["step"] for r in rows], [r["amax_gain"] for r in rows], **style)
   ax_loss.set(xlabel="step", ylabel="validation loss (nats/token)", title="validation loss")
   if with_gain:
     axes[0, 1].set(xlabel="step", ylabel="Amax gain of prod H_res", title="composite mixing gain", yscale="log")
   for ax in axes.flat:
     ax.grid(alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
+  handles, labels = ax_loss.get_legend_handles_labels()  # every variant has its entry there
+  fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
+  fig.tight_layout(rect=(0, legend_in / height, 1, 1))
   with files.atomic_path(out_path) as tmp:
     fig.savefig(tmp, dpi=120, format="png")
   plt.close(fig)
+  return len(ax_loss.lines)
