@@ -323,10 +323,11 @@ def main() -> None:
     "--static", action="store_true", help="the GPU kernels compiled for sm_90 here, at the first shape (needs triton)"
   )
   args = parser.parse_args()
+  first = int(args.tokens.split(",")[0]), int(args.dims.split(",")[0])  # the shape --tiles and --static use
   if args.tiles:
-    return sweep_tiles(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]), args.grid, args.only)
+    return sweep_tiles(*first, args.grid, args.only)
   if args.static:
-    return print_static(int(args.tokens.split(",")[0]), int(args.dims.split(",")[0]))
+    return print_static(*first)
   if args.traffic:
     return print_traffic(layer_fns(N_STREAMS, implementation="triton")[0], args.tokens, args.dims)
   n, s = N_STREAMS, 2  # bfloat16

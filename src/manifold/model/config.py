@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 from kernels.attention import api as attention_api
 from kernels.grouped_matmul import api as grouped_api
-from kernels.mhc.tiles import parse_tiles
+from kernels.mhc.tiles import TILE_NAMES, parse_tiles
 
 from manifold.schema import (
   EVEN,
@@ -115,7 +115,7 @@ class ModelConfig(Section):
     "auto", "mhc stream mixing: auto (Pallas kernels on GPU / TPU, jnp elsewhere) | pallas | xla",
     one_of("auto", "pallas", "xla"),
   )  # fmt: skip
-  mhc_tiles: str = field("", "the mHC kernels' tiles as name=value,...: block_tokens, chunk, num_warps, num_stages")
+  mhc_tiles: str = field("", f"the mHC kernels' tiles as name=value,...: {', '.join(TILE_NAMES)}")
   remat: str = field(
     "none", "what each block keeps for the backward pass: none (all) | dots (matmul outputs) | full",
     one_of("none", "dots", "full"),
