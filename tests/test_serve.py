@@ -151,6 +151,54 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_keeps_serving(ser
   assert client(url).completions.create(**good).choices[0].finish_reason in ("length", "stop")
 
 
+def test_a_row_decodes_at_most_lead_tokens_ahead_of_its_consumer_and_resumes_unchanged():
+  """A consumer that takes nothing pauses its row after `LEAD` tokens while the other row runs on;
+  once taken, the paused job ends with the tokens of an identical job that was never paused."""
+  import threading
+
+  import jax
+  from flax import nnx
+
+  from manifold.data.tokenizer import ByteTokenizer
+  from manifold.inference.slots import SlotDecoder
+  from manifold.model import ModelConfig, Transformer
+  from manifold.serve.batcher import LEAD, Batcher, Job
+
+  cfg = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
+                    max_seq_len=64)  # fmt: skip
+  batcher = Batcher(SlotDecoder(Transformer(cfg, rngs=nnx.Rngs(params=0)), 2), ByteTokenizer(), max_queue=2,
+                    say=lambda _: None)  # fmt: skip
+  tokens, ended = {"slow": [], "eager": []}, {"slow": threading.Event(), "eager": threading.Event()}
+  jobs = {}
+
+  def sink(name, eager):
+    def receive(event):
+      tokens[name].extend(t.id for t in event.tokens)
+      if eager:
+        batcher.taken(jobs[name], len(event.tokens))
+      if event.finish or event.error:
+        ended[name].set()
+
+    return receive
+
+  for name in tokens:
+    jobs[name] = Job([104, 105], 3 * LEAD, 1.0, 1.0, jax.random.key(7), (), sink(name, name == "eager"),
+                     ignore_eos=True)  # fmt: skip
+  batcher.start().submit(list(jobs.values()))
+  try:
+    assert ended["eager"].wait(120), "the row whose consumer keeps up did not finish"
+    steps = batcher.stats["steps"]
+    time.sleep(0.3)
+    assert len(tokens["slow"]) == LEAD and not ended["slow"].is_set(), len(tokens["slow"])
+    assert batcher.stats["steps"] == steps and batcher.busy_rows == 1, "a paused row was stepped"
+    jobs["slow"].sink = sink("slow", eager=True)
+    batcher.taken(jobs["slow"], LEAD)
+    assert ended["slow"].wait(120), "the paused row did not resume"
+  finally:
+    batcher.close()
+  assert len(tokens["eager"]) == 3 * LEAD and tokens["slow"] == tokens["eager"]
+
+
 def test_a_full_queue_is_429_and_a_client_gone_mid_stream_frees_its_slot(server):
   url, name, _ = server
   headers = {"Authorization": f"Bearer {KEY}"}

@@ -30,7 +30,7 @@ import json
 import secrets
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 from fastapi import FastAPI, Request
@@ -265,27 +265,23 @@ def make_app(
 
   async def relay(jobs: list[Job], queue: asyncio.Queue):
     """(choice index, event) until every job has finished; the events that arrived together are
-    merged per choice (one chunk each, however far the decoder ran ahead of this loop)."""
+    merged per choice (one chunk each, however far the decoder ran ahead of this loop); each is
+    `taken` once the consumer asks for the next, which lets its row decode further."""
     left = len(jobs)
-    while left:
-      arrived = [await queue.get()]
-      while not queue.empty():
-        arrived.append(queue.get_nowait())
-      merged: dict[int, Event] = {}
-      for i, event in arrived:
-        merged[i] = event if i not in merged else merged[i].then(event)
-      for i, event in merged.items():
-        left -= bool(event.finish or event.error)
-        yield i, event
-
-  async def guarded(stream, jobs: list[Job]):
-    """`stream`, whose jobs are cancelled when it ends or the client goes away (freeing their rows)."""
     try:
-      async for item in stream:
-        yield item
-    finally:
-      for job in jobs:
-        job.cancelled.set()
+      while left:
+        arrived = [await queue.get()]
+        while not queue.empty():
+          arrived.append(queue.get_nowait())
+        merged: dict[int, Event] = {}
+        for i, event in arrived:
+          merged[i] = event if i not in merged else merged[i].then(event)
+        for i, event in merged.items():
+          left -= bool(event.finish or event.error)
+          yield i, event
+          batcher.taken(jobs[i], len(event.tokens))
+    finally:  # the request was cancelled or failed: its unfinished jobs free their rows
+      batcher.cancel(jobs)
 
   def token_text(token_id: int) -> str:
     return tokenizer.decode([token_id])
@@ -364,7 +360,7 @@ def make_app(
         yield _sse({**frame(streamed, []), "usage": usage(ids, choices)})
       yield "data: [DONE]\n\n"
 
-    return StreamingResponse(guarded(events(), jobs), media_type="text/event-stream")
+    return EventStream(events(), on_end=lambda: batcher.cancel(jobs))
 
   @app.post("/v1/completions")
   async def completions(body: CompletionBody):
@@ -424,6 +420,22 @@ def make_app(
     return await respond(body, jobs, ids, kind="chat.completion", chunk=chunk, final=final, opening=opening)
 
   return app
+
+
+class EventStream(StreamingResponse):
+  """Server-sent events that call `on_end` however the response ends: sent in full, failed, or its
+  client gone (then the body's generator is abandoned mid-yield, and a `finally` inside it would
+  wait for the garbage collector)."""
+
+  def __init__(self, events, *, on_end: Callable[[], None]):
+    super().__init__(events, media_type="text/event-stream")
+    self.on_end = on_end
+
+  async def __call__(self, scope, receive, send):
+    try:
+      await super().__call__(scope, receive, send)
+    finally:
+      self.on_end()
 
 
 def _sse(payload: dict) -> str:

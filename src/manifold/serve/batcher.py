@@ -4,8 +4,10 @@ a `SlotDecoder` and steps every admitted job together (continuous batching).
 A job is one completion: a prompt's token ids, its limits and sampling settings, and a sink that
 the thread calls with `Event`s (the text decoded so far, cut at a stop string, and the tokens
 behind it). Between two steps the thread drops cancelled jobs (a client that went away), admits
-queued ones into the free rows, then steps; a job ends at end-of-text or a stop string ("stop")
-or at its `max_tokens` ("length"). `submit` refuses work beyond `max_queue` waiting jobs
+queued ones into the free rows, then steps every row whose consumer keeps up: a row decodes at most
+`LEAD` tokens beyond those its consumer has `taken` (sent on), so a slow or vanished client holds
+no unbounded backlog and is dropped within `LEAD` tokens of its cancellation. A job ends at
+end-of-text or a stop string ("stop") or at its `max_tokens` ("length"). `submit` refuses work beyond `max_queue` waiting jobs
 (`QueueFull`: the server answers 429) and after `close` (`Closed`: 503), so no request waits
 without bound.
 """
@@ -21,6 +23,8 @@ import jax
 import numpy as np
 
 from manifold.inference.slots import Prefilled, SlotDecoder
+
+LEAD = 8  # tokens a row may decode beyond those its consumer has `taken`
 
 
 class QueueFull(RuntimeError):
@@ -73,6 +77,7 @@ class Job:
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
   tokens: list[int] = dataclasses.field(default_factory=list)
   sent: int = 0  # characters of text already sent
+  unread: int = 0  # tokens given to `sink` that its consumer has not yet `taken` (under the batcher's lock)
 
 
 class Batcher:
@@ -113,6 +118,19 @@ class Batcher:
       self.waiting.extend(jobs)
       self.wake.notify()
 
+  def taken(self, job: Job, tokens: int) -> None:
+    """`job`'s consumer has sent on `tokens` more of its tokens: its row may decode further."""
+    with self.wake:
+      job.unread -= tokens
+      self.wake.notify()
+
+  def cancel(self, jobs: list[Job]) -> None:
+    """Drops `jobs` (their client went away): a queued one is never admitted, a decoding one frees its row."""
+    with self.wake:
+      for job in jobs:
+        job.cancelled.set()
+      self.wake.notify()
+
   @property
   def busy_rows(self) -> int:
     return sum(job is not None for job in self.rows)
@@ -122,14 +140,12 @@ class Batcher:
   def _run(self) -> None:
     while True:
       with self.wake:
-        while not self.closed and not self.waiting and not self.busy_rows:
-          self.wake.wait()
+        self.wake.wait_for(self._has_work)
         if self.closed:
           break
       try:
         self._admit()
-        if self.busy_rows:
-          self._step()
+        self._step()
       except Exception as e:  # noqa: BLE001 -- a failed step fails its jobs, not the server
         self.say(f"decoding failed: {type(e).__name__}: {e}")
         for row, job in enumerate(self.rows):
@@ -138,6 +154,12 @@ class Batcher:
             self.rows[row] = None
     for job in [*self.waiting, *filter(None, self.rows)]:
       job.sink(Event("", [], error="the server is shutting down"))
+
+  def _has_work(self) -> bool:
+    """(Under `wake`.) Closing, a queued job and a free row, a cancelled job, or a row to step."""
+    free = any(job is None for job in self.rows)
+    return (self.closed or (bool(self.waiting) and free)
+            or any(job is not None and (job.cancelled.is_set() or job.unread < LEAD) for job in self.rows))  # fmt: skip
 
   def _admit(self) -> None:
     for row in range(len(self.rows)):
@@ -172,7 +194,10 @@ class Batcher:
     self.stats["peak_rows"] = max(self.stats["peak_rows"], self.busy_rows)
 
   def _step(self) -> None:
-    live = [row for row, job in enumerate(self.rows) if job is not None]
+    with self.wake:
+      live = [row for row, job in enumerate(self.rows) if job is not None and job.unread < LEAD]
+    if not live:
+      return
     draw = jax.device_get(self.decoder.step(self.state, self.sampling, self.keys))
     self.stats["steps"] += 1
     self.state[1:, live] += 1
@@ -192,6 +217,8 @@ class Batcher:
     text, finish = self._text(job, final=done)
     if finish is None and done:
       finish = "stop" if ended else "length"
+    with self.wake:
+      job.unread += 1
     job.sink(Event(text, [token], finish=finish, prompt=prompt))
     if finish is not None:
       self.rows[row] = None
