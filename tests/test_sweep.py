@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from manifold.processes import last_step
-from manifold.sweep import by_variant, plot_sweep, run_name, spikes, sweep_args
+from manifold.sweep import by_variant, plot_sweep, run_name, spikes, sweep_args, variant_looks
 
 from .conftest import data_overrides, error_line
 
@@ -58,6 +58,8 @@ def test_the_curves_show_every_run_past_the_palettes_ten_colours(tmp_path):
   runs = [{"run": f"lr={lr},seed={seed}", "validation": validation} for lr in range(7) for seed in range(3)]
   assert plot_sweep(runs, tmp_path / "curves.png") == 21
   assert (tmp_path / "curves.png").stat().st_size > 1000
+  looks = variant_looks([f"layers={n},lr={lr}" for n in range(12) for lr in ("stable", "high")])  # 24 variants
+  assert len({(look["color"], look["linestyle"]) for look in looks.values()}) == 24
 
 
 def test_spikes_count_values_above_a_multiple_of_the_running_median():

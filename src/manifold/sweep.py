@@ -298,13 +298,22 @@ VARIANT_COLUMNS = [
 ]
 
 
+def variant_looks(variants: list[str]) -> dict[str, dict[str, Any]]:
+  """Each variant's matplotlib colour and line style: tab10's colours, tab20's past 10 variants,
+  then tab20's again with another line style per 20 (distinct up to 80 variants)."""
+  palette = plt.cm.tab10.colors if len(variants) <= 10 else plt.cm.tab20.colors
+  styles = ("-", "--", ":", "-.")
+  return {v: {"color": palette[i % len(palette)], "linestyle": styles[i // len(palette) % len(styles)]}
+          for i, v in enumerate(variants)}  # fmt: skip
+
+
 def plot_sweep(summaries: list[dict[str, Any]], out_path: str | os.PathLike) -> int:
   """Validation loss (after step 0, so the runs' differences show) against step, and the
-  composite Amax gain where runs have residual streams: every run, one colour per variant (its
-  seeds share it), a legend entry per variant. Returns how many loss curves it drew."""
+  composite Amax gain where runs have residual streams: every run, one colour and line style per
+  variant (`variant_looks`; its seeds share them), a legend entry per variant. Returns how many
+  loss curves it drew."""
   variants = list(dict.fromkeys(variant_of(s["run"]) for s in summaries))
-  palette = plt.cm.tab10.colors if len(variants) <= 10 else plt.cm.tab20.colors
-  colors = {v: palette[i % len(palette)] for i, v in enumerate(variants)}
+  looks = variant_looks(variants)
   with_gain = any(s["validation"][0]["amax_gain"] is not None for s in summaries)
   columns = 3 if with_gain else 2
   legend_rows = -(-len(variants) // columns)
@@ -315,7 +324,7 @@ def plot_sweep(summaries: list[dict[str, Any]], out_path: str | os.PathLike) -> 
   labelled = set()
   for s in summaries:
     rows, variant = s["validation"], variant_of(s["run"])
-    style = dict(marker="o", markersize=3, color=colors[variant], label=None if variant in labelled else variant)
+    style = dict(marker="o", markersize=3, **looks[variant], label=None if variant in labelled else variant)
     labelled.add(variant)
     trained = [r for r in rows if r["step"] > 0]
     ax_loss.plot([r["step"] for r in trained], [r["val_loss"] for r in trained], **style)
