@@ -210,17 +210,6 @@ def claim(store: Store, identity: Identity, island: int, count: int, fingerprint
 # Parameter fragments as named numpy arrays
 
 
-def _leaf_name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    parts.append(str(k))
-  return "/".join(parts)
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Which leaves of `params` (in tree_leaves order) belong to each fragment, with names and shapes."""
@@ -239,7 +228,7 @@ class Layout:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     return cls(
-      names=[_leaf_name(path) for path, _ in flat],
+      names=[jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in flat],
       shapes=[tuple(np.shape(leaf)) for _, leaf in flat],
       fragments=[[i for i, f in enumerate(leaf_fragment) if f == p] for p in range(ic.fragments)],
     )

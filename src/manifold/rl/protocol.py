@@ -241,15 +241,11 @@ def write_heartbeat(store: Store, key: str, identity: Identity, fingerprint: str
 # Parameters as named arrays
 
 
-def _leaf_name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    parts.append(str(k))
-  return "/".join(parts)
+def _name(prefix: str, path) -> str:
+  """`<prefix>/<the leaf's path, keys joined by />`."""
+  import jax
+
+  return f"{prefix}/{jax.tree_util.keystr(path, simple=True, separator='/')}"
 
 
 def named_arrays(tree, prefix: str) -> dict[str, np.ndarray]:
@@ -257,7 +253,7 @@ def named_arrays(tree, prefix: str) -> dict[str, np.ndarray]:
   import jax
 
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {f"{prefix}/{_leaf_name(path)}": np.asarray(jax.device_get(leaf)) for path, leaf in flat}
+  return {_name(prefix, path): np.asarray(jax.device_get(leaf)) for path, leaf in flat}
 
 
 def from_named(arrays: dict[str, np.ndarray], abstract, prefix: str, source: str):
@@ -268,7 +264,7 @@ def from_named(arrays: dict[str, np.ndarray], abstract, prefix: str, source: str
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   leaves = []
   for path, leaf in flat:
-    name = f"{prefix}/{_leaf_name(path)}"
+    name = _name(prefix, path)
     a = arrays.get(name)
     if a is None or tuple(a.shape) != tuple(leaf.shape) or a.dtype != np.dtype(leaf.dtype):
       got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
