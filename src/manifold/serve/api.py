@@ -280,7 +280,7 @@ def make_app(
           left -= bool(event.finish or event.error)
           yield i, event
           batcher.taken(jobs[i], len(event.tokens))
-    finally:  # the request was cancelled or failed: its unfinished jobs free their rows
+    finally:  # however it ends (done, failed, its task cancelled), unfinished jobs free their rows
       batcher.cancel(jobs)
 
   def token_text(token_id: int) -> str:

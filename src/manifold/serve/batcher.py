@@ -4,12 +4,12 @@ a `SlotDecoder` and steps every admitted job together (continuous batching).
 A job is one completion: a prompt's token ids, its limits and sampling settings, and a sink that
 the thread calls with `Event`s (the text decoded so far, cut at a stop string, and the tokens
 behind it). Between two steps the thread drops cancelled jobs (a client that went away), admits
-queued ones into the free rows, then steps every row whose consumer keeps up: a row decodes at most
-`LEAD` tokens beyond those its consumer has `taken` (sent on), so a slow or vanished client holds
-no unbounded backlog and is dropped within `LEAD` tokens of its cancellation. A job ends at
-end-of-text or a stop string ("stop") or at its `max_tokens` ("length"). `submit` refuses work beyond `max_queue` waiting jobs
-(`QueueFull`: the server answers 429) and after `close` (`Closed`: 503), so no request waits
-without bound.
+queued ones into the free rows, then steps every row whose consumer keeps up: a row decodes at
+most `LEAD` tokens beyond those its consumer has `taken` (sent on), so a slow or vanished client
+holds no unbounded backlog and is dropped within `LEAD` tokens of its cancellation. A job ends at
+end-of-text or a stop string ("stop") or at its `max_tokens` ("length"). `submit` refuses work
+beyond `max_queue` waiting jobs (`QueueFull`: the server answers 429) and after `close`
+(`Closed`: 503), so no request waits without bound.
 """
 
 from __future__ import annotations
