@@ -26,7 +26,7 @@ def test_notebook_executes(path, tiny_sweep, request, monkeypatch, tmp_path):
   if path.name == "paper_ablations.ipynb":  # every study's folder: the tiny sweep's results
     studies = tmp_path / "ablations"
     studies.mkdir()
-    for study in ("hc_components", "hc_components_gpu", "depth_stress", "mhc_scaling"):
+    for study in ("hc_components", "hc_components_gpu", "depth_stress", "mhc_scaling", "mhc_scaling_gpu"):
       (studies / study).symlink_to(results, target_is_directory=True)
     monkeypatch.setenv("MANIFOLD_ABLATIONS", str(studies))
   if path.name == "provenance.ipynb":  # the learner's ledger credits its workers' rollouts

@@ -125,6 +125,28 @@ def test_a_rerun_completes_summaries_an_older_manifold_wrote_without_retraining(
   ]
 
 
+def test_tables_alone_tabulate_the_finished_runs_and_train_nothing(tiny_sweep, tmp_path, capsys):
+  """`manifold sweep --tables`: the tables from the runs with a summary; an unfinished variant is
+  named, left out and not trained."""
+  from manifold.cli import main
+
+  results, _ = tiny_sweep
+  runs, tables = tmp_path / "runs", tmp_path / "results"
+  shutil.copytree(results.parent / "runs", runs)
+  shutil.rmtree(runs / "residual-mhc-seed-1")
+  args = ["sweep", "--config", str(results.parent / "tiny_sweep.py"), "--workdir", str(runs), "--results", str(tables)]
+  assert main([*args, "--tables"]) == 0
+  assert "residual=mhc,seed=1: not finished" in capsys.readouterr().out
+  assert not (runs / "residual-mhc-seed-1").exists(), "nothing trained"
+  rows = {s["run"]: s for s in json.loads((tables / "results.json").read_text())}
+  assert rows.keys() == {"residual=plain,seed=0", "residual=mhc,seed=0", "residual=plain,seed=1"}
+  variants = {v["variant"]: v for v in json.loads((tables / "by_variant.json").read_text())}
+  assert variants["residual=mhc"]["seeds"] == [0] and variants["residual=plain"]["seeds"] == [0, 1]
+  shutil.rmtree(runs)
+  assert main([*args, "--tables"]) == 2
+  assert "no finished run" in error_line(capsys.readouterr().err)
+
+
 def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_path, capsys):
   """`manifold sweep --workers 2`: two worker processes, each with its log, train the four
   variants; the tables hold the one-process sweep's final losses."""
@@ -151,6 +173,7 @@ def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_
     (["--shard", "2/2"], "--shard '2/2': must be I/K with 0 <= I < K"),
     (["--workers", "0"], "--workers 0: must be at least 1"),
     (["--shard", "0/2", "--workers", "2"], "--shard and --workers: pass one"),
+    (["--workers", "2", "--tables"], "--tables trains nothing: pass it without --shard and --workers"),
   ],
 )
 def test_bad_shard_or_workers_is_one_line(flags, message, tmp_path, capsys):

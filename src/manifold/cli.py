@@ -491,7 +491,11 @@ def cmd_sweep(args, overrides) -> int:
   shard = parse_shard(args.shard) if args.shard else None
   if shard and args.workers > 1:
     raise ConfigError("--shard and --workers: pass one (--workers starts its own shards)")
-  if args.workers > 1:
+  if args.tables and (shard or args.workers > 1):
+    raise ConfigError("--tables trains nothing: pass it without --shard and --workers")
+  if args.tables:
+    code, tabulated = 0, run_sweep(args.config, args.workdir, results, overrides, train_missing=False) is not None
+  elif args.workers > 1:
     from manifold.sweep import run_sweep_workers
 
     code = run_sweep_workers(args.config, args.workdir, results, overrides, args.workers)
@@ -856,6 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--results", default="", help="where results.md / results.json / curves.png go (default: --workdir)")
   p.add_argument("--workers", type=int, default=1, help="variants that train at once, each in its own process")
   p.add_argument("--shard", default="", help="I/K: train only every K-th variant from the I-th, no tables")
+  p.add_argument("--tables", action="store_true", help="train nothing: the tables from the runs finished so far")
   p.set_defaults(fn=cmd_sweep)
 
   p = sub.add_parser("convert", help="import / export Hugging Face DeepSeek-V3 checkpoints; export GGUF")

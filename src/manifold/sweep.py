@@ -158,12 +158,14 @@ def run_sweep(
   results_dir: str,
   overrides: Sequence[str] = (),
   shard: tuple[int, int] | None = None,
+  train_missing: bool = True,
 ) -> list[dict[str, Any]] | None:
   """Trains (or resumes) each variant of `config` (`experiments/<name>.py`, or with `:args`
   that go before every variant's, e.g. `:scale=gpu`) in `<workdir>/<name>`, then writes
   results.{json,md}, by_variant.{json,md} where variants have seeds, and curves.png.
   `shard` (i, k): only every k-th variant from the i-th, and no tables (a rerun without it
-  writes them from the finished runs).
+  writes them from the finished runs). `train_missing=False`: the tables from the finished
+  runs alone; a variant without a summary is named and left out.
 
   Returns the results rows (the shard's), or None if SIGTERM stopped a run (saved; rerunning
   resumes).
@@ -192,6 +194,9 @@ def run_sweep(
         files.write_atomic(summary_file, json.dumps(summary, indent=2))
       summaries.append(summary)
       continue
+    if not train_missing:
+      print(f"{arg}: not finished in {run_dir}; left out of the tables")
+      continue
     print(f"=== {spec} -> {run_dir}")
     started, diverged = time.perf_counter(), None
     try:
@@ -209,6 +214,8 @@ def run_sweep(
     summaries.append(summary)
   if shard is not None:
     return summaries
+  if not summaries:
+    raise ConfigError(f"--workdir {workdir}: no finished run of {config_path} to tabulate; train them first")
   write_results(results_dir, summaries, COLUMNS)
   if any("seed=" in s["run"] for s in summaries):  # runs over seeds: a row per variant too
     write_results(
