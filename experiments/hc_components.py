@@ -16,7 +16,7 @@ minute a run on 2 cores) or `gpu` (6 layers x 128 wide, 2,000 steps of 64 x 256 
 32.8M tokens, experiments/residual_ablation.py's model).
 """
 
-from manifold.config import ConfigError, base_config, parse_arg
+from manifold.config import ConfigError, base_config, parse_arg, schedule
 
 MAPPINGS = {"res": "res", "pre+post": "pre,post", "all": "pre,post,res"}
 SCALES = {  # layers, width, heads, steps, batch, sequence
@@ -46,14 +46,11 @@ def study_config(*, residual, layers, width, heads, steps, batch, length, seed=0
   )
   c.train.update(
     seed=seed,
-    steps=steps,
     batch_size=batch,
     seq_len=length,
     learning_rate=learning_rate,
-    warmup_steps=max(1, steps // 10),
-    eval_every=max(1, steps // 6),
-    checkpoint_every=max(1, steps // 2),
     log_every=10,
+    **schedule(steps, checkpoints=2),
   )
   c.eval.update(batch_size=16, num_batches=8)
   c.sample.max_new_tokens = 0

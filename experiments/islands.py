@@ -25,7 +25,7 @@ taking `train.batch_size` sequences per step on its own shard of the data:
 Without `--islands.store` an island variant trains alone (islands.* is ignored).
 """
 
-from manifold.config import ConfigError, base_config, parse_arg
+from manifold.config import ConfigError, base_config, parse_arg, schedule
 
 VARIANTS = ("dp", "diloco", "streaming", "int4", "int4_tau1", "tiny")
 
@@ -46,13 +46,10 @@ def get_config(arg: str | None = None):
   c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=32, d_ff=384, max_seq_len=128)
   batch = 8 * (args.count if args.variant == "dp" else 1)
   c.train.update(
-    steps=args.steps,
     batch_size=batch,
     seq_len=128,
     learning_rate=3e-3,
-    warmup_steps=max(1, args.steps // 10),
-    eval_every=max(1, args.steps // 8),
-    checkpoint_every=max(1, args.steps // 4),
+    **schedule(args.steps, validations=8, checkpoints=4),
     log_every=args.inner_steps // 2 or 1,
   )
   c.eval.update(batch_size=16, num_batches=8)

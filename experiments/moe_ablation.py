@@ -13,7 +13,7 @@ Arguments (`:key=value,...`): ffn (dense | moe), balance (aux_free | aux_loss), 
   aux_loss: no bias updates, balance loss weight 1e-2 (a conventional auxiliary loss).
 """
 
-from manifold.config import ConfigError, base_config, parse_arg
+from manifold.config import ConfigError, base_config, parse_arg, schedule
 
 
 def get_config(arg: str | None = None):
@@ -45,13 +45,10 @@ def get_config(arg: str | None = None):
   )
   aux_free = args.balance == "aux_free"
   c.train.update(
-    steps=args.steps,
     batch_size=16,
     seq_len=256,
     learning_rate=3e-3,
-    warmup_steps=max(1, args.steps // 10),
-    eval_every=max(1, args.steps // 6),
-    checkpoint_every=max(1, args.steps // 3),
+    **schedule(args.steps),
     router_bias_rate=1e-3 if aux_free else 0.0,
     balance_loss_weight=1e-4 if aux_free else 1e-2,
     mtp_weight=0.3,

@@ -10,7 +10,7 @@ few minutes on 2 CPU cores.
 Arguments (`:key=value,...`): residual (plain | hc | mhc | mhc_lite), streams, steps.
 """
 
-from manifold.config import base_config, parse_arg
+from manifold.config import base_config, parse_arg, schedule
 
 
 def get_config(arg: str | None = None):
@@ -27,16 +27,7 @@ def get_config(arg: str | None = None):
     residual=args.residual,
     streams=args.streams,
   )
-  c.train.update(
-    steps=args.steps,
-    batch_size=16,
-    seq_len=256,
-    learning_rate=3e-3,
-    warmup_steps=max(1, args.steps // 10),
-    eval_every=max(1, args.steps // 6),
-    checkpoint_every=max(1, args.steps // 3),
-    log_every=10,
-  )
+  c.train.update(batch_size=16, seq_len=256, learning_rate=3e-3, log_every=10, **schedule(args.steps))
   c.eval.update(batch_size=16, num_batches=8)
   c.sample.max_new_tokens = 0
   return c

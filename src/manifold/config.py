@@ -50,6 +50,7 @@ __all__ = [
   "Config",
   "SECTIONS",
   "base_config",
+  "schedule",
   "load_config",
   "validate",
   "model_config",
@@ -491,6 +492,17 @@ class Config:
 def base_config() -> ml_collections.ConfigDict:
   """Every field any run reads, with its default (from the section dataclasses)."""
   return ml_collections.ConfigDict({name: section().to_dict() for name, section in SECTIONS.items()})
+
+
+def schedule(steps: int, *, validations: int = 6, checkpoints: int = 3) -> dict[str, int]:
+  """The experiments' short-run schedule as `train` fields: `steps`, a warm-up of a tenth of
+  them, about `validations` validations and `checkpoints` checkpoints."""
+  return dict(
+    steps=steps,
+    warmup_steps=max(1, steps // 10),
+    eval_every=max(1, steps // validations),
+    checkpoint_every=max(1, steps // checkpoints),
+  )
 
 
 def validate(cfg: ml_collections.ConfigDict | dict) -> Config:
