@@ -9,10 +9,13 @@ The sweep runs every size x residual with 3 seeds; `by_variant.md` gives each va
 and spread over the seeds of the final loss and of its gap to plain at the same size and seed.
 
 Arguments (`:key=value,...`): size (s | m | l), residual (plain | hc | mhc), seed, scale:
-`gpu` (blocks x width 4 x 192, 5 x 320, 6 x 448: 2.0M, 6.8M, 15.8M parameters without the
-embedding, batch 64 x 256 bytes; 1,209 to 9,647 steps) or `cpu` (2 x 32, 3 x 48, 4 x 64; batch 16 x 128). Steps give
-TOKENS_PER_PARAMETER tokens per parameter of the plain model of the size (`manifold params`'
-count without the embedding); HC and mHC train on the same tokens.
+`gpu` (blocks x width 3 x 128, 4 x 192, 5 x 256: 0.68M, 1.98M, 4.34M parameters without the
+embedding, batch 64 x 256 bytes; 416 to 2,652 steps, about 38,500 for the sweep) or `cpu`
+(2 x 32, 3 x 48, 4 x 64; batch 16 x 128). Steps give TOKENS_PER_PARAMETER tokens per parameter
+of the plain model of the size (`manifold params`' count without the embedding); HC and mHC
+train on the same tokens. The `gpu` sizes are chosen so the sweep fits in a few hundred
+seconds of one GPU at the components study's rate (about 86 steps a second over 8 workers on
+an H200); at a fixed ratio the cost grows with the square of the size.
 """
 
 import math
@@ -22,7 +25,7 @@ from manifold.config import ConfigError, experiment_module, model_config, parse_
 
 TOKENS_PER_PARAMETER = 10
 SCALES = {  # size -> (blocks, width, heads); batch, sequence
-  "gpu": ({"s": (4, 192, 3), "m": (5, 320, 5), "l": (6, 448, 7)}, 64, 256),
+  "gpu": ({"s": (3, 128, 2), "m": (4, 192, 3), "l": (5, 256, 4)}, 64, 256),
   "cpu": ({"s": (2, 32, 2), "m": (3, 48, 3), "l": (4, 64, 4)}, 16, 128),
 }
 DEFAULTS = dict(size="s", residual="plain", seed=0, scale="gpu")
