@@ -14,7 +14,7 @@ embedding, batch 64 x 256 bytes; 416 to 2,652 steps, about 38,500 for the sweep)
 (2 x 32, 3 x 48, 4 x 64; batch 16 x 128). Steps give TOKENS_PER_PARAMETER tokens per parameter
 of the plain model of the size (`manifold params`' count without the embedding); HC and mHC
 train on the same tokens. The `gpu` sizes keep the sweep within one session's GPU time: at the
-components study's rate (about 86 steps a second over 8 workers on an H200, for its smaller
+components study's rate (about 85 steps a second over 8 workers on an H200, for its smaller
 model) its 38,500 steps take 7.5 minutes, a lower bound. At a fixed ratio the cost grows with
 the square of the size.
 """
