@@ -27,6 +27,11 @@ from manifold.inference.slots import Prefilled, SlotDecoder
 LEAD = 8  # tokens a row may decode beyond those its consumer has `taken`
 
 
+def _keeps_up(job: Job) -> bool:
+  """(Under the batcher's lock.) Whether `job`'s consumer is within `LEAD` tokens, so its row may step."""
+  return job.unread < LEAD
+
+
 class QueueFull(RuntimeError):
   """More jobs than `max_queue` would be waiting."""
 
@@ -159,7 +164,7 @@ class Batcher:
     """(Under `wake`.) Closing, a queued job and a free row, a cancelled job, or a row to step."""
     free = any(job is None for job in self.rows)
     return (self.closed or (bool(self.waiting) and free)
-            or any(job is not None and (job.cancelled.is_set() or job.unread < LEAD) for job in self.rows))  # fmt: skip
+            or any(job is not None and (job.cancelled.is_set() or _keeps_up(job)) for job in self.rows))  # fmt: skip
 
   def _admit(self) -> None:
     for row in range(len(self.rows)):
@@ -195,7 +200,7 @@ class Batcher:
 
   def _step(self) -> None:
     with self.wake:
-      live = [row for row, job in enumerate(self.rows) if job is not None and job.unread < LEAD]
+      live = [row for row, job in enumerate(self.rows) if job is not None and _keeps_up(job)]
     if not live:
       return
     draw = jax.device_get(self.decoder.step(self.state, self.sampling, self.keys))
