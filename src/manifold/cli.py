@@ -493,8 +493,9 @@ def cmd_sweep(args, overrides) -> int:
     raise ConfigError("--shard and --workers: pass one (--workers starts its own shards)")
   if args.tables and (shard or args.workers > 1):
     raise ConfigError("--tables trains nothing: pass it without --shard and --workers")
-  if args.tables:
-    code, tabulated = 0, run_sweep(args.config, args.workdir, results, overrides, train_missing=False) is not None
+  if args.tables:  # trains nothing, so no SIGTERM can stop it short
+    run_sweep(args.config, args.workdir, results, overrides, train_missing=False)
+    code, tabulated = 0, True
   elif args.workers > 1:
     from manifold.sweep import run_sweep_workers
 
