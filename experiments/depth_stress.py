@@ -10,13 +10,19 @@ unstable run keeps going; a non-finite loss still stops it (the table says "dive
 At the stable rate every run has 3 seeds, so `by_variant.md` can tell final-loss differences
 from seed noise; at the high rate one (the gains and spikes are the question there).
 
-  manifold sweep --config experiments/depth_stress.py:scale=gpu --workdir runs/depth_stress \\
-      --results experiments/results/depth_stress
+  manifold sweep --config experiments/depth_stress.py:scale=gpu --workers 7 --workdir runs/depth_stress \\
+      --results experiments/results/depth_stress_gpu
 
 Arguments (`:key=value,...`): residual (plain | hc | mhc), layers (sub-block layers: 12, 24,
-48, 96), lr (stable | high: 3e-3 | 1e-2), seed, scale: `gpu` (width 128, 1,500 steps of
-32 x 256 bytes: 12.3M tokens a run) or `cpu` (width 64, 150 steps of 8 x
-128 bytes; a smoke-sized version).
+48, 96), lr (stable | high: 3e-3 | 1e-2), seed, scale: `gpu` (width 128, 400 steps of
+32 x 256 bytes: 3.3M tokens a run) or `cpu` (width 64, 150 steps of 8 x 128 bytes; a
+smoke-sized version).
+
+The `gpu` scale is sized for one session's GPU time: its 48 runs are 864k sub-block-layer
+steps, about 15 minutes at the components study's rate on an H200 (about 1,000 a second at
+batch 64 over 8 workers), an estimate. A 96-layer HC run peaked at 17.6 GB resident on the CPU
+(3 steps), so give an H200 `--workers 7` (each takes 1/7 of 90% of its memory, 17.9 GB),
+which also shares the layers evenly (the busiest worker 348 sub-block layers, the mean 309).
 """
 
 import os
@@ -28,7 +34,7 @@ DEFAULTS = dict(residual="plain", layers=24, lr="stable", seed=0, scale="gpu")
 DEPTHS = (12, 24, 48, 96)  # sub-block layers the sweep runs, at either scale
 SEEDS = {"stable": (0, 1, 2), "high": (0,)}  # per learning rate; seed 0 is the default, unnamed
 BASELINE = "residual=plain"  # by_variant.md's gaps: to plain at the same depth, rate and seed
-SCALES = {"gpu": (128, 4, 1500, 32, 256), "cpu": (64, 4, 150, 8, 128)}  # width, heads, steps, batch, sequence
+SCALES = {"gpu": (128, 4, 400, 32, 256), "cpu": (64, 4, 150, 8, 128)}  # width, heads, steps, batch, sequence
 
 
 def _components():

@@ -26,8 +26,9 @@ def test_notebook_executes(path, tiny_sweep, request, monkeypatch, tmp_path):
   if path.name == "paper_ablations.ipynb":  # every study's folder: the tiny sweep's results
     studies = tmp_path / "ablations"
     studies.mkdir()
-    for study in ("hc_components", "hc_components_gpu", "depth_stress", "mhc_scaling", "mhc_scaling_gpu"):
-      (studies / study).symlink_to(results, target_is_directory=True)
+    for study in ("hc_components", "depth_stress", "mhc_scaling"):
+      for scale in ("", "_gpu"):
+        (studies / f"{study}{scale}").symlink_to(results, target_is_directory=True)
     monkeypatch.setenv("MANIFOLD_ABLATIONS", str(studies))
   if path.name == "provenance.ipynb":  # the learner's ledger credits its workers' rollouts
     monkeypatch.setenv("MANIFOLD_PROVENANCE_RUN", str(request.getfixturevalue("tiny_grpo")[0] / "learner"))
