@@ -21,8 +21,7 @@ smoke-sized version).
 The `gpu` scale is sized for one session's GPU time: its 48 runs are 864k sub-block-layer
 steps, about 15 minutes at the components study's rate on an H200 (about 1,000 a second at
 batch 64 over 8 workers), an estimate. A 96-layer HC run peaked at 17.6 GB resident on the CPU
-(3 steps), so give an H200 `--workers 7` (each takes 1/7 of 90% of its memory, 17.9 GB),
-which also shares the layers evenly (the busiest worker 348 sub-block layers, the mean 309).
+(3 steps), so give an H200 `--workers 7` (each takes 1/7 of 90% of its memory, 17.9 GB).
 """
 
 import os

@@ -17,7 +17,7 @@ import pytest
 from manifold.processes import last_step
 from manifold.sweep import by_variant, plot_sweep, run_name, spikes, sweep_args, variant_looks
 
-from .conftest import data_overrides, error_line
+from .conftest import TINY_SWEEP, data_overrides, error_line
 
 
 def test_sweep_tabulates_every_variant_with_its_command(tiny_sweep):
@@ -158,13 +158,38 @@ def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_
   args = ["sweep", "--config", str(results.parent / "tiny_sweep.py"), "--workdir", str(runs), "--results", str(tables)]
   assert main([*args, "--workers", "2", *overrides]) == 0
   assert "| residual=mhc,seed=1 |" in capsys.readouterr().out
-  for i, trained in ((0, ("residual=plain,seed=0", "residual=plain,seed=1")), (1, ("residual=mhc,seed=0",))):
-    log = (runs / f"worker-{i}" / "log.txt").read_text()
-    assert all(f":{arg} -> " in log for arg in trained), log[-2000:]
+  logs = [(runs / f"worker-{i}" / "log.txt").read_text() for i in (0, 1)]
+  for arg in sweep_args(str(results.parent / "tiny_sweep.py")):  # each by one worker, whichever claimed it
+    assert sum(f":{arg} -> " in log for log in logs) == 1, (arg, [log[-2000:] for log in logs])
   want = {s["run"]: s["final_val_loss"] for s in json.loads((results / "results.json").read_text())}
   got = {s["run"]: s["final_val_loss"] for s in json.loads((tables / "results.json").read_text())}
   assert got.keys() == want.keys()
   np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
+
+
+def test_claims_train_the_longest_unclaimed_variants_first(corpus_dir, tmp_path, capsys):
+  """`--claims`: a process trains only the variants it claims first in the shared folder, the
+  most training FLOPs first, and writes no tables; one claimed elsewhere is left to its claimant."""
+  from manifold.cli import main
+
+  experiment = tmp_path / "layers.py"
+  experiment.write_text(
+    TINY_SWEEP.replace('residual="plain", seed=0)', 'residual="plain", seed=0, layers=2)')
+    .replace("n_layers=2", "n_layers=args.layers")
+    .replace(
+      '[f"residual={r},seed={s}" for s in (0, 1) for r in ("plain", "mhc")]', '["layers=1", "layers=3", "layers=2"]'
+    )
+  )
+  claims, runs = tmp_path / "claims", tmp_path / "runs"
+  claims.mkdir()
+  (claims / "layers-2").touch()  # another process's
+  args = ["sweep", "--config", str(experiment), "--workdir", str(runs), "--claims", str(claims)]
+  assert main([*args, *data_overrides(corpus_dir, tmp_path / "cache")]) == 0
+  out = capsys.readouterr().out
+  trained = [line.split(":", 1)[1].split(" -> ")[0] for line in out.splitlines() if line.startswith("=== ")]
+  assert trained == ["layers=3", "layers=1"], out[-2000:]
+  assert sorted(p.name for p in claims.iterdir()) == ["layers-1", "layers-2", "layers-3"]
+  assert not (runs / "layers-2").exists() and not (runs / "results.md").exists()
 
 
 @pytest.mark.parametrize(
@@ -172,8 +197,10 @@ def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_
   [
     (["--shard", "2/2"], "--shard '2/2': must be I/K with 0 <= I < K"),
     (["--workers", "0"], "--workers 0: must be at least 1"),
-    (["--shard", "0/2", "--workers", "2"], "--shard and --workers: pass one"),
-    (["--workers", "2", "--tables"], "--tables trains nothing: pass it without --shard and --workers"),
+    (["--shard", "0/2", "--workers", "2"], "--shard, --claims and --workers: pass one"),
+    (["--claims", ".", "--shard", "0/2"], "--shard, --claims and --workers: pass one"),
+    (["--workers", "2", "--tables"], "--tables trains nothing: pass it without --shard, --claims and --workers"),
+    (["--claims", "no-such-folder"], "--claims no-such-folder: no such folder"),
   ],
 )
 def test_bad_shard_or_workers_is_one_line(flags, message, tmp_path, capsys):
@@ -196,8 +223,8 @@ def test_a_sweep_sent_sigterm_stops_its_workers_and_leaves_none_running(tiny_swe
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))}
   launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.monotonic() + 240
-    while not all(last_step(str(runs / run_name(a))) >= 1 for a in ("residual=plain,seed=0", "residual=mhc,seed=0")):
+    deadline, variants = time.monotonic() + 240, sweep_args(str(results.parent / "tiny_sweep.py"))
+    while sum(last_step(str(runs / run_name(a))) >= 1 for a in variants) < 2:  # both workers training
       assert launcher.poll() is None and time.monotonic() < deadline, "the workers never started training"
       time.sleep(0.5)
     launcher.send_signal(signal.SIGTERM)

@@ -489,10 +489,12 @@ def cmd_sweep(args, overrides) -> int:
   if args.workers < 1:
     raise ConfigError(f"--workers {args.workers}: must be at least 1")
   shard = parse_shard(args.shard) if args.shard else None
-  if shard and args.workers > 1:
-    raise ConfigError("--shard and --workers: pass one (--workers starts its own shards)")
-  if args.tables and (shard or args.workers > 1):
-    raise ConfigError("--tables trains nothing: pass it without --shard and --workers")
+  if sum(map(bool, (shard, args.claims, args.workers > 1))) > 1:
+    raise ConfigError("--shard, --claims and --workers: pass one (--workers gives its workers their --claims)")
+  if args.tables and (shard or args.claims or args.workers > 1):
+    raise ConfigError("--tables trains nothing: pass it without --shard, --claims and --workers")
+  if args.claims and not os.path.isdir(args.claims):
+    raise ConfigError(f"--claims {args.claims}: no such folder; pass one that every process of the sweep shares")
   if args.tables:  # trains nothing, so no SIGTERM can stop it short
     run_sweep(args.config, args.workdir, results, overrides, train_missing=False)
     code, tabulated = 0, True
@@ -502,7 +504,8 @@ def cmd_sweep(args, overrides) -> int:
     code = run_sweep_workers(args.config, args.workdir, results, overrides, args.workers)
     tabulated = code == 0
   else:  # stopped by SIGTERM: None, and the run saved; exit 0 as `manifold train` does
-    code, tabulated = 0, run_sweep(args.config, args.workdir, results, overrides, shard) is not None and not shard
+    summaries = run_sweep(args.config, args.workdir, results, overrides, shard, claims=args.claims or None)
+    code, tabulated = 0, summaries is not None and not (shard or args.claims)
   if tabulated:
     print(files.read_text(files.path(results) / "results.md"))
   return code
@@ -861,6 +864,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--results", default="", help="where results.md / results.json / curves.png go (default: --workdir)")
   p.add_argument("--workers", type=int, default=1, help="variants that train at once, each in its own process")
   p.add_argument("--shard", default="", help="I/K: train only every K-th variant from the I-th, no tables")
+  p.add_argument(
+    "--claims",
+    default="",
+    help="a folder the processes of one sweep share (local or NFS): train each unfinished variant no other "
+    "has claimed there, the longest first; no tables (what --workers gives each worker)",
+  )
   p.add_argument("--tables", action="store_true", help="train nothing: the tables from the runs finished so far")
   p.set_defaults(fn=cmd_sweep)
 

@@ -8,6 +8,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -17,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from manifold import files  # noqa: E402
-from manifold.config import ConfigError, experiment_module, load_config  # noqa: E402
+from manifold.config import ConfigError, experiment_module, load_config, model_config  # noqa: E402
 from manifold.processes import Child, child_env, serialized, stop, stops_on_sigterm  # noqa: E402
 from manifold.results import fmt, source_commit, write_results  # noqa: E402
 from manifold.train.loop import TrainingDiverged, train  # noqa: E402
@@ -152,6 +153,24 @@ def by_variant(summaries: list[dict[str, Any]], baseline: str | None) -> list[di
   return rows
 
 
+def training_flops(cfg) -> float:
+  """A run's model FLOPs, forward and backward, over all its steps (`manifold params`' count)."""
+  from manifold.model.accounting import training_flops_per_token
+
+  tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+  return training_flops_per_token(model_config(cfg), cfg.train.seq_len) * tokens
+
+
+def claim(claims: str, arg: str) -> bool:
+  """Whether this process is the first to claim variant `arg` in the folder `claims` (an
+  exclusive create: atomic on a local disk and on NFS)."""
+  try:
+    os.close(os.open(os.path.join(claims, run_name(arg)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except FileExistsError:
+    return False
+  return True
+
+
 def run_sweep(
   config: str,
   workdir: str,
@@ -159,16 +178,20 @@ def run_sweep(
   overrides: Sequence[str] = (),
   shard: tuple[int, int] | None = None,
   train_missing: bool = True,
+  claims: str | None = None,
 ) -> list[dict[str, Any]] | None:
   """Trains (or resumes) each variant of `config` (`experiments/<name>.py`, or with `:args`
   that go before every variant's, e.g. `:scale=gpu`) in `<workdir>/<name>`, then writes
   results.{json,md}, by_variant.{json,md} where variants have seeds, and curves.png.
   `shard` (i, k): only every k-th variant from the i-th, and no tables (a rerun without it
-  writes them from the finished runs). `train_missing=False`: the tables from the finished
-  runs alone; a variant without a summary is named and left out.
+  writes them from the finished runs). `claims`: a folder the processes of one sweep share;
+  this one trains each unfinished variant that it `claim`s there first, the most training
+  FLOPs first (so the longest runs start first and the processes end together), and writes no
+  tables. `train_missing=False`: the tables from the finished runs alone; a variant without a
+  summary is named and left out.
 
-  Returns the results rows (the shard's), or None if SIGTERM stopped a run (saved; rerunning
-  resumes).
+  Returns the results rows (the shard's, or those this process trained or found finished), or
+  None if SIGTERM stopped a run (saved; rerunning resumes).
   """
   config_path, _, common = config.partition(":")
   experiment = _experiment(config_path)
@@ -178,6 +201,8 @@ def run_sweep(
     variants.append((arg, spec, load_config(spec, overrides)))
   if shard is not None:
     variants = variants[shard[0] :: shard[1]]
+  elif claims is not None:
+    variants.sort(key=lambda variant: -training_flops(variant[2]))
   else:
     files.path(results_dir).mkdir(parents=True, exist_ok=True)
   summaries = []
@@ -197,6 +222,8 @@ def run_sweep(
     if not train_missing:
       print(f"{arg}: not finished in {run_dir}; left out of the tables")
       continue
+    if claims is not None and not claim(claims, arg):
+      continue  # another process of the sweep trains it
     print(f"=== {spec} -> {run_dir}")
     started, diverged = time.perf_counter(), None
     try:
@@ -212,7 +239,7 @@ def run_sweep(
     )
     files.write_atomic(summary_file, json.dumps(summary, indent=2))
     summaries.append(summary)
-  if shard is not None:
+  if shard is not None or claims is not None:
     return summaries
   if not summaries:
     raise ConfigError(f"--workdir {workdir}: no finished run of {config_path} to tabulate; train them first")
@@ -235,17 +262,43 @@ def run_sweep_workers(
   echo: Callable[[str], None] = print,
 ) -> int:
   """`run_sweep` with `workers` variants training at once, each worker a `manifold sweep
-  --shard i/workers` process (its log in `<workdir>/worker-<i>/log.txt`; each takes its share
-  of the GPUs' memory), then the tables from the finished runs. Returns 0, or the first failed
-  worker's exit code (130 after Ctrl-C or SIGTERM: the workers save their runs; rerunning resumes)."""
+  --claims` process (its log in `<workdir>/worker-<i>/log.txt`; each takes its share of the
+  GPUs' memory) that takes the next unclaimed variant, the longest first, whenever its last
+  ends; then the tables from the finished runs. Returns 0, or the first failed worker's exit
+  code (130 after Ctrl-C or SIGTERM: the workers save their runs; rerunning resumes)."""
   # variants that differ only in their seed compile once
   env = child_env(workers, compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache"))
   say = serialized(echo)
-  command = [sys.executable, "-m", "manifold.cli", "sweep", "--config", config, "--workdir", workdir]
-  children = [
-    Child(f"worker {i}", [*command, "--shard", f"{i}/{workers}", *overrides], os.path.join(workdir, f"worker-{i}"), say)
-    for i in range(workers)
-  ]
+  with tempfile.TemporaryDirectory(prefix="manifold-sweep-claims-") as claims:  # this launch's; a rerun starts afresh
+    command = [
+      sys.executable,
+      "-m",
+      "manifold.cli",
+      "sweep",
+      "--config",
+      config,
+      "--workdir",
+      workdir,
+      "--claims",
+      claims,
+    ]
+    children = [
+      Child(f"worker {i}", [*command, *overrides], os.path.join(workdir, f"worker-{i}"), say) for i in range(workers)
+    ]
+    code = _wait_for_workers(children, env, say)
+  if code is not None:
+    return code
+  config_path, _, common = config.partition(":")
+  missing = [arg for arg in sweep_args(config_path, common) if not summary_path(workdir, arg).exists()]
+  if missing:
+    say(f"stopped before {len(missing)} variant(s) finished ({missing[0]}, ...); rerun the same command to resume")
+    return 1
+  return 0 if run_sweep(config, workdir, results_dir, overrides) is not None else 1
+
+
+def _wait_for_workers(children: list[Child], env: dict[str, str], say: Callable[[str], None]) -> int | None:
+  """Starts `children` (in `env`) and waits for all to end: None when every one exited 0, else the
+  sweep's exit code (the first failed worker's, 130 after Ctrl-C); none is left running."""
   try:
     for child in children:
       child.start(env)
@@ -265,12 +318,7 @@ def run_sweep_workers(
     return 130
   finally:
     stop(children, grace_s=10)  # nothing outlives the sweep
-  config_path, _, common = config.partition(":")
-  missing = [arg for arg in sweep_args(config_path, common) if not summary_path(workdir, arg).exists()]
-  if missing:
-    say(f"stopped before {len(missing)} variant(s) finished ({missing[0]}, ...); rerun the same command to resume")
-    return 1
-  return 0 if run_sweep(config, workdir, results_dir, overrides) is not None else 1
+  return None
 
 
 # The sweep table: one row per variant, with the command that trained it.
