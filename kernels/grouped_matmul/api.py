@@ -175,7 +175,10 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, implementation: str 
     return blocked.gmm(x, w, group_sizes, BLOCKED_ROWS)
   if impl == "tokamax":
     import tokamax  # here, not at the top: importing it costs about a second, paid only by those who choose it
+    from absl import flags
 
+    if not flags.FLAGS.is_parsed():  # else tokamax parses sys.argv, this program's own flags, as absl's and fails
+      flags.FLAGS.mark_as_parsed()
     return _zero_past_groups(tokamax.ragged_dot(x, w, group_sizes.astype(jnp.int32)), group_sizes)
   # Outside the custom_vjp, so that autodiff sums x's gradient over the axes it gains here.
   x, w, group_sizes = _same_varying(x, w, group_sizes.astype(jnp.int32))

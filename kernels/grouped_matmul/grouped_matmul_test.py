@@ -68,6 +68,17 @@ def test_gmm_forward_and_gradients_match_reference(m, k, n, sizes, dtype, impl):
     close(g, r, TOL[dtype], name)
 
 
+def test_tokamax_runs_under_a_program_with_flags_of_its_own(monkeypatch):
+  """tokamax reads absl flags, which parse sys.argv on first use: `manifold train --config ...`
+  must not be taken for (unknown) absl flags."""
+  from absl import flags
+
+  flags.FLAGS.unparse_flags()
+  monkeypatch.setattr("sys.argv", ["manifold", "train", "--config", "experiments/moe_ablation.py"])
+  x, w, _, group_sizes = inputs(*CASES[0], jnp.float32)
+  close(api.gmm(x, w, group_sizes, "tokamax"), reference.gmm(x, w, group_sizes), TOL[jnp.float32])
+
+
 @pytest.mark.parametrize("m, k, n, sizes", CASES)
 def test_blocked_with_groups_over_several_tiles(m, k, n, sizes):
   x, w, dy, group_sizes = inputs(m, k, n, sizes, jnp.float32)
