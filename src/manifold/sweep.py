@@ -186,7 +186,7 @@ def run_sweep(
   `shard` (i, k): only every k-th variant from the i-th, and no tables (a rerun without it
   writes them from the finished runs). `claims`: a folder the processes of one sweep share;
   this one trains each unfinished variant that it `claim`s there first, the most training
-  FLOPs first (so the longest runs start first and the processes end together), and writes no
+  FLOPs first (so the longest runs start first and the processes end close together), and writes no
   tables. `train_missing=False`: the tables from the finished runs alone; a variant without a
   summary is named and left out.
 
@@ -269,21 +269,11 @@ def run_sweep_workers(
   # variants that differ only in their seed compile once
   env = child_env(workers, compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache"))
   say = serialized(echo)
+  command = [sys.executable, "-m", "manifold.cli", "sweep", "--config", config, "--workdir", workdir]
   with tempfile.TemporaryDirectory(prefix="manifold-sweep-claims-") as claims:  # this launch's; a rerun starts afresh
-    command = [
-      sys.executable,
-      "-m",
-      "manifold.cli",
-      "sweep",
-      "--config",
-      config,
-      "--workdir",
-      workdir,
-      "--claims",
-      claims,
-    ]
     children = [
-      Child(f"worker {i}", [*command, *overrides], os.path.join(workdir, f"worker-{i}"), say) for i in range(workers)
+      Child(f"worker {i}", [*command, "--claims", claims, *overrides], os.path.join(workdir, f"worker-{i}"), say)
+      for i in range(workers)
     ]
     code = _wait_for_workers(children, env, say)
   if code is not None:
