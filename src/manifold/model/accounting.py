@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -11,6 +12,7 @@ from manifold.model.config import ModelConfig
 from manifold.model.transformer import Transformer
 
 
+@functools.cache  # building even an abstract model takes seconds at depth; sweeps ask per variant
 def _abstract_params(cfg: ModelConfig) -> nnx.State:
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   return nnx.state(model, nnx.Param)
