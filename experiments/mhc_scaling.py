@@ -2,8 +2,8 @@
 each trained on the same multiple of its parameter count in tokens, so the relative loss
 advantage of mHC over plain can be read across sizes.
 
-  manifold sweep --config experiments/mhc_scaling.py:scale=gpu --workdir runs/mhc_scaling \\
-      --results experiments/results/mhc_scaling
+  manifold sweep --config experiments/mhc_scaling.py:scale=gpu --workers 14 --workdir runs/mhc_scaling \\
+      --results experiments/results/mhc_scaling_gpu
 
 The sweep runs every size x residual with 3 seeds; `by_variant.md` gives each variant's mean
 and spread over the seeds of the final loss and of its gap to plain at the same size and seed.
@@ -16,7 +16,8 @@ of the plain model of the size (`manifold params`' count without the embedding);
 train on the same tokens. The `gpu` sizes keep the sweep within one session's GPU time: at the
 components study's rate (about 85 steps a second over 8 workers on an H200, for its smaller
 model) its 38,500 steps take 7.5 minutes, a lower bound. At a fixed ratio the cost grows with
-the square of the size.
+the square of the size. The largest mHC run peaked at 6.3 GB resident on the CPU (3 steps), so
+an H200 takes 14 workers (each 1/14 of 90% of its memory, 8.9 GB).
 """
 
 import math
