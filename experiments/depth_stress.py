@@ -18,10 +18,11 @@ Arguments (`:key=value,...`): residual (plain | hc | mhc), layers (sub-block lay
 32 x 256 bytes: 3.3M tokens a run) or `cpu` (width 64, 150 steps of 8 x 128 bytes; a
 smoke-sized version).
 
-The `gpu` scale is sized for one session's GPU time: its 48 runs are 864k sub-block-layer
-steps, about 15 minutes at the components study's rate on an H200 (about 1,000 a second at
-batch 64 over 8 workers), an estimate. A 96-layer HC run peaked at 17.6 GB resident on the CPU
-(3 steps), so give an H200 `--workers 7` (each takes 1/7 of 90% of its memory, 17.9 GB).
+The layers are unrolled, so compilation grows with depth and sets the `gpu` scale's time: on
+an H100 with 4 workers its twelve 96-layer runs took 26 minutes, each compiling in about 50 s
+(plain), 130 s (HC) and 420 s (mHC) against 22 to 107 s of training (results/depth_stress_gpu).
+A 96-layer HC run peaked at 17.6 GB resident on the CPU (3 steps), so give an H200 `--workers 7`
+(each takes 1/7 of 90% of its memory, 17.9 GB), an H100 4.
 """
 
 import os

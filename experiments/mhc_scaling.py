@@ -13,11 +13,10 @@ Arguments (`:key=value,...`): size (s | m | l), residual (plain | hc | mhc), see
 embedding, batch 64 x 256 bytes; 416 to 2,652 steps, about 38,500 for the sweep) or `cpu`
 (2 x 32, 3 x 48, 4 x 64; batch 16 x 128). Steps give TOKENS_PER_PARAMETER tokens per parameter
 of the plain model of the size (`manifold params`' count without the embedding); HC and mHC
-train on the same tokens. The `gpu` sizes keep the sweep within one session's GPU time: at the
-components study's rate (about 85 steps a second over 8 workers on an H200, for its smaller
-model) its 38,500 steps take 7.5 minutes, a lower bound. At a fixed ratio the cost grows with
-the square of the size. The largest mHC run peaked at 6.3 GB resident on the CPU (3 steps), so
-an H200 takes 14 workers (each 1/14 of 90% of its memory, 8.9 GB).
+train on the same tokens. At a fixed ratio the cost grows with the square of the size. The
+`gpu` sweep took about 12 minutes on an H100 with `--workers 7` (results/mhc_scaling_gpu). The
+largest mHC run peaked at 6.3 GB resident on the CPU (3 steps), so an H200 takes 14 workers
+(each 1/14 of 90% of its memory, 8.9 GB), an H100 7.
 """
 
 import math
