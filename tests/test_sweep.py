@@ -167,8 +167,9 @@ def test_workers_train_the_same_runs_as_one_process(tiny_sweep, corpus_dir, tmp_
   np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
 
 
-def test_claims_train_the_longest_unclaimed_variants_first(corpus_dir, tmp_path, capsys):
-  """`--claims`: a process trains only the variants it claims first in the shared folder, the
+def test_claims_train_first_seeds_then_the_longest_unclaimed_variants(corpus_dir, tmp_path, capsys):
+  """`--claims`: a process trains only the variants it claims first in the shared folder, every
+  variant's first seed before a second seed (that one compiles nothing new), within a seed the
   most training FLOPs first, and writes no tables; one claimed elsewhere is left to its claimant."""
   from manifold.cli import main
 
@@ -177,7 +178,8 @@ def test_claims_train_the_longest_unclaimed_variants_first(corpus_dir, tmp_path,
     TINY_SWEEP.replace('residual="plain", seed=0)', 'residual="plain", seed=0, layers=2)')
     .replace("n_layers=2", "n_layers=args.layers")
     .replace(
-      '[f"residual={r},seed={s}" for s in (0, 1) for r in ("plain", "mhc")]', '["layers=1", "layers=3", "layers=2"]'
+      '[f"residual={r},seed={s}" for s in (0, 1) for r in ("plain", "mhc")]',
+      '["layers=1", "layers=3", "layers=2", "layers=3,seed=1"]',
     )
   )
   claims, runs = tmp_path / "claims", tmp_path / "runs"
@@ -187,8 +189,8 @@ def test_claims_train_the_longest_unclaimed_variants_first(corpus_dir, tmp_path,
   assert main([*args, *data_overrides(corpus_dir, tmp_path / "cache")]) == 0
   out = capsys.readouterr().out
   trained = [line.split(":", 1)[1].split(" -> ")[0] for line in out.splitlines() if line.startswith("=== ")]
-  assert trained == ["layers=3", "layers=1"], out[-2000:]
-  assert sorted(p.name for p in claims.iterdir()) == ["layers-1", "layers-2", "layers-3"]
+  assert trained == ["layers=3", "layers=1", "layers=3,seed=1"], out[-2000:]
+  assert sorted(p.name for p in claims.iterdir()) == ["layers-1", "layers-2", "layers-3", "layers-3-seed-1"]
   assert not (runs / "layers-2").exists() and not (runs / "results.md").exists()
 
 

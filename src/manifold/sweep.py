@@ -161,6 +161,13 @@ def training_flops(cfg) -> float:
   return training_flops_per_token(model_config(cfg), cfg.train.seq_len) * tokens
 
 
+def seed_rank(arg: str, sweep: Sequence[str]) -> int:
+  """How many runs of `sweep` come before `arg` among those that differ from it only in their
+  seed: 0 for a variant's first seed, 1 for its second, ..."""
+  same = [other for other in sweep if variant_of(other) == variant_of(arg)]
+  return same.index(arg)
+
+
 def claim(claims: str, arg: str) -> bool:
   """Whether this process is the first to claim variant `arg` in the folder `claims` (an
   exclusive create: atomic on a local disk and on NFS)."""
@@ -185,9 +192,11 @@ def run_sweep(
   results.{json,md}, by_variant.{json,md} where variants have seeds, and curves.png.
   `shard` (i, k): only every k-th variant from the i-th, and no tables (a rerun without it
   writes them from the finished runs). `claims`: a folder the processes of one sweep share;
-  this one trains each unfinished variant that it `claim`s there first, the most training
-  FLOPs first (so the longest runs start first and the processes end close together), and writes no
-  tables. `train_missing=False`: the tables from the finished runs alone; a variant without a
+  this one trains each unfinished variant that it `claim`s there first, and writes no tables.
+  It claims every variant's first seed before any variant's second (runs that differ only in
+  their seed compile one program, so a later seed finds it in the shared compilation cache
+  instead of compiling it beside the first), and within a seed the most training FLOPs first
+  (so the longest runs start first and the processes end close together). `train_missing=False`: the tables from the finished runs alone; a variant without a
   summary is named and left out.
 
   Returns the results rows (the shard's, or those this process trained or found finished), or
@@ -195,14 +204,14 @@ def run_sweep(
   """
   config_path, _, common = config.partition(":")
   experiment = _experiment(config_path)
-  variants = []  # every variant's config is checked before anything is written
-  for arg in sweep_args(config_path, common):
+  variants, sweep = [], sweep_args(config_path, common)  # every variant's config is checked before anything is written
+  for arg in sweep:
     spec = f"{config_path}:{common},{arg}" if common else f"{config_path}:{arg}"
     variants.append((arg, spec, load_config(spec, overrides)))
   if shard is not None:
     variants = variants[shard[0] :: shard[1]]
   elif claims is not None:
-    variants.sort(key=lambda variant: -training_flops(variant[2]))
+    variants.sort(key=lambda variant: (seed_rank(variant[0], sweep), -training_flops(variant[2])))
   else:
     files.path(results_dir).mkdir(parents=True, exist_ok=True)
   summaries = []
@@ -263,8 +272,8 @@ def run_sweep_workers(
 ) -> int:
   """`run_sweep` with `workers` variants training at once, each worker a `manifold sweep
   --claims` process (its log in `<workdir>/worker-<i>/log.txt`; each takes its share of the
-  GPUs' memory) that takes the next unclaimed variant, the longest first, whenever its last
-  ends; then the tables from the finished runs. Returns 0, or the first failed worker's exit
+  GPUs' memory) that takes the next unclaimed variant (`run_sweep`'s order: first seeds first,
+  then the longest) whenever its last ends; then the tables from the finished runs. Returns 0, or the first failed worker's exit
   code (130 after Ctrl-C or SIGTERM: the workers save their runs; rerunning resumes)."""
   # variants that differ only in their seed compile once
   env = child_env(workers, compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache"))
