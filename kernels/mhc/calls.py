@@ -76,15 +76,27 @@ def _call(backend: Backend, body, inputs, outputs, static: dict):
   """Runs `body` over token blocks of its tile (`static` holds D as d; the chunk width is
   added as bd); `inputs` are (array, token_major) pairs, `outputs`
   (shape_without_tokens..., dtype) given as (columns, dtype) for token-major results."""
-  n_tokens = next(a.shape[0] for a, token_major in inputs if token_major)
+  arrays, token_major = zip(*inputs)
+  settings = dict(backend=backend, body=body, token_major=token_major, outputs=tuple(outputs))
+  return _blocks(*arrays, **settings, static=tuple(sorted(static.items())))
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "body", "token_major", "outputs", "static"))
+def _blocks(*arrays, backend: Backend, body, token_major, outputs, static):
+  """`_call`'s pallas_call, traced and lowered once per kernel, settings and shapes, however many
+  layers call it; every call then has the same kernel IR, which XLA compiles once. (Traced at
+  each call, the IR carries that call's Python stack, and the backward kernels' differed from
+  layer to layer.)"""
+  n_tokens = next(a.shape[0] for a, major in zip(arrays, token_major) if major)
   tile = backend.tile(body.__name__)
   bt = tile.block_tokens
-  static = dict(static, bd=chunk_width(static["d"], tile.chunk))
+  static = dict(static)
+  static["bd"] = chunk_width(static["d"], tile.chunk)
   padded = -(-n_tokens // bt) * bt
   args, in_specs = [], []
-  for a, token_major in inputs:
-    args.append(_pad_rows(a, padded) if token_major else a)
-    in_specs.append(_rows(bt, a.shape[1]) if token_major else _whole(a.shape))
+  for a, major in zip(arrays, token_major):
+    args.append(_pad_rows(a, padded) if major else a)
+    in_specs.append(_rows(bt, a.shape[1]) if major else _whole(a.shape))
   out_shape = [jax.ShapeDtypeStruct((padded, cols), dtype) for cols, dtype in outputs]
   out_specs = [_rows(bt, cols) for cols, _ in outputs]
   results = pl.pallas_call(

@@ -186,7 +186,7 @@ def test_triton_kernels_lower_for_a_cuda_device(dtype):
   """The six kernels at their GPU tiles, forward and backward, lowered for CUDA on this CPU
   machine (Pallas's Triton lowering; only compiling the Triton IR needs the GPU), at a width
   whose n D is no power of two: a shape or an op the Triton lowering rejects fails here, not on
-  a lent GPU."""
+  a lent GPU. Two layers lower to the same six kernels (XLA compiles each distinct one once)."""
   x, phi, alpha, bias, y, (k1, k2) = inputs(64, 4, 320, dtype)
   spec = api.Spec(n=4, iters=20, kind="exp", eps=1e-6, implementation="triton")
   g_h, g_out = jax.random.normal(k1, (64, 320), dtype), jax.random.normal(k2, x.shape, dtype)
@@ -195,12 +195,17 @@ def test_triton_kernels_lower_for_a_cuda_device(dtype):
     h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
     return h, api.res_post(xs, y, coeff, spec)
 
+  def two_layers(x, y, phi, alpha, bias):
+    h, out = layer(x, y, phi, alpha, bias)
+    return layer(out, y + h, phi * 2, alpha, bias)
+
   def forward_backward(*primal):
-    outs, vjp = jax.vjp(layer, *primal)
+    outs, vjp = jax.vjp(two_layers, *primal)
     return outs, vjp((g_h, g_out))
 
-  lowered = jax.jit(forward_backward).trace(x, y, phi, alpha, bias).lower(lowering_platforms=("cuda",))
-  assert lowered.as_text().count("__gpu$xla.gpu.triton") == len(calls.KERNELS)
+  text = jax.jit(forward_backward).trace(x, y, phi, alpha, bias).lower(lowering_platforms=("cuda",)).as_text()
+  kernels = {line.split("backend_config", 1)[1] for line in text.splitlines() if "__gpu$xla.gpu.triton" in line}
+  assert len(kernels) == len(calls.KERNELS)
 
 
 def test_the_tpu_pre_forward_equals_the_gpu_kernel_pair():
