@@ -196,15 +196,17 @@ def run_sweep(
   It claims every variant's first seed before any variant's second (runs that differ only in
   their seed compile one program, so a later seed finds it in the shared compilation cache
   instead of compiling it beside the first), and within a seed the most training FLOPs first
-  (so the longest runs start first and the processes end close together). `train_missing=False`: the tables from the finished runs alone; a variant without a
-  summary is named and left out.
+  (so the longest runs start first and the processes end close together).
+  `train_missing=False`: the tables from the finished runs alone; a variant without a summary
+  is named and left out.
 
   Returns the results rows (the shard's, or those this process trained or found finished), or
   None if SIGTERM stopped a run (saved; rerunning resumes).
   """
   config_path, _, common = config.partition(":")
   experiment = _experiment(config_path)
-  variants, sweep = [], sweep_args(config_path, common)  # every variant's config is checked before anything is written
+  sweep = sweep_args(config_path, common)
+  variants = []  # every variant's config is checked before anything is written
   for arg in sweep:
     spec = f"{config_path}:{common},{arg}" if common else f"{config_path}:{arg}"
     variants.append((arg, spec, load_config(spec, overrides)))
@@ -273,8 +275,9 @@ def run_sweep_workers(
   """`run_sweep` with `workers` variants training at once, each worker a `manifold sweep
   --claims` process (its log in `<workdir>/worker-<i>/log.txt`; each takes its share of the
   GPUs' memory) that takes the next unclaimed variant (`run_sweep`'s order: first seeds first,
-  then the longest) whenever its last ends; then the tables from the finished runs. Returns 0, or the first failed worker's exit
-  code (130 after Ctrl-C or SIGTERM: the workers save their runs; rerunning resumes)."""
+  then the longest) whenever its last ends; then the tables from the finished runs. Returns 0,
+  or the first failed worker's exit code (130 after Ctrl-C or SIGTERM: the workers save their
+  runs; rerunning resumes)."""
   # variants that differ only in their seed compile once
   env = child_env(workers, compile_cache=os.path.join(os.path.abspath(workdir), "xla_cache"))
   say = serialized(echo)
