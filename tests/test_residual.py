@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.extend.core import ClosedJaxpr
+from kernels.mhc.bench import equations
 from kernels.mhc.sinkhorn import SINKHORN, birkhoff_combination, permutation_matrices
 from safetensors.numpy import load_file
 
@@ -302,19 +302,6 @@ def test_mhc_matches_deepseek_v4_hyperconnection_and_head():
 # --- the Pallas kernels wired into the model ----------------------------------------------------
 
 
-def kernel_calls(jaxpr, name: str) -> int:
-  """The pallas_calls named `name` that `jaxpr` runs, through the jaxprs its equations call."""
-  calls = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      calls += eqn.params["name"] == name
-      continue
-    for value in eqn.params.values():
-      if isinstance(value, ClosedJaxpr):
-        calls += kernel_calls(value.jaxpr, name)
-  return calls
-
-
 def test_mhc_with_pallas_kernels_matches_the_xla_path():
   """`model.mhc_impl = pallas` (interpret mode on the CPU) against the XLA path: logits and
   every parameter's gradient, float32, 1e-5; decoding with the KV cache runs the kernels too.
@@ -331,8 +318,11 @@ def test_mhc_with_pallas_kernels_matches_the_xla_path():
   graph, state = nnx.split(models["pallas"])
   assert "GridMapping(grid=(4," in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graph, s)))(state))  # 30 tokens / 8
   # the kernels' pre pass runs once per connection: the backward pass recomputes only the norm after it
-  traced = jax.make_jaxpr(lambda s: nnx.grad(loss)(nnx.merge(graph, s)))(state)
-  assert kernel_calls(traced.jaxpr, "mhc_pre_forward_triton") == 2 * cfgs["pallas"].n_layers
+  traced = jax.make_jaxpr(lambda s: nnx.grad(loss)(nnx.merge(graph, s)))(state).jaxpr
+  pre_calls = [
+    e for e in equations(traced) if e.primitive.name == "pallas_call" and e.params["name"] == "mhc_pre_forward_triton"
+  ]
+  assert len(pre_calls) == 2 * cfgs["pallas"].n_layers
   results = {k: nnx.jit(nnx.value_and_grad(loss))(m) for k, m in models.items()}
   (value, grads), (ref_value, ref_grads) = results["pallas"], results["xla"]
   assert abs(float(value - ref_value)) < 1e-5

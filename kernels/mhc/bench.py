@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Iterator
 
 import jax
 import jax.extend.core as core
@@ -67,27 +68,29 @@ def traffic(unit: int, fn, *args) -> tuple[float, float]:
   matmul). Row units: the rest, ops on per-token rows such as [N, W] (the Sinkhorn's
   backward); counted op by op, an upper bound, since XLA fuses them."""
   streams = rows = 0
-
-  def walk(jaxpr) -> None:
-    nonlocal streams, rows
-    for eqn in jaxpr.eqns:
-      inner = [getattr(p, "jaxpr", p) for p in eqn.params.values() if isinstance(p, (core.Jaxpr, core.ClosedJaxpr))]
-      if eqn.primitive.name != "pallas_call" and inner:
-        for j in inner:
-          walk(j)
-        continue
-      if eqn.primitive.name in LAYOUT_ONLY:
-        continue
-      sizes = [
-        v.aval.size * v.aval.dtype.itemsize for v in (*eqn.invars, *eqn.outvars) if not isinstance(v, core.Literal)
-      ]
-      if max(sizes) >= unit:
-        streams += sum(sizes)
-      else:
-        rows += sum(sizes)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    if eqn.primitive.name in LAYOUT_ONLY:
+      continue
+    sizes = [
+      v.aval.size * v.aval.dtype.itemsize for v in (*eqn.invars, *eqn.outvars) if not isinstance(v, core.Literal)
+    ]
+    if max(sizes) >= unit:
+      streams += sum(sizes)
+    else:
+      rows += sum(sizes)
   return streams / unit, rows / unit
+
+
+def equations(jaxpr: core.Jaxpr) -> Iterator[core.JaxprEqn]:
+  """`jaxpr`'s equations, with those of the jaxprs an equation calls (jit, custom_vjp,
+  shard_map) in its place; a pallas_call is one equation."""
+  for eqn in jaxpr.eqns:
+    inner = [getattr(p, "jaxpr", p) for p in eqn.params.values() if isinstance(p, (core.Jaxpr, core.ClosedJaxpr))]
+    if eqn.primitive.name == "pallas_call" or not inner:
+      yield eqn
+    else:
+      for j in inner:
+        yield from equations(j)
 
 
 def max_relative_error(got, want) -> float:
