@@ -868,7 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--claims",
     default="",
     help="a folder the processes of one sweep share (local or NFS): train each unfinished variant no other "
-    "has claimed there, the longest first; no tables (what --workers gives each worker)",
+    "has claimed there, first seeds first, then the longest; no tables (what --workers gives each worker)",
   )
   p.add_argument("--tables", action="store_true", help="train nothing: the tables from the runs finished so far")
   p.set_defaults(fn=cmd_sweep)
