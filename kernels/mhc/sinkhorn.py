@@ -5,11 +5,11 @@ All take logits [..., n, n] and return float32 matrices M [..., n, n] in the lay
 the last axis (over outputs), then the second-to-last (over inputs).
 
 `SINKHORN` holds the definitions, which JAX differentiates through every iteration.
-`sinkhorn` computes the same matrices for the mHC layers: `iterate` holds the n^2
-entries as separate arrays, so every step is elementwise (the Pallas kernels run it on
-[bt, 1] columns), and the backward pass keeps only the logits: it reruns the
-iterations, keeping each one's row and column sums, then walks them in reverse,
-rebuilding each iteration's input from its output and those sums.
+Two forms compute the same matrices for the mHC layers. `iterate` holds the n^2 entries as
+separate arrays, so every step is elementwise: the Pallas kernels run it on [bt, 1] columns.
+`sinkhorn`, the XLA path, holds them as one [n, n, N] array, and its backward pass keeps only
+the logits: it reruns the iterations, keeping each one's row and column sums, then walks them
+in reverse, rebuilding each iteration's input from its output and those sums.
 """
 
 from __future__ import annotations
@@ -86,30 +86,16 @@ def _start(logits: Entries, kind: str) -> Entries:
   return tuple(tuple(jnp.exp(jnp.maximum(v - top, -LOG_RANGE)) for v in row) for row, top in zip(logits, tops))
 
 
-def _rows(m: Entries, eps: float) -> tuple[Entries, tuple[jax.Array, ...]]:
-  """Each row divided by its sum + eps (times its reciprocal: n divisions, not n^2); also
-  returns those divisors."""
-  sums = tuple(_sum(row) + eps for row in m)
-  return tuple(tuple(v * (1.0 / s) for v in row) for row, s in zip(m, sums)), sums
+def _rows(m: Entries, eps: float) -> Entries:
+  """Each row divided by its sum + eps (times its reciprocal: n divisions, not n^2)."""
+  inverses = [1.0 / (_sum(row) + eps) for row in m]
+  return tuple(tuple(v * i for v in row) for row, i in zip(m, inverses))
 
 
-def _cols(m: Entries, eps: float) -> tuple[Entries, tuple[jax.Array, ...]]:
-  """Each column divided by its sum + eps; also returns those divisors."""
-  sums = tuple(_sum(column) + eps for column in zip(*m))
-  inverses = [1.0 / s for s in sums]
-  return tuple(tuple(v * i for v, i in zip(row, inverses)) for row in m), sums
-
-
-def _rows_backward(out: Entries, g: Entries, sums) -> Entries:
-  """Cotangent of `_rows`' input from that of its output `out = m / sums`."""
-  dots = [_sum(gv * v for gv, v in zip(g_row, row)) for g_row, row in zip(g, out)]
-  return tuple(tuple((gv - d) / s for gv in g_row) for g_row, d, s in zip(g, dots, sums))
-
-
-def _cols_backward(out: Entries, g: Entries, sums) -> Entries:
-  """Cotangent of `_cols`' input from that of its output `out = m / sums`."""
-  dots = [_sum(gv * v for gv, v in zip(g_col, col)) for g_col, col in zip(zip(*g), zip(*out))]
-  return tuple(tuple((gv - d) / s for gv, d, s in zip(g_row, dots, sums)) for g_row in g)
+def _cols(m: Entries, eps: float) -> Entries:
+  """Each column divided by its sum + eps."""
+  inverses = [1.0 / (_sum(column) + eps) for column in zip(*m)]
+  return tuple(tuple(v * i for v, i in zip(row, inverses)) for row in m)
 
 
 def _eps(kind: str) -> float:
@@ -120,24 +106,70 @@ def iterate(logits: Entries, iters: int, kind: str) -> Entries:
   """`SINKHORN[kind]` (exp or softmax_eps) entry by entry: logits[j][k] -> M[j][k]."""
   eps, m = _eps(kind), _start(logits, kind)
   if kind == "softmax_eps":
-    m, iters = _cols(m, eps)[0], iters - 1
-  return jax.lax.fori_loop(0, iters, lambda _, m: _cols(_rows(m, eps)[0], eps)[0], m)
+    m, iters = _cols(m, eps), iters - 1
+  return jax.lax.fori_loop(0, iters, lambda _, m: _cols(_rows(m, eps), eps), m)
 
 
-def _entries(a: jax.Array) -> Entries:
-  """[..., n, n] -> m[j][k], each [N] (the leading axes flattened)."""
-  n = a.shape[-1]
-  columns = a.reshape(-1, n * n).astype(jnp.float32).T  # [n n, N]
-  return tuple(tuple(columns[j * n + k] for k in range(n)) for j in range(n))
+# The XLA path: the matrices as one array m [n, n, N] (axis 0 the input stream j, axis 1 the
+# output k, the tokens last, so every step is a full-width elementwise op or a sum over a small
+# leading axis). Against n^2 separate arrays this compiles to a quarter of the HLO: a 6-block
+# mHC model's gradient compiled in 5.6 s instead of 21.8 s on one H200 (kernels/mhc/README.md).
+_ROW, _COL = 1, 0  # a row step sums over the outputs k, a column step over the inputs j
 
 
-def _stacked(m: Entries, shape) -> jax.Array:
-  return jnp.stack([v for row in m for v in row], axis=-1).reshape(shape)
+def _to_stack(a: jax.Array) -> jax.Array:
+  """[..., n, n] -> [n, n, N] float32 (the leading axes flattened into N)."""
+  return jnp.moveaxis(a.reshape(-1, *a.shape[-2:]).astype(jnp.float32), 0, -1)
+
+
+def _from_stack(m: jax.Array, shape, dtype) -> jax.Array:
+  return jnp.moveaxis(m, -1, 0).reshape(shape).astype(dtype)
+
+
+def _normalise(m: jax.Array, axis: int, eps: float) -> tuple[jax.Array, jax.Array]:
+  """m divided by its sums over `axis` + eps (times their reciprocal); also returns the divisors."""
+  sums = jnp.sum(m, axis, keepdims=True) + eps
+  return m * (1.0 / sums), sums
+
+
+def _normalise_backward(out: jax.Array, g: jax.Array, sums: jax.Array, axis: int) -> jax.Array:
+  """Cotangent of `_normalise`'s input from that of its output `out = m / sums`."""
+  return (g - jnp.sum(g * out, axis, keepdims=True)) / sums
+
+
+def _stack_start(x: jax.Array, kind: str) -> jax.Array:
+  """`_start` on the stacked logits x [n, n, N]."""
+  if kind == "softmax_eps":
+    return jax.nn.softmax(x, axis=_ROW) + SINKHORN_EPS
+  return jnp.exp(jnp.maximum(x - jnp.max(x, _ROW, keepdims=True), -LOG_RANGE))
+
+
+def _first_steps(x: jax.Array, kind: str):
+  """The start matrix, and the matrix the row / column loop starts from (softmax_eps: after its
+  first column step, whose divisors come third; exp: the start itself, and None)."""
+  m0 = _stack_start(x, kind)
+  if kind == "softmax_eps":
+    m1, sums = _normalise(m0, _COL, SINKHORN_EPS)
+    return m0, m1, sums
+  return m0, m0, None
+
+
+def _loops(iters: int, kind: str) -> int:
+  return iters - 1 if kind == "softmax_eps" else iters
+
+
+def _iteration(m: jax.Array, eps: float):
+  r, row_sums = _normalise(m, _ROW, eps)
+  m, col_sums = _normalise(r, _COL, eps)
+  return m, (row_sums, col_sums)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _recomputed(logits: jax.Array, iters: int, kind: str) -> jax.Array:
-  return _stacked(iterate(_entries(logits), iters, kind), logits.shape)
+  _, m, _ = _first_steps(_to_stack(logits), kind)
+  eps = _eps(kind)
+  m = jax.lax.fori_loop(0, _loops(iters, kind), lambda _, m: _iteration(m, eps)[0], m)
+  return _from_stack(m, logits.shape, jnp.float32)
 
 
 def _recomputed_forward(logits, iters, kind):
@@ -145,51 +177,36 @@ def _recomputed_forward(logits, iters, kind):
 
 
 def _recomputed_backward(iters: int, kind: str, logits: jax.Array, g_out: jax.Array):
-  x, eps = _entries(logits), _eps(kind)
-  m0 = _start(x, kind)
-  m, loops = m0, iters
-  if kind == "softmax_eps":
-    m, first_sums = _cols(m0, eps)
-    loops -= 1
-  m1 = m
-
-  def forward(m, _):
-    r, row_sums = _rows(m, eps)
-    m, col_sums = _cols(r, eps)
-    return m, (row_sums, col_sums)
-
-  m, sums = jax.lax.scan(forward, m, None, length=loops)
+  x, eps = _to_stack(logits), _eps(kind)
+  m0, m1, first_sums = _first_steps(x, kind)
+  m, sums = jax.lax.scan(lambda m, _: _iteration(m, eps), m1, None, length=_loops(iters, kind))
 
   def backward(carry, sums):
     m, g = carry  # the iteration's output and its cotangent
     row_sums, col_sums = sums
-    r = tuple(tuple(v * s for v, s in zip(row, col_sums)) for row in m)  # the row step's output
-    g = _rows_backward(r, _cols_backward(m, g, col_sums), row_sums)
-    return (tuple(tuple(v * s for v in row) for row, s in zip(r, row_sums)), g), None
+    r = m * col_sums  # the row step's output
+    g = _normalise_backward(r, _normalise_backward(m, g, col_sums, _COL), row_sums, _ROW)
+    return (r * row_sums, g), None
 
-  (_, g), _ = jax.lax.scan(backward, (m, _entries(g_out)), sums, reverse=True)
+  (_, g), _ = jax.lax.scan(backward, (m, _to_stack(g_out)), sums, reverse=True)
   if kind == "softmax_eps":
-    g = _cols_backward(m1, g, first_sums)
-    p = [_softmax(row) for row in x]
-    dots = [_sum(gv * pv for gv, pv in zip(g_row, p_row)) for g_row, p_row in zip(g, p)]
-    g_x = tuple(tuple(pv * (gv - d) for gv, pv in zip(g_row, p_row)) for g_row, p_row, d in zip(g, p, dots))
+    g = _normalise_backward(m1, g, first_sums, _COL)
+    p = jax.nn.softmax(x, axis=_ROW)
+    g_x = p * (g - jnp.sum(g * p, _ROW, keepdims=True))
   else:  # through exp, the clamp, and the row max (JAX's rule: shared equally by ties)
-    g_x = []
-    for g_row, m_row, x_row in zip(g, m0, x):
-      top = functools.reduce(jnp.maximum, x_row)
-      g_e = [jnp.where(xv - top > -LOG_RANGE, gv * mv, 0.0) for gv, mv, xv in zip(g_row, m_row, x_row)]
-      ties = [(xv == top).astype(jnp.float32) for xv in x_row]
-      g_top = -_sum(g_e) / _sum(ties)
-      g_x.append(tuple(ge + t * g_top for ge, t in zip(g_e, ties)))
-  return (_stacked(g_x, logits.shape).astype(logits.dtype),)
+    top = jnp.max(x, _ROW, keepdims=True)
+    g_e = jnp.where(x - top > -LOG_RANGE, g * m0, 0.0)
+    ties = (x == top).astype(jnp.float32)
+    g_x = g_e - ties * (jnp.sum(g_e, _ROW, keepdims=True) / jnp.sum(ties, _ROW, keepdims=True))
+  return (_from_stack(g_x, logits.shape, logits.dtype),)
 
 
 _recomputed.defvjp(_recomputed_forward, _recomputed_backward)
 
 
 def sinkhorn(logits: jax.Array, iters: int, kind: str) -> jax.Array:
-  """`SINKHORN[kind](logits, iters)`; exp and softmax_eps through `iterate`, with a backward
-  pass that recomputes the iterations from the logits (log: differentiated by JAX)."""
+  """`SINKHORN[kind](logits, iters)`; exp and softmax_eps on the stacked [n, n, N] matrices, with
+  a backward pass that recomputes the iterations from the logits (log: differentiated by JAX)."""
   if kind == "log":
     return sinkhorn_log(logits, iters)
   return _recomputed(logits, iters, kind)

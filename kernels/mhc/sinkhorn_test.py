@@ -1,5 +1,6 @@
-"""`sinkhorn` (iterations entry by entry, a backward pass that recomputes them) against the
-definitions in `SINKHORN`, differentiated by JAX through every unrolled iteration."""
+"""`sinkhorn` (the XLA path: a backward pass that recomputes the iterations) and `iterate` (the
+kernels' entry-by-entry form) against the definitions in `SINKHORN`, differentiated by JAX
+through every unrolled iteration."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from kernels.mhc.sinkhorn import SINKHORN, sinkhorn
+from kernels.mhc.sinkhorn import SINKHORN, iterate, sinkhorn
 
 
 def relative_error(a, b) -> float:
@@ -31,6 +32,13 @@ def test_sinkhorn_equals_the_unrolled_definition_in_values_and_gradients_to_1e_5
   assert value.shape == logits.shape and value.dtype == jnp.float32
   assert relative_error(value, ref_value) < 1e-5
   assert relative_error(vjp(cotangent)[0], ref_vjp(cotangent)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["exp", "softmax_eps"])
+def test_iterate_entry_by_entry_equals_the_definition_to_1e_5(kind):
+  logits = 10.0 * jax.random.normal(jax.random.key(3), (37, 4, 4))
+  m = iterate(tuple(tuple(logits[:, j, k] for k in range(4)) for j in range(4)), 20, kind)
+  assert relative_error(jnp.stack([jnp.stack(row, -1) for row in m], -2), SINKHORN[kind](logits, 20)) < 1e-5
 
 
 def test_sinkhorn_gradient_follows_the_logits_dtype():
