@@ -3,6 +3,7 @@
   PYTHONPATH=src:. python kernels/mhc/bench.py [--tokens 16384,65536] [--dims 2048,4096,7168]
   PYTHONPATH=src:. python kernels/mhc/bench.py --traffic [...]   # the byte counts only, on any machine
   PYTHONPATH=src:. python kernels/mhc/bench.py --static [...]    # sm_90 registers etc., any machine; needs `triton`
+  PYTHONPATH=src:. python kernels/mhc/bench.py --sinkhorn [--tokens 16384,131072]  # the XLA Sinkhorn alone
 
 The op is one layer's mixing without its sub-block: (h, out) = (pre-mix of x,
 res-mix of x + post^T y) from x [N, n D] and y [N, D], n = 4, bfloat16; forward+backward
@@ -25,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Iterator
 
 import jax
@@ -32,6 +34,7 @@ import jax.extend.core as core
 import jax.numpy as jnp
 
 from kernels.mhc import api, calls, reference
+from kernels.mhc.sinkhorn import sinkhorn
 from kernels.mhc.tiles import parse_tiles
 from kernels.timing import timed
 
@@ -269,6 +272,29 @@ def print_static(tokens: int, d: int) -> None:
     )
 
 
+def sinkhorn_costs(tokens: int, kind: str, iters: int = 20) -> dict[str, float]:
+  """`sinkhorn`'s forward+backward on [tokens, n, n] float32 logits (the XLA path, which the
+  kernels' backward pass runs too): lines of StableHLO, seconds to compile, median ms to run."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  logits = 3.0 * jax.random.normal(k1, (tokens, N_STREAMS, N_STREAMS))
+  weights = jax.random.normal(k2, (N_STREAMS, N_STREAMS))
+  fn = jax.jit(jax.value_and_grad(lambda a: jnp.sum(sinkhorn(a, iters, kind) * weights)))
+  start = time.perf_counter()
+  lowered = fn.lower(logits)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  return {"lines": lowered.as_text().count("\n"), "compile_s": seconds, "ms": 1e3 * timed(compiled, logits)}
+
+
+def print_sinkhorn(tokens: str) -> None:
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; n = {N_STREAMS}, t_max = 20, float32\n")
+  print("| Sinkhorn | tokens | StableHLO lines | compile s | forward+backward ms |\n| --- | --- | --- | --- | --- |")
+  for kind in ("exp", "softmax_eps"):
+    for count in (int(t) for t in tokens.split(",")):
+      got = sinkhorn_costs(count, kind)
+      print(f"| {kind} | {count} | {got['lines']} | {got['compile_s']:.2f} | {got['ms']:.3f} |", flush=True)
+
+
 def sweep_tiles(tokens: int, d: int, grid: str, only: str = "") -> None:
   """Milliseconds of each kernel and of the whole layer's forward+backward for every tile
   setting of `grid`, with each setting's largest relative error against the reference (the
@@ -325,12 +351,17 @@ def main() -> None:
   parser.add_argument(
     "--static", action="store_true", help="the GPU kernels compiled for sm_90 here, at the first shape (needs triton)"
   )
+  parser.add_argument(
+    "--sinkhorn", action="store_true", help="only the XLA Sinkhorn's fwd+bwd at each --tokens: HLO, compile, run"
+  )
   args = parser.parse_args()
   first = int(args.tokens.split(",")[0]), int(args.dims.split(",")[0])  # the shape --tiles and --static use
   if args.tiles:
     return sweep_tiles(*first, args.grid, args.only)
   if args.static:
     return print_static(*first)
+  if args.sinkhorn:
+    return print_sinkhorn(args.tokens)
   if args.traffic:
     return print_traffic(layer_fns(N_STREAMS, implementation="triton")[0], args.tokens, args.dims)
   n, s = N_STREAMS, 2  # bfloat16
