@@ -20,7 +20,8 @@ smoke-sized version).
 
 The layers are unrolled, so compilation grows with depth and sets the `gpu` scale's time: on
 an H100 with 4 workers its twelve 96-layer runs took 26 minutes, each compiling in about 50 s
-(plain), 130 s (HC) and 420 s (mHC) against 22 to 107 s of training (results/depth_stress_gpu).
+(plain), 130 s (HC) and 420 s (mHC) against 22 to 107 s of training (results/depth_stress_gpu,
+at 5fa39d9; mHC's Sinkhorn backward has since compiled about 4x faster: kernels/mhc/README.md).
 A 96-layer HC run peaked at 17.6 GB resident on the CPU (3 steps), so give an H200 `--workers 7`
 (each takes 1/7 of 90% of its memory, 17.9 GB), an H100 4.
 """
