@@ -198,7 +198,11 @@ def _recomputed_backward(iters: int, kind: str, logits: jax.Array, g_out: jax.Ar
     top = jnp.max(x, _ROW, keepdims=True)
     g_e = jnp.where(x - top > -LOG_RANGE, g * m0, 0.0)
     ties = (x == top).astype(jnp.float32)
-    g_x = g_e - ties * (jnp.sum(g_e, _ROW, keepdims=True) / jnp.sum(ties, _ROW, keepdims=True))
+    # The ties counted as n added slices, not by a reduction: XLA:CPU at the tests'
+    # --xla_backend_optimization_level=0 miscounted them inside a training step's fused backward
+    # pass (inf gradients at tied entries; tests/test_sweep.py's mHC runs diverged).
+    count = functools.reduce(jnp.add, [ties[:, k : k + 1] for k in range(ties.shape[_ROW])])
+    g_x = g_e - ties * (jnp.sum(g_e, _ROW, keepdims=True) / count)
   return (_from_stack(g_x, logits.shape, logits.dtype),)
 
 
