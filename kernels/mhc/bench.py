@@ -272,7 +272,7 @@ def print_static(tokens: int, d: int) -> None:
     )
 
 
-def sinkhorn_costs(tokens: int, kind: str, iters: int = 20) -> dict[str, float]:
+def sinkhorn_costs(tokens: int, kind: str, iters: int = SETTINGS["iters"]) -> dict[str, float]:
   """`sinkhorn`'s forward+backward on [tokens, n, n] float32 logits (the XLA path, which the
   kernels' backward pass runs too): lines of StableHLO, seconds to compile, median ms to run."""
   k1, k2 = jax.random.split(jax.random.key(0))
@@ -287,7 +287,8 @@ def sinkhorn_costs(tokens: int, kind: str, iters: int = 20) -> dict[str, float]:
 
 
 def print_sinkhorn(tokens: str) -> None:
-  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; n = {N_STREAMS}, t_max = 20, float32\n")
+  settings = f"n = {N_STREAMS}, t_max = {SETTINGS['iters']}, float32"
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {settings}\n")
   print("| Sinkhorn | tokens | StableHLO lines | compile s | forward+backward ms |\n| --- | --- | --- | --- | --- |")
   for kind in ("exp", "softmax_eps"):
     for count in (int(t) for t in tokens.split(",")):

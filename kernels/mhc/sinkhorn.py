@@ -201,7 +201,7 @@ def _recomputed_backward(iters: int, kind: str, logits: jax.Array, g_out: jax.Ar
     # The ties counted as n added slices, not by a reduction: XLA:CPU at the tests'
     # --xla_backend_optimization_level=0 miscounted them inside a training step's fused backward
     # pass (inf gradients at tied entries; tests/test_sweep.py's mHC runs diverged).
-    count = functools.reduce(jnp.add, [ties[:, k : k + 1] for k in range(ties.shape[_ROW])])
+    count = _sum(jax.lax.slice_in_dim(ties, k, k + 1, axis=_ROW) for k in range(ties.shape[_ROW]))
     g_x = g_e - ties * (jnp.sum(g_e, _ROW, keepdims=True) / count)
   return (_from_stack(g_x, logits.shape, logits.dtype),)
 
