@@ -3,9 +3,9 @@ each a `jax.custom_vjp` over the Pallas kernels of the backend in use.
 
 Per token the kernels keep only float32 rows of W = 16 or 32 numbers (coefficients,
 normalised logits, r) between the passes; the backward pass recomputes the gates and
-the Sinkhorn iterations from those logits (`jax.vjp` of reference.activate, on [N, W])
-instead of storing per-layer copies of the n streams. It reads the streams twice: once
-for dL/dpre = <dL/dh, x_j>, once to write dL/dx; dL/dphi is one matmul over the tokens.
+the Sinkhorn iterations from those logits in a kernel of its own (on [N, W] rows, in
+registers) instead of storing per-layer copies of the n streams. It reads the streams twice:
+once for dL/dpre = <dL/dh, x_j>, once to write dL/dx; dL/dphi is one matmul over the tokens.
 
     h, coeff, xs = pre(x, phi, alpha, bias, spec)   # x [N, n D] -> h [N, D], coeff [N, W]
     out = res_post(xs, y, coeff, spec)              # y = F(norm(h)) [N, D] -> out [N, n D]
@@ -107,7 +107,7 @@ def _pre_forward(x, phi, alpha, bias, spec: Spec):
   h, coeff, logits, rms = calls.pre_forward(
     _backend(spec), x, phi_p, affine, n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps
   )
-  return (h, coeff, Streams(x)), (x, phi_p, alpha, bias, coeff, logits, rms)
+  return (h, coeff, Streams(x)), (x, phi_p, affine, alpha, bias, coeff, logits, rms)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -118,24 +118,17 @@ def pre(x, phi, alpha, bias, spec: Spec):
 
 
 def _pre_backward(spec: Spec, saved, cotangents):
-  x, phi_p, alpha, bias, coeff, logits, rms = saved
+  x, phi_p, affine, alpha, bias, coeff, logits, rms = saved
   g_h, g_coeff, g_streams = cotangents  # g_streams.x: dL/d out of the res_post that read the streams
-  n, w = spec.n, coeff.shape[1]
-  used = 2 * n + n * n
+  n, used = spec.n, 2 * spec.n + spec.n * spec.n
   backend = _backend(spec)
-  g_coeff = g_coeff + calls.pre_backward_reduce(backend, x, g_h, n=n, w=w)  # + <dL/dh, x_j> on pre
-  scale, shift = reference.gate_affine(alpha, bias, n)
-  _, activation_vjp = jax.vjp(
-    lambda a: reference.activate(a, n, spec.iters, spec.kind), logits[:, :used] * scale + shift
+  g_pre = calls.pre_backward_reduce(backend, x, g_h, n=n, w=coeff.shape[1])  # <dL/dh, x_j> on pre
+  g_a, g_z, scalars = calls.pre_backward_coefficients(
+    backend, logits, g_coeff, g_pre, coeff, rms, affine, n=n, nd=x.shape[1], iters=spec.iters, kind=spec.kind
   )
-  (g_a,) = activation_vjp(unpack(g_coeff, n))  # [N, 2n + n^2]
-  g_scale = jnp.sum(g_a * logits[:, :used], axis=0)
+  g_scale = jnp.sum(g_a[:, :used] * logits[:, :used], axis=0)
   g_alpha = jnp.stack([g_scale[:n].sum(), g_scale[n : 2 * n].sum(), g_scale[2 * n :].sum()]).astype(alpha.dtype)
-  g_bias = jnp.sum(g_a, axis=0).astype(bias.dtype)
-  g_logits = _padded(g_a * scale, w)  # logits = (x phi) r
-  g_z = g_logits * rms
-  c_rms = -jnp.sum(g_logits * logits, axis=1, keepdims=True) * rms * rms / x.shape[1]
-  scalars = _padded(jnp.concatenate([coeff[:, :n], c_rms, coeff[:, 2 * n : used]], axis=1), w)  # pre, c, res
+  g_bias = jnp.sum(g_a[:, :used], axis=0).astype(bias.dtype)
   g_x = calls.pre_backward_streams(backend, x, g_h, phi_p, g_z, scalars, g_streams.x.astype(x.dtype), n=n)
   g_phi = jnp.einsum("tm,tw->mw", x, g_z[:, :used].astype(x.dtype), preferred_element_type=jnp.float32)
   return g_x, g_phi, g_alpha, g_bias

@@ -151,20 +151,25 @@ def parse_grid(text: str) -> list[tuple[tuple[str, int], ...]]:
 
 
 def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
-  """Each of the six GPU kernels (calls.*; "pre forward" is the projection alone) with inputs
+  """Each of the seven GPU kernels (calls.*; "pre forward" is the projection alone) with inputs
   of a layer at this shape: name -> (function of a backend, arguments)."""
   (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
   w = calls.width(n)
   phi_p, affine = api.kernel_operands(x, phi, alpha, bias, n)
   settings = dict(SETTINGS, n=n)
-  coeff, _, _ = calls.pre_project(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
-  g_z = 0.01 * jax.random.normal(jax.random.key(1), coeff.shape, jnp.float32)
+  coeff, logits, rms = calls.pre_project(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
+  g_z, g_coeff = 0.01 * jax.random.normal(jax.random.key(1), (2, *coeff.shape), jnp.float32)
+  coefficients = dict(n=n, nd=n * d, iters=settings["iters"], kind=settings["kind"])
   return {
     "pre forward": (lambda b, *a: calls.pre_project(b, *a, **settings), (x, phi_p, affine)),
     "pre mix": (lambda b, *a: calls.pre_mix(b, *a, n=n), (x, coeff)),
     "res_post forward": (lambda b, *a: calls.res_post_forward(b, *a, n=n), (x, y, coeff)),
     "res_post backward": (lambda b, *a: calls.res_post_backward(b, *a, n=n), (x, y, coeff, g_out)),
     "pre backward reduce": (lambda b, *a: calls.pre_backward_reduce(b, *a, n=n, w=w), (x, g_h)),
+    "pre backward coefficients": (
+      lambda b, *a: calls.pre_backward_coefficients(b, *a, **coefficients),
+      (logits, g_coeff, g_z, coeff, rms, affine),
+    ),
     "pre backward streams": (
       lambda b, *a: calls.pre_backward_streams(b, *a, n=n),
       (x, g_h, phi_p, g_z, coeff, g_out),

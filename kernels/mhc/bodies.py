@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.mhc.sinkhorn import SINKHORN_EPS, iterate
+from kernels.mhc.sinkhorn import SINKHORN_EPS, iterate, iterate_backward
 
 
 def _lanes(shape) -> jax.Array:
@@ -56,13 +56,32 @@ def _dot(a, b, contract_b: int = 0):
   return jax.lax.dot_general(a, b.astype(a.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def _sigmoid(v):
+  return 1.0 / (1.0 + jnp.exp(-v))
+
+
+def _sinkhorn_logits(a, n: int):
+  """The Sinkhorn's logits entry by entry, [j][k] (input j, output k), from a [bt, W]."""
+  return [[column(a, 2 * n + j * n + k) for k in range(n)] for j in range(n)]
+
+
 def _coefficients(a, n: int, iters: int, kind: str):
   """Gated logits a [bt, W] -> coefficient rows [bt, W] (pre, post, res as documented above)."""
-  sigmoid = lambda v: 1.0 / (1.0 + jnp.exp(-v))  # noqa: E731
-  out = {i: sigmoid(column(a, i)) + (SINKHORN_EPS if kind == "softmax_eps" else 0.0) for i in range(n)}
-  out.update({n + k: 2.0 * sigmoid(column(a, n + k)) for k in range(n)})
-  m = iterate([[column(a, 2 * n + j * n + k) for k in range(n)] for j in range(n)], iters, kind)
+  out = {i: _sigmoid(column(a, i)) + (SINKHORN_EPS if kind == "softmax_eps" else 0.0) for i in range(n)}
+  out.update({n + k: 2.0 * _sigmoid(column(a, n + k)) for k in range(n)})
+  m = iterate(_sinkhorn_logits(a, n), iters, kind)
   out.update({2 * n + k * n + j: m[j][k] for j in range(n) for k in range(n)})  # res[k, j] = M[j, k]
+  return assemble(out, a.shape)
+
+
+def _coefficients_backward(a, g, n: int, iters: int, kind: str):
+  """dL/da [bt, W] from the gated logits a and dL/dcoeff g [bt, W]: `_coefficients` reversed,
+  the Sinkhorn's iterations recomputed from a (`iterate_backward`)."""
+  gates = {i: _sigmoid(column(a, i)) for i in range(2 * n)}
+  out = {i: column(g, i) * gates[i] * (1.0 - gates[i]) * (1.0 if i < n else 2.0) for i in range(2 * n)}
+  g_m = [[column(g, 2 * n + k * n + j) for k in range(n)] for j in range(n)]
+  g_logits = iterate_backward(_sinkhorn_logits(a, n), g_m, iters, kind)
+  out.update({2 * n + j * n + k: g_logits[j][k] for j in range(n) for k in range(n)})
   return assemble(out, a.shape)
 
 
@@ -164,6 +183,24 @@ def pre_backward_reduce(x_ref, gh_ref, gpre_ref, *, n, d, bd):
 
   acc = _chunks(d, bd, step, (jnp.zeros((bt, 1), jnp.float32),) * n)
   gpre_ref[...] = assemble(dict(enumerate(acc)), (bt, width))
+
+
+def pre_backward_coefficients(
+  logits_ref, g_ref, g_pre_ref, coeff_ref, rms_ref, affine_ref, g_a_ref, g_z_ref, scalars_ref, *, n, nd, iters, kind
+):
+  """From dL/dcoeff (g: post and res columns, g_pre: pre columns) to the gated logits' dL/da,
+  dL/dz for z = x phi (the raw projection; logits = z r) and the rows `pre_backward_streams`
+  takes: pre in columns 0..n-1, c = -<dL/dlogits, logits> r^2 / (n D) in column n, res[k, j]
+  in column n + 1 + k n + j. The gates and the Sinkhorn are recomputed from the logits."""
+  logits, r, scale = logits_ref[...], rms_ref[...], affine_ref[0:1, :]
+  g_a = _coefficients_backward(logits * scale + affine_ref[1:2, :], g_ref[...] + g_pre_ref[...], n, iters, kind)
+  g_logits = g_a * scale
+  g_a_ref[...], g_z_ref[...] = g_a, g_logits * r
+  coeff = coeff_ref[...]
+  scalars = {j: column(coeff, j) for j in range(n)}
+  scalars[n] = -jnp.sum(g_logits * logits, 1, keepdims=True) * r * r / nd
+  scalars.update({n + 1 + i: column(coeff, 2 * n + i) for i in range(n * n)})
+  scalars_ref[...] = assemble(scalars, coeff.shape)
 
 
 def pre_backward_streams(x_ref, gh_ref, phi_ref, gz_ref, scalars_ref, g_ref, gx_ref, *, n, d, bd):

@@ -25,6 +25,7 @@ KERNELS = (
   "res_post_forward",
   "res_post_backward",
   "pre_backward_reduce",
+  "pre_backward_coefficients",
   "pre_backward_streams",
 )
 
@@ -73,7 +74,7 @@ def _whole(shape) -> pl.BlockSpec:
 
 
 def _call(backend: Backend, body, inputs, outputs, static: dict):
-  """Runs `body` over token blocks of its tile (`static` holds D as d; the chunk width is
+  """Runs `body` over token blocks of its tile (where `static` holds D as d, the chunk width is
   added as bd); `inputs` are (array, token_major) pairs, `outputs`
   (shape_without_tokens..., dtype) given as (columns, dtype) for token-major results."""
   arrays, token_major = zip(*inputs)
@@ -91,7 +92,8 @@ def _blocks(*arrays, backend: Backend, body, token_major, outputs, static):
   tile = backend.tile(body.__name__)
   bt = tile.block_tokens
   static = dict(static)
-  static["bd"] = chunk_width(static["d"], tile.chunk)
+  if "d" in static:  # the body walks streams of width d in chunks
+    static["bd"] = chunk_width(static["d"], tile.chunk)
   padded = -(-n_tokens // bt) * bt
   args, in_specs = [], []
   for a, major in zip(arrays, token_major):
@@ -165,6 +167,21 @@ def pre_backward_reduce(backend: Backend, x, gh, *, n: int, w: int):
   static = dict(n=n, d=d)
   (g_pre,) = _call(backend, bodies.pre_backward_reduce, [(x, True), (gh, True)], [(w, jnp.float32)], static)
   return g_pre
+
+
+def pre_backward_coefficients(
+  backend: Backend, logits, g_coeff, g_pre, coeff, rms, affine, *, n: int, nd: int, iters: int, kind: str
+):
+  """dL/dcoeff [N, W] (g_coeff's post and res columns + g_pre's pre columns) -> dL/da, dL/dz and
+  the per-token rows of `pre_backward_streams`, each [N, W] (bodies.pre_backward_coefficients)."""
+  w = coeff.shape[1]
+  return _call(
+    backend,
+    bodies.pre_backward_coefficients,
+    [(logits, True), (g_coeff, True), (g_pre, True), (coeff, True), (rms, True), (affine, False)],
+    [(w, jnp.float32)] * 3,
+    dict(n=n, nd=nd, iters=iters, kind=kind),
+  )
 
 
 def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g, *, n: int):

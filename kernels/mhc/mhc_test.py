@@ -192,10 +192,10 @@ def test_the_xla_sinkhorn_lowers_to_a_few_hundred_lines(kind):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_triton_kernels_lower_for_a_cuda_device(dtype):
-  """The six kernels at their GPU tiles, forward and backward, lowered for CUDA on this CPU
+  """The seven kernels at their GPU tiles, forward and backward, lowered for CUDA on this CPU
   machine (Pallas's Triton lowering; only compiling the Triton IR needs the GPU), at a width
   whose n D is no power of two: a shape or an op the Triton lowering rejects fails here, not on
-  a lent GPU. Two layers lower to the same six kernels (XLA compiles each distinct one once)."""
+  a lent GPU. Two layers lower to the same seven kernels (XLA compiles each distinct one once)."""
   x, phi, alpha, bias, y, (k1, k2) = inputs(64, 4, 320, dtype)
   spec = api.Spec(n=4, iters=20, kind="exp", eps=1e-6, implementation="triton")
   g_h, g_out = jax.random.normal(k1, (64, 320), dtype), jax.random.normal(k2, x.shape, dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ def _sum(values) -> jax.Array:
 
 
 def _softmax(row: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-  top = functools.reduce(jnp.maximum, row)
+  top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, row))  # a shift: no gradient, as jax.nn.softmax
   e = [jnp.exp(v - top) for v in row]
   total = _sum(e)
   return tuple(v / total for v in e)
@@ -102,12 +103,59 @@ def _eps(kind: str) -> float:
   return SINKHORN_EPS if kind == "softmax_eps" else 0.0
 
 
+def _loops(iters: int, kind: str) -> int:
+  return iters - 1 if kind == "softmax_eps" else iters
+
+
+def _first(logits: Entries, kind: str) -> Entries:
+  """The matrix the row / column loop starts from (softmax_eps: after its first column step)."""
+  m = _start(logits, kind)
+  return _cols(m, SINKHORN_EPS) if kind == "softmax_eps" else m
+
+
+def _step(m: Entries, eps: float) -> Entries:
+  return _cols(_rows(m, eps), eps)
+
+
 def iterate(logits: Entries, iters: int, kind: str) -> Entries:
   """`SINKHORN[kind]` (exp or softmax_eps) entry by entry: logits[j][k] -> M[j][k]."""
-  eps, m = _eps(kind), _start(logits, kind)
+  eps = _eps(kind)
+  return jax.lax.fori_loop(0, _loops(iters, kind), lambda _, m: _step(m, eps), _first(logits, kind))
+
+
+def iterate_backward(logits: Entries, g: Entries, iters: int, kind: str) -> Entries:
+  """dL/dlogits from dL/dM (both entry by entry) for `iterate`, holding few matrices (a kernel's
+  registers): the forward iterations keep a checkpoint every `segment` ~ sqrt(iterations); the
+  cotangent is then carried back one iteration at a time, each iteration's input recomputed
+  from its segment's checkpoint (at t_max = 20, 55 iterations recomputed, not the 190 of
+  recomputing each from the start).
+  Ties of the exp start's row max share its gradient equally, as JAX's `max`."""
+  eps, loops = _eps(kind), _loops(iters, kind)
+  segment = max(1, math.isqrt(loops - 1) + 1)  # ceil(sqrt(loops))
+  m, g = _first(logits, kind), tuple(tuple(row) for row in g)
+  checkpoints = []  # (first iteration, its input)
+  for first in range(0, loops, segment):
+    checkpoints.append((first, m))
+    if first + segment < loops:
+      m = jax.lax.fori_loop(0, segment, lambda _, m: _step(m, eps), m)
+  for first, start in reversed(checkpoints):
+    length = min(segment, loops - first)
+
+    def back(i, g, start=start, length=length):
+      m = jax.lax.fori_loop(0, length - 1 - i, lambda _, m: _step(m, eps), start)  # iteration length - 1 - i's input
+      return jax.vjp(lambda m: _step(m, eps), m)[1](g)[0]
+
+    g = jax.lax.fori_loop(0, length, back, g)
   if kind == "softmax_eps":
-    m, iters = _cols(m, eps), iters - 1
-  return jax.lax.fori_loop(0, iters, lambda _, m: _cols(_rows(m, eps), eps), m)
+    return jax.vjp(lambda a: _first(a, kind), logits)[1](g)[0]
+  out = []  # exp: through exp, the clamp and the row max
+  for row, m_row, g_row in zip(logits, _start(logits, kind), g):
+    top = functools.reduce(jnp.maximum, row)
+    g_e = [jnp.where(v - top > -LOG_RANGE, gv * mv, 0.0) for v, mv, gv in zip(row, m_row, g_row)]
+    ties = [(v == top).astype(jnp.float32) for v in row]
+    share = _sum(g_e) / _sum(ties)
+    out.append(tuple(ge - t * share for ge, t in zip(g_e, ties)))
+  return tuple(out)
 
 
 # The XLA path: the matrices as one array m [n, n, N] (axis 0 the input stream j, axis 1 the
@@ -153,10 +201,6 @@ def _first_steps(x: jax.Array, kind: str):
     m1, sums = _normalise(m0, _COL, SINKHORN_EPS)
     return m0, m1, sums
   return m0, m0, None
-
-
-def _loops(iters: int, kind: str) -> int:
-  return iters - 1 if kind == "softmax_eps" else iters
 
 
 def _iteration(m: jax.Array, eps: float):

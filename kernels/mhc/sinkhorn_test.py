@@ -1,6 +1,6 @@
-"""`sinkhorn` (the XLA path: a backward pass that recomputes the iterations) and `iterate` (the
-kernels' entry-by-entry form) against the definitions in `SINKHORN`, differentiated by JAX
-through every unrolled iteration."""
+"""`sinkhorn` (the XLA path: a backward pass that recomputes the iterations) and `iterate` with
+`iterate_backward` (the kernels' entry-by-entry form) against the definitions in `SINKHORN`,
+differentiated by JAX through every unrolled iteration."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from kernels.mhc.sinkhorn import SINKHORN, iterate, sinkhorn
+from kernels.mhc.sinkhorn import SINKHORN, iterate, iterate_backward, sinkhorn
 
 
 def relative_error(a, b) -> float:
@@ -39,6 +39,25 @@ def test_iterate_entry_by_entry_equals_the_definition_to_1e_5(kind):
   logits = 10.0 * jax.random.normal(jax.random.key(3), (37, 4, 4))
   m = iterate(tuple(tuple(logits[:, j, k] for k in range(4)) for j in range(4)), 20, kind)
   assert relative_error(jnp.stack([jnp.stack(row, -1) for row in m], -2), SINKHORN[kind](logits, 20)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["exp", "softmax_eps"])
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("scale", [1.0, 50.0])
+@pytest.mark.parametrize("iters", [20, 3])
+def test_iterate_backward_equals_the_definitions_gradient_to_1e_5(kind, n, scale, iters):
+  """float32, 37 tokens, t_max 20 (4 checkpointed segments of 5) and 3; at scale 50 entries are clamped at e^-40 of their row's max. In the first
+  token's rows the first n - 1 entries tie at the max and the last is clamped, so the max's
+  gradient is not zero and is shared three ways at n = 4 (autodiff of `iterate`'s pairwise
+  maximum would give 1/2, 1/4, 1/4)."""
+  k1, k2 = jax.random.split(jax.random.key(n + 7))
+  logits, cotangent = scale * jax.random.normal(k1, (37, n, n)), jax.random.normal(k2, (37, n, n))
+  top = jnp.max(logits[0], axis=1, keepdims=True)
+  logits = logits.at[0].set(jnp.where(jnp.arange(n) < n - 1, top, top - 60.0))
+  entries = lambda a: tuple(tuple(a[:, j, k] for k in range(n)) for j in range(n))  # noqa: E731
+  got = jax.jit(iterate_backward, static_argnums=(2, 3))(entries(logits), entries(cotangent), iters, kind)
+  want = jax.vjp(lambda a: SINKHORN[kind](a, iters), logits)[1](cotangent)[0]
+  assert relative_error(jnp.stack([jnp.stack(row, -1) for row in got], -2), want) < 1e-5
 
 
 def test_sinkhorn_gradient_follows_the_logits_dtype():

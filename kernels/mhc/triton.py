@@ -12,13 +12,15 @@ from kernels.mhc.calls import KERNELS, Backend, Tile
 # (block_tokens, chunk, num_warps) of each kernel: the fastest of 32 settings on an H200 at
 # 16,384 tokens x D = 2,048, bfloat16 (`kernels/mhc/bench.py --tiles`, kernels/mhc/README.md);
 # pre_backward_streams' of 18 (`--only "pre backward streams"`); pre_mix's within the noise of
-# the fastest of 24 on an H100 (`--only "pre mix"`), the same README.
+# the fastest of 24 on an H100 (`--only "pre mix"`), the same README; pre_backward_coefficients'
+# (no chunks) the fastest of 6 on an H100 (`--only "pre backward coefficients"`).
 FASTEST = {
   "pre_forward": (64, 128, 4),
   "pre_mix": (8, 128, 8),
   "res_post_forward": (8, 128, 8),
   "res_post_backward": (8, 256, 8),
   "pre_backward_reduce": (32, 64, 8),
+  "pre_backward_coefficients": (16, 128, 4),
   "pre_backward_streams": (16, 128, 8),
 }
 
