@@ -74,14 +74,27 @@ def traffic(unit: int, fn, *args) -> tuple[float, float]:
   for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr):
     if eqn.primitive.name in LAYOUT_ONLY:
       continue
-    sizes = [
-      v.aval.size * v.aval.dtype.itemsize for v in (*eqn.invars, *eqn.outvars) if not isinstance(v, core.Literal)
-    ]
+    sizes = _sizes(eqn)
     if max(sizes) >= unit:
       streams += sum(sizes)
     else:
       rows += sum(sizes)
   return streams / unit, rows / unit
+
+
+def _sizes(eqn: core.JaxprEqn) -> list[int]:
+  """Bytes of each operand and result of `eqn` (literals free)."""
+  return [v.aval.size * v.aval.dtype.itemsize for v in (*eqn.invars, *eqn.outvars) if not isinstance(v, core.Literal)]
+
+
+def kernel_bytes(fn, *args) -> dict[str, int]:
+  """Bytes each Pallas kernel of `fn(*args)` reads and writes as traced, by kernel name
+  (`mhc_<body>_<backend>`), summed over its calls."""
+  out = collections.Counter()
+  for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    if eqn.primitive.name == "pallas_call":
+      out[eqn.params["name"]] += sum(_sizes(eqn))
+  return dict(out)
 
 
 def equations(jaxpr: core.Jaxpr) -> Iterator[core.JaxprEqn]:

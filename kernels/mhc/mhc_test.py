@@ -179,12 +179,15 @@ def test_traffic_counts_each_stream_array_the_layer_reads_and_writes(n):
   assert 4 * n + 2 <= forward < 4 * n + 2.5
   assert 11 * n + 6 <= both < 11 * n + 6.5
   assert 0 < rows < both
+  per_kernel = bench.kernel_bytes(bench.forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
+  w = calls.width(n)
+  assert per_kernel["mhc_res_post_forward_triton"] == (2 * n + 1) * unit + tokens * w * 4  # x, y, out; coeff
 
 
 @pytest.mark.parametrize("kind", ["exp", "softmax_eps"])
 def test_the_xla_sinkhorn_lowers_to_a_few_hundred_lines(kind):
-  """bench.sinkhorn_costs: the Sinkhorn's forward+backward on one [n, n, N] array (the XLA path,
-  which the kernels' backward pass runs too) lowers to 225 / 258 lines of StableHLO at JAX 0.10.2;
+  """bench.sinkhorn_costs: the Sinkhorn's forward+backward on one [n, n, N] array (the XLA path)
+  lowers to 225 / 258 lines of StableHLO at JAX 0.10.2;
   as n^2 separate [N] arrays it took 1,088 / 1,214, and most of a deep mHC model's compile time."""
   got = bench.sinkhorn_costs(64, kind)
   assert got["lines"] < 400, got
