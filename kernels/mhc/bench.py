@@ -171,7 +171,7 @@ def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
   phi_p, affine = api.kernel_operands(x, phi, alpha, bias, n)
   settings = dict(SETTINGS, n=n)
   coeff, logits, rms = calls.pre_project(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
-  g_z, g_coeff = 0.01 * jax.random.normal(jax.random.key(1), (2, *coeff.shape), jnp.float32)
+  g_z, g_coeff, g_pre = 0.01 * jax.random.normal(jax.random.key(1), (3, *coeff.shape), jnp.float32)
   coefficients = dict(n=n, nd=n * d, iters=settings["iters"], kind=settings["kind"])
   return {
     "pre forward": (lambda b, *a: calls.pre_project(b, *a, **settings), (x, phi_p, affine)),
@@ -181,7 +181,7 @@ def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
     "pre backward reduce": (lambda b, *a: calls.pre_backward_reduce(b, *a, n=n, w=w), (x, g_h)),
     "pre backward coefficients": (
       lambda b, *a: calls.pre_backward_coefficients(b, *a, **coefficients),
-      (logits, g_coeff, g_z, coeff, rms, affine),
+      (logits, g_coeff, g_pre, coeff, rms, affine),
     ),
     "pre backward streams": (
       lambda b, *a: calls.pre_backward_streams(b, *a, n=n),
