@@ -14,7 +14,7 @@ every input and writes every output once. Bandwidth is kernel bytes over time, a
 of three measured copies (`copy_bandwidths`: on an H200 a device-to-device copy is about
 4.2 TB/s, XLA's `a * 2` 2.7). Times are wall-clock of the jitted layer, so they include the
 host's dispatch and the gaps between its kernel launches; `benchmarks/mhc_profile.py` gives
-the GPU time of each kernel (on an H100 the layer's 1.416 ms of GPU time read 1.77 ms here).
+the GPU time of each kernel (on an H100 one layer's 1.480 ms of GPU time read 1.77 ms here).
 """
 
 from __future__ import annotations
