@@ -293,8 +293,9 @@ def print_static(tokens: int, d: int) -> None:
 
 
 def sinkhorn_costs(tokens: int, kind: str, iters: int = SETTINGS["iters"]) -> dict[str, float]:
-  """`sinkhorn`'s forward+backward on [tokens, n, n] float32 logits (the XLA path, which the
-  kernels' backward pass runs too): lines of StableHLO, seconds to compile, median ms to run."""
+  """`sinkhorn`'s forward+backward on [tokens, n, n] float32 logits (the XLA path; the kernels'
+  backward pass runs `iterate_backward` instead): lines of StableHLO, seconds to compile, median
+  ms to run."""
   k1, k2 = jax.random.split(jax.random.key(0))
   logits = 3.0 * jax.random.normal(k1, (tokens, N_STREAMS, N_STREAMS))
   weights = jax.random.normal(k2, (N_STREAMS, N_STREAMS))

@@ -187,8 +187,8 @@ def test_traffic_counts_each_stream_array_the_layer_reads_and_writes(n):
 @pytest.mark.parametrize("kind", ["exp", "softmax_eps"])
 def test_the_xla_sinkhorn_lowers_to_a_few_hundred_lines(kind):
   """bench.sinkhorn_costs: the Sinkhorn's forward+backward on one [n, n, N] array (the XLA path)
-  lowers to 225 / 258 lines of StableHLO at JAX 0.10.2;
-  as n^2 separate [N] arrays it took 1,088 / 1,214, and most of a deep mHC model's compile time."""
+  lowers to 225 / 258 lines of StableHLO at JAX 0.10.2; as n^2 separate [N] arrays it took
+  1,088 / 1,214, and most of a deep mHC model's compile time."""
   got = bench.sinkhorn_costs(64, kind)
   assert got["lines"] < 400, got
 

@@ -132,8 +132,8 @@ def iterate_backward(logits: Entries, g: Entries, iters: int, kind: str) -> Entr
   Ties of the exp start's row max share its gradient equally, as JAX's `max`."""
   eps, loops = _eps(kind), _loops(iters, kind)
   segment = max(1, math.isqrt(loops - 1) + 1)  # ceil(sqrt(loops))
-  m, g = _first(logits, kind), tuple(tuple(row) for row in g)
-  checkpoints = []  # (first iteration, its input)
+  m1, g = _first(logits, kind), tuple(tuple(row) for row in g)
+  m, checkpoints = m1, []  # (first iteration, its input)
   for first in range(0, loops, segment):
     checkpoints.append((first, m))
     if first + segment < loops:
@@ -148,8 +148,8 @@ def iterate_backward(logits: Entries, g: Entries, iters: int, kind: str) -> Entr
     g = jax.lax.fori_loop(0, length, back, g)
   if kind == "softmax_eps":
     return jax.vjp(lambda a: _first(a, kind), logits)[1](g)[0]
-  out = []  # exp: through exp, the clamp and the row max
-  for row, m_row, g_row in zip(logits, _start(logits, kind), g):
+  out = []  # exp: through exp, the clamp and the row max (m1 is the start matrix itself)
+  for row, m_row, g_row in zip(logits, m1, g):
     top = functools.reduce(jnp.maximum, row)
     g_e = [jnp.where(v - top > -LOG_RANGE, gv * mv, 0.0) for v, mv, gv in zip(row, m_row, g_row)]
     ties = [(v == top).astype(jnp.float32) for v in row]

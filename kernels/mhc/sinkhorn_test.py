@@ -13,6 +13,12 @@ from jax.ad_checkpoint import print_saved_residuals
 from kernels.mhc.sinkhorn import SINKHORN, iterate, iterate_backward, sinkhorn
 
 
+def entries(a):
+  """[N, n, n] -> the entry-by-entry form `iterate` takes: a[:, j, k] at [j][k]."""
+  n = a.shape[-1]
+  return tuple(tuple(a[:, j, k] for k in range(n)) for j in range(n))
+
+
 def relative_error(a, b) -> float:
   a, b = np.asarray(a), np.asarray(b)
   assert np.all(np.isfinite(a))
@@ -37,7 +43,7 @@ def test_sinkhorn_equals_the_unrolled_definition_in_values_and_gradients_to_1e_5
 @pytest.mark.parametrize("kind", ["exp", "softmax_eps"])
 def test_iterate_entry_by_entry_equals_the_definition_to_1e_5(kind):
   logits = 10.0 * jax.random.normal(jax.random.key(3), (37, 4, 4))
-  m = iterate(tuple(tuple(logits[:, j, k] for k in range(4)) for j in range(4)), 20, kind)
+  m = iterate(entries(logits), 20, kind)
   assert relative_error(jnp.stack([jnp.stack(row, -1) for row in m], -2), SINKHORN[kind](logits, 20)) < 1e-5
 
 
@@ -54,7 +60,6 @@ def test_iterate_backward_equals_the_definitions_gradient_to_1e_5(kind, n, scale
   logits, cotangent = scale * jax.random.normal(k1, (37, n, n)), jax.random.normal(k2, (37, n, n))
   top = jnp.max(logits[0], axis=1, keepdims=True)
   logits = logits.at[0].set(jnp.where(jnp.arange(n) < n - 1, top, top - 60.0))
-  entries = lambda a: tuple(tuple(a[:, j, k] for k in range(n)) for j in range(n))  # noqa: E731
   got = jax.jit(iterate_backward, static_argnums=(2, 3))(entries(logits), entries(cotangent), iters, kind)
   want = jax.vjp(lambda a: SINKHORN[kind](a, iters), logits)[1](cotangent)[0]
   assert relative_error(jnp.stack([jnp.stack(row, -1) for row in got], -2), want) < 1e-5
