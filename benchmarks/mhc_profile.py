@@ -24,11 +24,12 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=16384)
   parser.add_argument("--dim", type=int, default=2048, help="D, the width of one stream")
   parser.add_argument("--steps", type=int, default=10, help="traced layer calls")
+  parser.add_argument("--form", default="merged", choices=bench.FORMS, help="the connection as bench.layer_fns runs it")
   args = parser.parse_args()
   if jax.default_backend() != "gpu":
     raise SystemExit(f"mhc_profile.py times the GPU kernels; JAX sees no GPU here ({jax.default_backend()})")
   n = bench.N_STREAMS
-  layer = bench.forward_backward(bench.layer_fns(n)[0])
+  layer = bench.forward_backward(bench.layer_fns(n, form=args.form)[0])
   primal, cotangents = bench.inputs(args.tokens, args.dim, n)
   compiled = layer.lower(*primal, *cotangents).compile()
   run = lambda: jax.block_until_ready(compiled(*primal, *cotangents))  # noqa: E731
@@ -36,7 +37,8 @@ def main() -> None:
     run()
   result = profile(run, tempfile.mkdtemp(), compiled.as_text(), steps=args.steps)
   moved = bench.kernel_bytes(layer, *primal, *cotangents)
-  print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}: {args.tokens} tokens x D = {args.dim}, n = {n}")
+  shape = f"{args.tokens} tokens x D = {args.dim}, n = {n}, {args.form}"
+  print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}: {shape}")
   print(f"GPU time of the layer's forward+backward: {result['gpu_ms_per_step']:.3f} ms\n")
   print("| kernel | ms | GB read + written | TB/s |")
   print("| --- | --- | --- | --- |")

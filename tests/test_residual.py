@@ -164,9 +164,10 @@ def test_streams_persist_and_compose_across_depth_under_hc():
   positions = jnp.zeros((1, 2), jnp.int32)
 
   def run(x):
+    pending = None
     for block in model.blocks:
-      x, _, _ = block(x, positions)
-    return x
+      x, _, _, pending = block(x, positions, pending=pending)
+    return rs.res_post_mix(x, *pending)
 
   composite = h_res[-1]
   for h in reversed(h_res[:-1]):
@@ -317,12 +318,12 @@ def test_mhc_with_pallas_kernels_matches_the_xla_path():
 
   graph, state = nnx.split(models["pallas"])
   assert "GridMapping(grid=(4," in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graph, s)))(state))  # 30 tokens / 8
-  # the kernels' pre pass runs once per connection: the backward pass recomputes only the norm after it
+  # one pre, each connection's res_post fused with the next one's pre (across blocks too), one
+  # res_post; each forward kernel once: the backward pass recomputes only the norm after them
   traced = jax.make_jaxpr(lambda s: nnx.grad(loss)(nnx.merge(graph, s)))(state).jaxpr
-  pre_calls = [
-    e for e in equations(traced) if e.primitive.name == "pallas_call" and e.params["name"] == "mhc_pre_forward_triton"
-  ]
-  assert len(pre_calls) == 2 * cfgs["pallas"].n_layers
+  names = [e.params["name"] for e in equations(traced) if e.primitive.name == "pallas_call"]
+  forward = [names.count(f"mhc_{k}_forward_triton") for k in ("pre", "merge", "res_post")]
+  assert forward == [1, 2 * cfgs["pallas"].n_layers - 1, 1], forward
   results = {k: nnx.jit(nnx.value_and_grad(loss))(m) for k, m in models.items()}
   (value, grads), (ref_value, ref_grads) = results["pallas"], results["xla"]
   assert abs(float(value - ref_value)) < 1e-5

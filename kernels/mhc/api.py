@@ -1,5 +1,6 @@
-"""The public entry points: `pre` (coefficients + pre-mix) and `res_post` (res-mix + post),
-each a `jax.custom_vjp` over the Pallas kernels of the backend in use.
+"""The public entry points: `pre` (coefficients + pre-mix), `res_post` (res-mix + post) and
+`merge` (one connection's res_post with the next one's pre, fused), each a `jax.custom_vjp`
+over the Pallas kernels of the backend in use.
 
 Per token the kernels keep only float32 rows of W = 16 or 32 numbers (coefficients,
 normalised logits, r) between the passes; the backward pass recomputes the gates and
@@ -10,6 +11,11 @@ once for dL/dpre = <dL/dh, x_j>, once to write dL/dx; dL/dphi is one matmul over
     h, coeff, xs = pre(x, phi, alpha, bias, spec)   # x [N, n D] -> h [N, D], coeff [N, W]
     out = res_post(xs, y, coeff, spec)              # y = F(norm(h)) [N, D] -> out [N, n D]
     p, q, r = unpack(coeff, n)                  # pre [N, n], post [N, n], res [N, n, n]
+
+A model of connections runs `pre` once, then for each following connection
+`h, coeff, xs = merge(xs, y, coeff, phi, alpha, bias, spec)` (the previous res_post and this
+pre: the new streams are projected as they are written, so the projection reads no streams),
+and `res_post` once at the end.
 
 `pre` also hands the streams on, as `Streams(x)`, and res_post reads them through it. The
 handle's cotangent is res_post's dL/d out itself, not the res-mix's part of dL/dx: pre's
@@ -154,3 +160,34 @@ def _res_post_backward(spec: Spec, saved, g):
 
 
 res_post.defvjp(_res_post_forward, _res_post_backward)
+
+
+def _merge_forward(xs: Streams, y, coeff, phi, alpha, bias, spec: Spec):
+  x = xs.x
+  phi_p, affine = kernel_operands(x, phi, alpha, bias, spec.n)
+  out, h, coeff_next, logits, rms = calls.merge_forward(
+    _backend(spec), x, y, coeff, phi_p, affine, n=spec.n, iters=spec.iters, kind=spec.kind, eps=spec.eps
+  )
+  return (h, coeff_next, Streams(out)), ((x, y, coeff), (out, phi_p, affine, alpha, bias, coeff_next, logits, rms))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def merge(xs: Streams, y, coeff, phi, alpha, bias, spec: Spec):
+  """One connection's `res_post` and the next connection's `pre` on its output, with one kernel
+  for res_post's mix and pre's projection: Streams(x [N, n D]) and coeff [N, W] of this
+  connection, y [N, D] its sub-block's output, phi, alpha, bias of the next -> (h [N, D],
+  coeff [N, W], Streams(out [N, n D])) of the next, equal to `pre(res_post(xs, y, coeff), phi,
+  alpha, bias)`. out is projected as it is written, so the next projection reads no streams;
+  the backward pass is pre's then res_post's. The cotangent of xs is dL/d out, as `res_post`
+  gives it."""
+  return _merge_forward(xs, y, coeff, phi, alpha, bias, spec)[0]
+
+
+def _merge_backward(spec: Spec, saved, cotangents):
+  res_post_saved, pre_saved = saved
+  g_out, g_phi, g_alpha, g_bias = _pre_backward(spec, pre_saved, cotangents)
+  g_xs, g_y, g_coeff = _res_post_backward(spec, res_post_saved, g_out)
+  return g_xs, g_y, g_coeff, g_phi, g_alpha, g_bias
+
+
+merge.defvjp(_merge_forward, _merge_backward)

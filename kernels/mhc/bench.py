@@ -5,9 +5,12 @@
   PYTHONPATH=src:. python kernels/mhc/bench.py --static [...]    # sm_90 registers etc., any machine; needs `triton`
   PYTHONPATH=src:. python kernels/mhc/bench.py --sinkhorn [--tokens 16384,131072]  # the XLA Sinkhorn alone
 
-The op is one layer's mixing without its sub-block: (h, out) = (pre-mix of x,
-res-mix of x + post^T y) from x [N, n D] and y [N, D], n = 4, bfloat16; forward+backward
-also returns dL/dx, dL/dy and the weights' gradients from cotangents of h and out.
+The op is one connection's mixing without its sub-block, n = 4, bfloat16, in two forms
+(`--forms`, `layer_fns`): `separate`, (h, out) = (pre-mix of x, res-mix of x + post^T y) from x
+[N, n D] and y [N, D] by `pre` then `res_post`; `merged`, as the model runs a connection between
+two others, out = the previous connection's res-mix of x + post^T y and h its pre-mix by this
+connection, through `merge`. Forward+backward also returns dL/dx, dL/dy and the weights'
+gradients from cotangents of h and out.
 Bytes: `traffic` counts what the traced program reads and writes (each stream-sized array
 2 n D bytes per token): every kernel's and XLA op's operands and results; `minimum` reads
 every input and writes every output once. Bandwidth is kernel bytes over time, against the best
@@ -119,19 +122,72 @@ def max_relative_error(got, want) -> float:
   )
 
 
-def layer_fns(n: int, tiles: tuple = (), implementation: str = "auto"):
+FORMS = ("merged", "separate")  # how the op runs a connection (layer_fns)
+
+
+def layer_fns(n: int, tiles: tuple = (), implementation: str = "auto", form: str = "merged"):
+  """(kernels, reference), each (x, y, phi, alpha, bias) -> (h, out). `separate`: `pre` of x, then
+  `res_post` of x and y, one connection alone. `merged`: a connection as the model runs it
+  between two others, `merge`: the previous connection's res_post (out = res x + post^T y, its
+  coefficients `previous_rows`) fused with this one's `pre` of out. As `Streams`, x's cotangent
+  there is dL/d out and out's is dL/d out of the next res_post (mixed by this connection's res);
+  the reference's gradients follow the same convention."""
   settings = dict(SETTINGS, n=n)
   spec = api.Spec(**settings, implementation=implementation, tiles=tiles)
+  if form == "separate":
+
+    def kernel(x, y, phi, alpha, bias):
+      h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
+      return h, api.res_post(xs, y, coeff, spec)
+
+    def ref(x, y, phi, alpha, bias):
+      h, _, post, res = reference.pre(x, phi, alpha, bias, **settings)
+      return h, reference.res_post(x, y, post, res)
+
+    return kernel, ref
+  if form != "merged":
+    raise ValueError(f"form {form!r}; use one of {', '.join(FORMS)}")
 
   def kernel(x, y, phi, alpha, bias):
-    h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
-    return h, api.res_post(xs, y, coeff, spec)
+    h, _, out = api.merge(api.Streams(x), y, previous_rows(n, x.shape[0]), phi, alpha, bias, spec)
+    return h, out.x
 
   def ref(x, y, phi, alpha, bias):
-    h, _, post, res = reference.pre(x, phi, alpha, bias, **settings)
-    return h, reference.res_post(x, y, post, res)
+    _, post, res = api.unpack(previous_rows(n, x.shape[0]), n)
+    held = jax.lax.stop_gradient(x)
+    out = (x - held) + reference.res_post(held, y, post, res)  # x's cotangent: dL/d out
+    h, _, _, res_next = reference.pre(out, phi, alpha, bias, **settings)
+    return h, _mixed_cotangent(out, jax.lax.stop_gradient(res_next))
 
   return kernel, ref
+
+
+def previous_rows(n: int, tokens: int) -> jax.Array:
+  """The previous connection's coefficient rows [tokens, W] in the `merged` op: post 1 and a
+  doubly stochastic res (0.7 I + 0.3 / n), the same for every token."""
+  res = 0.7 * jnp.eye(n) + 0.3 / n
+  row = jnp.concatenate([jnp.full((n,), 1 / n), jnp.ones((n,)), res.reshape(-1)])
+  return jnp.broadcast_to(jnp.pad(row, (0, calls.width(n) - row.size)), (tokens, calls.width(n)))
+
+
+@jax.custom_vjp
+def _mixed_cotangent(out, res):
+  """out [N, n D] unchanged; its cotangent g becomes res^T g (res [N, n, n]), as the kernels' next
+  res_post would hand it back through `Streams`."""
+  return out
+
+
+def _mixed_cotangent_forward(out, res):
+  return out, res
+
+
+def _mixed_cotangent_backward(res, g):
+  n = res.shape[1]
+  mixed = jnp.einsum("tkj,tkd->tjd", res, g.reshape(g.shape[0], n, -1).astype(jnp.float32))
+  return mixed.reshape(g.shape).astype(g.dtype), jnp.zeros_like(res)
+
+
+_mixed_cotangent.defvjp(_mixed_cotangent_forward, _mixed_cotangent_backward)
 
 
 def forward_backward(fn):
@@ -166,17 +222,19 @@ def parse_grid(text: str) -> list[tuple[tuple[str, int], ...]]:
 
 
 def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
-  """Each of the seven GPU kernels (calls.*; "pre forward" is the projection alone) with inputs
+  """Each GPU kernel (calls.KERNELS; "pre forward" and "merge forward" without the pre-mix) with inputs
   of a layer at this shape: name -> (function of a backend, arguments)."""
   (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
   w = calls.width(n)
   phi_p, affine = api.kernel_operands(x, phi, alpha, bias, n)
   settings = dict(SETTINGS, n=n)
-  coeff, logits, rms = calls.pre_project(api._backend(api.Spec(**settings)), x, phi_p, affine, **settings)
+  *_, coeff, logits, rms = calls.pre_forward(
+    api._backend(api.Spec(**settings)), x, phi_p, affine, **settings, alone=True
+  )
   g_z, g_coeff, g_pre = 0.01 * jax.random.normal(jax.random.key(1), (3, *coeff.shape), jnp.float32)
   coefficients = dict(n=n, nd=n * d, iters=settings["iters"], kind=settings["kind"])
   return {
-    "pre forward": (lambda b, *a: calls.pre_project(b, *a, **settings), (x, phi_p, affine)),
+    "pre forward": (lambda b, *a: calls.pre_forward(b, *a, **settings, alone=True), (x, phi_p, affine)),
     "pre mix": (lambda b, *a: calls.pre_mix(b, *a, n=n), (x, coeff)),
     "res_post forward": (lambda b, *a: calls.res_post_forward(b, *a, n=n), (x, y, coeff)),
     "res_post backward": (lambda b, *a: calls.res_post_backward(b, *a, n=n), (x, y, coeff, g_out)),
@@ -189,24 +247,29 @@ def kernel_cases(tokens: int, d: int, n: int) -> dict[str, tuple]:
       lambda b, *a: calls.pre_backward_streams(b, *a, n=n),
       (x, g_h, phi_p, g_z, coeff, g_out),
     ),
+    "merge forward": (
+      lambda b, *a: calls.merge_forward(b, *a, **settings, alone=True),
+      (x, y, previous_rows(n, tokens), phi_p, affine),
+    ),
   }
 
 
-def print_traffic(kernel, tokens: str, dims: str) -> None:
-  """The layer's traced stream units (and row units) a token, forward and forward+backward, at
-  each shape; tracing only, so it runs anywhere."""
+def print_traffic(forms: list[str], tokens: str, dims: str) -> None:
+  """The layer's traced stream units (and row units) a token, forward and forward+backward, in
+  each form at each shape; tracing only (the GPU kernels), so it runs anywhere."""
   n = N_STREAMS
-  print("| tokens | D | forward units | forward+backward units | bytes / minimum, forward+backward |")
-  print("| --- | --- | --- | --- | --- |")
-  for t in (int(v) for v in tokens.split(",")):
-    for d in (int(v) for v in dims.split(",")):
-      (x, y, phi, alpha, bias), (g_h, g_out) = inputs(t, d, n)
-      unit = t * d * x.dtype.itemsize
-      f, f_rows = traffic(unit, jax.jit(kernel), x, y, phi, alpha, bias)
-      b, b_rows = traffic(unit, forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
-      print(
-        f"| {t} | {d} | {f:.1f} (+{f_rows:.1f}) | {b:.1f} (+{b_rows:.1f}) | {b / minimum_units(n)['forward+backward']:.2f} |"
-      )
+  print("| form | tokens | D | forward units | forward+backward units | bytes / minimum, forward+backward |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for form in forms:
+    kernel = layer_fns(n, implementation="triton", form=form)[0]
+    for t in (int(v) for v in tokens.split(",")):
+      for d in (int(v) for v in dims.split(",")):
+        (x, y, phi, alpha, bias), (g_h, g_out) = inputs(t, d, n)
+        unit = t * d * x.dtype.itemsize
+        f, f_rows = traffic(unit, jax.jit(kernel), x, y, phi, alpha, bias)
+        b, b_rows = traffic(unit, forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
+        over = b / minimum_units(n)["forward+backward"]
+        print(f"| {form} | {t} | {d} | {f:.1f} (+{f_rows:.1f}) | {b:.1f} (+{b_rows:.1f}) | {over:.2f} |")
 
 
 def triton_ir(fn, *args) -> dict[str, str]:
@@ -279,7 +342,11 @@ def print_static(tokens: int, d: int) -> None:
   n = N_STREAMS
   primal, cotangents = inputs(tokens, d, n)
   backend = api._backend(api.Spec(**SETTINGS, implementation="triton"))
-  modules = triton_ir(forward_backward(layer_fns(n, implementation="triton")[0]), *primal, *cotangents)
+  modules = {}
+  for form in FORMS:  # between them every kernel
+    modules.update(
+      triton_ir(forward_backward(layer_fns(n, implementation="triton", form=form)[0]), *primal, *cotangents)
+    )
   print("| kernel | warps | registers | programs / SM | layout conversions | barriers | SASS instructions |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for kernel in calls.KERNELS:
@@ -376,7 +443,13 @@ def main() -> None:
   parser.add_argument(
     "--sinkhorn", action="store_true", help="only the XLA Sinkhorn's fwd+bwd at each --tokens: HLO, compile, run"
   )
+  parser.add_argument(
+    "--forms", default=",".join(FORMS), help="the connection's forms to time or count (layer_fns), comma list"
+  )
   args = parser.parse_args()
+  forms = args.forms.split(",")
+  if unknown := set(forms) - set(FORMS):
+    raise SystemExit(f"--forms: unknown {sorted(unknown)}; use {', '.join(FORMS)}")
   first = int(args.tokens.split(",")[0]), int(args.dims.split(",")[0])  # the shape --tiles and --static use
   if args.tiles:
     return sweep_tiles(*first, args.grid, args.only)
@@ -385,9 +458,8 @@ def main() -> None:
   if args.sinkhorn:
     return print_sinkhorn(args.tokens)
   if args.traffic:
-    return print_traffic(layer_fns(N_STREAMS, implementation="triton")[0], args.tokens, args.dims)
+    return print_traffic(forms, args.tokens, args.dims)
   n, s = N_STREAMS, 2  # bfloat16
-  kernel, ref = layer_fns(n)
   bandwidths = copy_bandwidths()
   bandwidth = max(bandwidths.values())  # the baseline: the best the memory was seen to do
   moves = ", ".join(f"{name} {value / 1e12:.2f}" for name, value in bandwidths.items())
@@ -395,37 +467,49 @@ def main() -> None:
     f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; TB/s: {moves}; baseline {bandwidth / 1e12:.2f}"
   )
   rows = []
-  for tokens in (int(t) for t in args.tokens.split(",")):
-    for d in (int(v) for v in args.dims.split(",")):
-      (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
-      cases = {
-        "forward": (jax.jit(kernel), jax.jit(ref), (x, y, phi, alpha, bias)),
-        "forward+backward": (forward_backward(kernel), forward_backward(ref), (x, y, phi, alpha, bias, g_h, g_out)),
-      }
-      for name, (kernel_fn, ref_fn, fn_args) in cases.items():
-        t_kernel = timed(kernel_fn, *fn_args)
-        unit = d * s * tokens  # one [N, D] array's bytes
-        units, row_units = traffic(unit, kernel_fn, *fn_args)
-        try:
-          t_ref, err = timed(ref_fn, *fn_args), max_relative_error(kernel_fn(*fn_args), ref_fn(*fn_args))
-        except jax.errors.JaxRuntimeError as e:  # the float32 reference can exhaust device memory
-          if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-          t_ref, err = float("nan"), float("nan")
-        share = units * unit / t_kernel / bandwidth
-        rows.append(
-          (tokens, d, name, t_ref * 1e3, t_kernel * 1e3, share, units, row_units, units / minimum_units(n)[name], err)
+  for form, tokens, d in itertools.product(forms, map(int, args.tokens.split(",")), map(int, args.dims.split(","))):
+    kernel, ref = layer_fns(n, form=form)
+    (x, y, phi, alpha, bias), (g_h, g_out) = inputs(tokens, d, n)
+    cases = {
+      "forward": (jax.jit(kernel), jax.jit(ref), (x, y, phi, alpha, bias)),
+      "forward+backward": (forward_backward(kernel), forward_backward(ref), (x, y, phi, alpha, bias, g_h, g_out)),
+    }
+    for name, (kernel_fn, ref_fn, fn_args) in cases.items():
+      t_kernel = timed(kernel_fn, *fn_args)
+      unit = d * s * tokens  # one [N, D] array's bytes
+      units, row_units = traffic(unit, kernel_fn, *fn_args)
+      try:
+        t_ref, err = timed(ref_fn, *fn_args), max_relative_error(kernel_fn(*fn_args), ref_fn(*fn_args))
+      except jax.errors.JaxRuntimeError as e:  # the float32 reference can exhaust device memory
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        t_ref, err = float("nan"), float("nan")
+      share = units * unit / t_kernel / bandwidth
+      rows.append(
+        (
+          form,
+          tokens,
+          d,
+          name,
+          t_ref * 1e3,
+          t_kernel * 1e3,
+          share,
+          units,
+          row_units,
+          units / minimum_units(n)[name],
+          err,
         )
-        print(rows[-1], flush=True)
+      )
+      print(rows[-1], flush=True)
   print(
-    "\n| tokens | D | pass | reference ms | kernels ms | speed-up | HBM bandwidth (of baseline) "
+    "\n| form | tokens | D | pass | reference ms | kernels ms | speed-up | HBM bandwidth (of baseline) "
     "| stream units (+ row units) | bytes / minimum | max rel. err |"
   )
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-  for tokens, d, name, t_ref, t_k, share, units, row_units, over, err in rows:
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for form, tokens, d, name, t_ref, t_k, share, units, row_units, over, err in rows:
     ref, speedup = ("out of memory", "-") if t_ref != t_ref else (f"{t_ref:.3f}", f"{t_ref / t_k:.2f}x")
     print(
-      f"| {tokens} | {d} | {name} | {ref} | {t_k:.3f} | {speedup} | {share:.0%} | {units:.1f} (+{row_units:.1f}) "
+      f"| {form} | {tokens} | {d} | {name} | {ref} | {t_k:.3f} | {speedup} | {share:.0%} | {units:.1f} (+{row_units:.1f}) "
       f"| {over:.2f} | {err:.1e} |"
     )
 

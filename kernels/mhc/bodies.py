@@ -92,24 +92,39 @@ def pre_forward(x_ref, phi_ref, affine_ref, *out_refs, n, d, bd, iters, kind, ep
   `pre_mix` is a kernel of its own: its per-token columns then come from memory rather than from
   the projection's matrix-unit layout, and it streams x without the projection's registers."""
   *h_ref, coeff_ref, logits_ref, rms_ref = out_refs
-  bt, width = coeff_ref.shape
-  z, ss = jnp.zeros((bt, width), jnp.float32), jnp.zeros((bt, 1), jnp.float32)
+  z, ss = _zero_projection(coeff_ref.shape)
   for j in range(n):
 
     def project(c, carry, j=j):
-      z, ss = carry
-      xc = _tile(x_ref, j, d, c, bd)
-      x32 = xc.astype(jnp.float32)
-      phic = phi_ref[pl_ds(j * d + c * bd, bd), :]
-      return z + _dot(xc, phic), ss + jnp.sum(x32 * x32, 1, keepdims=True)
+      return _project(_tile(x_ref, j, d, c, bd), phi_ref, j, d, c, bd, *carry)
 
     z, ss = _chunks(d, bd, project, (z, ss))
+  settings = dict(n=n, d=d, iters=iters, kind=kind, eps=eps)
+  coeff = _finish_coefficients(z, ss, affine_ref, coeff_ref, logits_ref, rms_ref, **settings)
+  if h_ref:
+    _mix(x_ref, coeff, h_ref[0], n=n, d=d, bd=bd)
+
+
+def _zero_projection(shape) -> tuple[jax.Array, jax.Array]:
+  """z [bt, W] and the sum of squares [bt, 1], float32 zeros."""
+  return jnp.zeros(shape, jnp.float32), jnp.zeros((shape[0], 1), jnp.float32)
+
+
+def _project(xc, phi_ref, j, d, c, bd, z, ss):
+  """(z, ss) plus stream j's chunk c, xc [bt, bd] in the streams' dtype: z += xc phi_j,c and
+  ss += sum xc^2."""
+  x32 = xc.astype(jnp.float32)
+  return z + _dot(xc, phi_ref[pl_ds(j * d + c * bd, bd), :]), ss + jnp.sum(x32 * x32, 1, keepdims=True)
+
+
+def _finish_coefficients(z, ss, affine_ref, coeff_ref, logits_ref, rms_ref, *, n, d, iters, kind, eps):
+  """From the raw projection z [bt, W] and the sum of squares [bt, 1] of a block's n D-wide rows:
+  writes the coefficient rows, the logits z r and r = rsqrt(ss / (n D) + eps); returns the rows."""
   r = jax.lax.rsqrt(ss / (n * d) + eps)
   logits = z * r
   coeff = _coefficients(logits * affine_ref[0:1, :] + affine_ref[1:2, :], n, iters, kind)
   coeff_ref[...], logits_ref[...], rms_ref[...] = coeff, logits, r
-  if h_ref:
-    _mix(x_ref, coeff, h_ref[0], n=n, d=d, bd=bd)
+  return coeff
 
 
 def pre_mix(x_ref, coeff_ref, h_ref, *, n, d, bd):
@@ -130,19 +145,51 @@ def _mix(x_ref, coeff, h_ref, *, n, d, bd):
 
 def res_post_forward(x_ref, y_ref, coeff_ref, out_ref, *, n, d, bd):
   """out_k = sum_j res[k, j] x_j + post_k y, written once."""
-  coeff = coeff_ref[...]
-  post = [column(coeff, n + k) for k in range(n)]
-  res = [[column(coeff, 2 * n + k * n + j) for j in range(n)] for k in range(n)]
+  post, res = _post_res(coeff_ref[...], n)
 
   def mix(c, _):
     xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
     y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
     for k in range(n):
-      out = functools.reduce(jnp.add, [res[k][j] * xs[j] for j in range(n)]) + post[k] * y
-      out_ref[:, pl_ds(k * d + c * bd, bd)] = out.astype(out_ref.dtype)
+      out_ref[:, pl_ds(k * d + c * bd, bd)] = _new_stream(xs, y, post, res, k).astype(out_ref.dtype)
     return 0
 
   _chunks(d, bd, mix, 0)
+
+
+def merge_forward(x_ref, y_ref, coeff_ref, phi_ref, affine_ref, out_ref, *out_refs, n, d, bd, iters, kind, eps):
+  """`res_post_forward` of one connection and `pre_forward` of the next on its output: out is
+  written once and projected from the registers as it is written (as stored, in out's dtype), so
+  the next connection's projection reads no streams. out_refs as `pre_forward`'s: (coeff, logits,
+  rms) of the next connection, or (h, ...) to pre-mix here too (TPU: out's block is in VMEM)."""
+  *h_ref, coeff_next_ref, logits_ref, rms_ref = out_refs
+  post, res = _post_res(coeff_ref[...], n)
+
+  def step(c, carry):
+    xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
+    y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
+    for k in range(n):
+      out = _new_stream(xs, y, post, res, k).astype(out_ref.dtype)
+      out_ref[:, pl_ds(k * d + c * bd, bd)] = out
+      carry = _project(out, phi_ref, k, d, c, bd, *carry)
+    return carry
+
+  z, ss = _chunks(d, bd, step, _zero_projection(coeff_next_ref.shape))
+  settings = dict(n=n, d=d, iters=iters, kind=kind, eps=eps)
+  coeff = _finish_coefficients(z, ss, affine_ref, coeff_next_ref, logits_ref, rms_ref, **settings)
+  if h_ref:
+    _mix(out_ref, coeff, h_ref[0], n=n, d=d, bd=bd)
+
+
+def _post_res(coeff, n: int):
+  """post [k] and res [k][j] as [bt, 1] columns of the coefficient rows [bt, W]."""
+  post = [column(coeff, n + k) for k in range(n)]
+  return post, [[column(coeff, 2 * n + k * n + j) for j in range(n)] for k in range(n)]
+
+
+def _new_stream(xs, y, post, res, k: int):
+  """out_k = sum_j res[k, j] x_j + post_k y on one chunk's float32 tiles [bt, bd]."""
+  return functools.reduce(jnp.add, [res[k][j] * xs[j] for j in range(len(xs))]) + post[k] * y
 
 
 def res_post_backward(x_ref, y_ref, coeff_ref, g_ref, gy_ref, gcoeff_ref, *, n, d, bd):

@@ -27,6 +27,7 @@ KERNELS = (
   "pre_backward_reduce",
   "pre_backward_coefficients",
   "pre_backward_streams",
+  "merge_forward",
 )
 
 
@@ -114,23 +115,28 @@ def _blocks(*arrays, backend: Backend, body, token_major, outputs, static):
   return [r[:n_tokens] for r in results]
 
 
-def pre_forward(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind: str, eps: float):
+def pre_forward(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind: str, eps: float, alone=False):
   """x [N, n D], phi_p [n D, W], affine [2, W] -> h [N, D], coeff / logits [N, W], rms [N, 1]:
-  one kernel if the backend mixes in pre_forward, else `pre_project` then `pre_mix`."""
-  settings = dict(n=n, iters=iters, kind=kind, eps=eps)
-  if backend.mix_in_pre:
-    return pre_project(backend, x, phi_p, affine, **settings, mix=True)
-  coeff, logits, rms = pre_project(backend, x, phi_p, affine, **settings)
-  return pre_mix(backend, x, coeff, n=n), coeff, logits, rms
-
-
-def pre_project(backend: Backend, x, phi_p, affine, *, n: int, iters: int, kind: str, eps: float, mix: bool = False):
-  """The pre_forward kernel -> coeff / logits [N, W], rms [N, 1]; with `mix`, h [N, D] first
-  (the pre-mix in the same kernel)."""
+  one kernel if the backend mixes in pre_forward, else the projection then `pre_mix`; `alone`:
+  the pre_forward kernel only, without h where it does not mix."""
   d, w = x.shape[1] // n, phi_p.shape[1]
-  rows = [(d, x.dtype)] * mix + [(w, jnp.float32), (w, jnp.float32), (1, jnp.float32)]
-  static = dict(n=n, d=d, iters=iters, kind=kind, eps=eps)
-  return _call(backend, bodies.pre_forward, [(x, True), (phi_p, False), (affine, False)], rows, static)
+  inputs = [(x, True), (phi_p, False), (affine, False)]
+  return _projected(backend, bodies.pre_forward, inputs, [], x, d, w, alone, n=n, iters=iters, kind=kind, eps=eps)
+
+
+def _projected(backend: Backend, body, inputs, streams_out, x, d: int, w: int, alone: bool, **static):
+  """Runs a projecting body (`pre_forward`, `merge_forward`) whose first results are
+  `streams_out` ((columns, dtype) each), then h [N, D] where the backend pre-mixes in the same
+  kernel, the coefficient rows, logits and rms. Where it does not, `pre_mix` mixes the projected
+  streams (x, or the body's first result) after it, unless `alone`."""
+  mix = backend.mix_in_pre
+  rows = [*streams_out] + [(d, x.dtype)] * mix + [(w, jnp.float32), (w, jnp.float32), (1, jnp.float32)]
+  results = _call(backend, body, inputs, rows, dict(static, d=d))
+  if mix or alone:
+    return results
+  *streams, coeff, logits, rms = results
+  projected = streams[0] if streams else x
+  return *streams, pre_mix(backend, projected, coeff, n=static["n"]), coeff, logits, rms
 
 
 def pre_mix(backend: Backend, x, coeff, *, n: int):
@@ -197,3 +203,15 @@ def pre_backward_streams(backend: Backend, x, gh, phi_p, gz, scalars, g, *, n: i
     static,
   )
   return gx
+
+
+def merge_forward(
+  backend: Backend, x, y, coeff, phi_p, affine, *, n: int, iters: int, kind: str, eps: float, alone=False
+):
+  """x [N, n D], y [N, D], coeff [N, W] (this connection's), phi_p [n D, W], affine [2, W] (the
+  next one's) -> out = res x + post^T y [N, n D], then the next connection's h [N, D], coeff /
+  logits [N, W] and rms [N, 1] (bodies.merge_forward); `alone` as `pre_forward`'s."""
+  d, w = y.shape[1], phi_p.shape[1]
+  inputs = [(x, True), (y, True), (coeff, True), (phi_p, False), (affine, False)]
+  settings = dict(n=n, iters=iters, kind=kind, eps=eps)
+  return _projected(backend, bodies.merge_forward, inputs, [(n * d, x.dtype)], x, d, w, alone, **settings)

@@ -7,6 +7,8 @@ bfloat16 (the reference multiplies in float32).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,79 @@ def test_gradients_match_reference(tokens, n, d, dtype, kind):
     close(got, want, tol, name)
 
 
+def chain_loss(pre_fn, merge_fn, res_post_fn, unpack_fn, x, first, second, weights):
+  """A scalar through three connections as the model runs them: pre of x (weights `first`), a
+  merge (the first connection's res_post with the second's pre, weights `second`), res_post;
+  each sub-block y = tanh(h w). The merge's coefficients (unpack_fn: -> pre, post, res) are also
+  read directly, so every output of it receives a cotangent."""
+  w_y1, w_y2, w_out, w_coeff = weights
+  h, state, xs = pre_fn(x, *first)
+  h2, state2, xs2 = merge_fn(xs, jnp.tanh(h.astype(jnp.float32) * w_y1).astype(x.dtype), state, *second)
+  out = res_post_fn(xs2, jnp.tanh(h2.astype(jnp.float32) * w_y2).astype(x.dtype), state2)
+  coefficients = jnp.concatenate([a.reshape(a.shape[0], -1) for a in unpack_fn(state2)], axis=1)
+  return jnp.sum(jnp.sin(out.astype(jnp.float32)) * w_out) + jnp.sum(coefficients * w_coeff)
+
+
+@pytest.mark.parametrize(
+  "tokens, n, d, dtype, kind",
+  [(*SHAPES[1], jnp.float32, "exp"), (*SHAPES[1], jnp.bfloat16, "exp"), (*SHAPES[2], jnp.float32, "softmax_eps")],
+)
+def test_merge_equals_res_post_then_pre_values_and_gradients(tokens, n, d, dtype, kind):
+  """`merge` (res_post's mix and pre's projection in one kernel, out projected as it is written)
+  equals res_post then pre: h, out and the
+  coefficients against the reference; the gradients of a loss through pre, merge and res_post
+  in x and both connections' phi, alpha and bias against the same chain with `res_post` then
+  `pre` kernels (1e-5; bfloat16 1e-2) and, in float32, against the reference: through two
+  connections the float32 kernels, merged or not, differ from it by up to 2e-5, so that check is
+  at 5e-5. In bfloat16 the loss sums 10^4 terms of streams rounded where the reference does not
+  round, so the reference checks stay per connection (test_gradients_match_reference)."""
+  x, phi, alpha, bias, y, (k1, k2) = inputs(tokens, n, d, dtype, seed=3)
+  first, second = (phi, alpha, bias), (jnp.flip(phi, 0), alpha[::-1], jnp.roll(bias, 3))
+  spec = api.Spec(n=n, iters=20, kind=kind, eps=1e-6, implementation="interpret")
+  settings = dict(n=n, iters=20, kind=kind, eps=1e-6)
+  _, coeff, xs = api.pre(x, *first, spec)
+  h2, coeff2, out = api.merge(xs, y, coeff, *second, spec)
+  _, _, post, res = reference.pre(x, *first, **settings)
+  ref_out = reference.res_post(x, y, post, res)
+  ref_h2, *ref_coeff2 = reference.pre(ref_out, *second, **settings)
+  assert out.x.dtype == h2.dtype == dtype
+  close(out.x, ref_out, TOL[dtype], "out")
+  close(h2, ref_h2, TOL[dtype], "h")
+  for name, got, want in zip(("pre", "post", "res"), api.unpack(coeff2, n), ref_coeff2):
+    close(got, want, 1e-5 if dtype == jnp.float32 else 2e-2, name)
+
+  keys = jax.random.split(k1, 3)
+  weights = (jax.random.normal(keys[0], (tokens, d)), jax.random.normal(keys[1], (tokens, d)))
+  weights += (jax.random.normal(keys[2], x.shape), jax.random.normal(k2, (tokens, 2 * n + n * n)))
+  pre, merge, res_post = (functools.partial(f, spec=spec) for f in (api.pre, api.merge, api.res_post))
+
+  def kernels(merge_fn):
+    return lambda x, first, second: chain_loss(
+      pre, merge_fn, res_post, lambda c: api.unpack(c, n), x, first, second, weights
+    )
+
+  def references(x, first, second):
+    def pre(x, *w):
+      h, *state = reference.pre(x, *w, **settings)
+      return h, tuple(state), x
+
+    def merge(x, y, state, *w):
+      return pre(reference.res_post(x, y, *state[1:]), *w)
+
+    res_post = lambda x, y, state: reference.res_post(x, y, *state[1:])  # noqa: E731
+    return chain_loss(pre, merge, res_post, lambda state: state, x, first, second, weights)
+
+  separate = lambda xs, y, c, *w: pre(res_post(xs, y, c), *w)  # noqa: E731
+  wanted = (kernels(separate), references) if dtype == jnp.float32 else (kernels(separate),)
+  results = [jax.value_and_grad(f, argnums=(0, 1, 2))(x, first, second) for f in (kernels(merge), *wanted)]
+  names = ["x"] + [f"{c} {p}" for c in ("first", "second") for p in ("phi", "alpha", "bias")]
+  (value, grads), *others = results
+  for (want_value, want_grads), tol in zip(others, [1e-5, 5e-5] if dtype == jnp.float32 else [1e-2], strict=True):
+    close(value, want_value, tol, "loss")
+    for name, got, want in zip(names, jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+      close(got, want, tol, name)
+
+
 def test_tiles_change_the_blocks_not_the_results():
   """8-token blocks (37 tokens: padded) and 16-wide chunks (4 per stream) match the reference."""
   x, phi, alpha, bias, _, (k1, k2) = inputs(37, 4, 64, jnp.float32, seed=2)
@@ -166,22 +241,31 @@ def test_resolve_names_an_unknown_implementation():
 
 @pytest.mark.parametrize("n", [4, 2])
 def test_traffic_counts_each_stream_array_the_layer_reads_and_writes(n):
-  """bench.traffic, from the traced layer (tracing only): forward, pre reads x twice and writes h,
-  res_post reads x and y and writes out (4n + 2 stream units); the backward pass adds res_post's
-  x, y, dL/d out and dL/dy (2n + 2), pre's <dL/dh, x_j> pass (n + 1), its dL/dx pass (3n + 1)
-  and dL/dphi's matmul (n): 11n + 6. The rest is per-token rows and weights, well under a unit."""
+  """bench.traffic, from the traced layer (tracing only), in stream units. Separate: forward, pre
+  reads x twice and writes h, res_post reads x and y and writes out (4n + 2); the backward pass
+  adds res_post's x, y, dL/d out and dL/dy (2n + 2), pre's <dL/dh, x_j> pass (n + 1), its dL/dx
+  pass (3n + 1) and dL/dphi's matmul (n): 11n + 6. Merged: forward, merge reads x and y and
+  writes out (2n + 1), the pre-mix reads out and writes h (n + 1); the same backward pass:
+  10n + 6. The rest is per-token rows and weights, under a unit."""
   tokens, d = 4096, 2048
-  kernel, _ = bench.layer_fns(n)
   (x, y, phi, alpha, bias), (g_h, g_out) = bench.inputs(tokens, d, n)
   unit = tokens * d * x.dtype.itemsize
-  forward, _ = bench.traffic(unit, jax.jit(kernel), x, y, phi, alpha, bias)
-  both, rows = bench.traffic(unit, bench.forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
-  assert 4 * n + 2 <= forward < 4 * n + 2.5
-  assert 11 * n + 6 <= both < 11 * n + 6.5
-  assert 0 < rows < both
+  for form, (want_forward, want_both) in {
+    "separate": (4 * n + 2, 11 * n + 6),
+    "merged": (3 * n + 2, 10 * n + 6),
+  }.items():
+    kernel, _ = bench.layer_fns(n, form=form)
+    forward, _ = bench.traffic(unit, jax.jit(kernel), x, y, phi, alpha, bias)
+    both, rows = bench.traffic(unit, bench.forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
+    assert want_forward <= forward < want_forward + 0.5, (form, forward)
+    assert want_both <= both < want_both + 0.5, (form, both)
+    assert 0 < rows < 1, (form, rows)
   per_kernel = bench.kernel_bytes(bench.forward_backward(kernel), x, y, phi, alpha, bias, g_h, g_out)
   w = calls.width(n)
-  assert per_kernel["mhc_res_post_forward_triton"] == (2 * n + 1) * unit + tokens * w * 4  # x, y, out; coeff
+  rows_and_weights = (
+    3 * tokens * w * 4 + tokens * 4 + n * d * w * 2 + 2 * w * 4
+  )  # coeff in, coeff / logits / rms out; phi, affine
+  assert per_kernel["mhc_merge_forward_triton"] == (2 * n + 1) * unit + rows_and_weights  # x, y, out
 
 
 @pytest.mark.parametrize("kind", ["exp", "softmax_eps"])
@@ -195,33 +279,28 @@ def test_the_xla_sinkhorn_lowers_to_a_few_hundred_lines(kind):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_triton_kernels_lower_for_a_cuda_device(dtype):
-  """The seven kernels at their GPU tiles, forward and backward, lowered for CUDA on this CPU
-  machine (Pallas's Triton lowering; only compiling the Triton IR needs the GPU), at a width
-  whose n D is no power of two: a shape or an op the Triton lowering rejects fails here, not on
-  a lent GPU. Two layers lower to the same seven kernels (XLA compiles each distinct one once)."""
-  x, phi, alpha, bias, y, (k1, k2) = inputs(64, 4, 320, dtype)
+  """Every kernel at its GPU tile, forward and backward, lowered for CUDA on this CPU machine
+  (Pallas's Triton lowering; only compiling the Triton IR needs the GPU), at a width whose n D is
+  no power of two: a shape or an op the Triton lowering rejects fails here, not on a lent GPU.
+  Four connections as the model runs them (pre, two merges, res_post) lower to one kernel each
+  (XLA compiles each distinct one once)."""
+  x, phi, alpha, bias, y, (k1, _) = inputs(64, 4, 320, dtype)
   spec = api.Spec(n=4, iters=20, kind="exp", eps=1e-6, implementation="triton")
-  g_h, g_out = jax.random.normal(k1, (64, 320), dtype), jax.random.normal(k2, x.shape, dtype)
 
-  def layer(x, y, phi, alpha, bias):
+  def connections(x, y, phi, alpha, bias):
     h, coeff, xs = api.pre(x, phi, alpha, bias, spec)
-    return h, api.res_post(xs, y, coeff, spec)
+    for scale in (2.0, 3.0):
+      h, coeff, xs = api.merge(xs, y + h, coeff, phi * scale, alpha, bias, spec)
+    return jnp.sum(api.res_post(xs, y * h, coeff, spec).astype(jnp.float32))
 
-  def two_layers(x, y, phi, alpha, bias):
-    h, out = layer(x, y, phi, alpha, bias)
-    return layer(out, y + h, phi * 2, alpha, bias)
-
-  def forward_backward(*primal):
-    outs, vjp = jax.vjp(two_layers, *primal)
-    return outs, vjp((g_h, g_out))
-
-  text = jax.jit(forward_backward).trace(x, y, phi, alpha, bias).lower(lowering_platforms=("cuda",)).as_text()
+  grads = jax.value_and_grad(connections, argnums=(0, 1, 2, 3, 4))  # the value keeps res_post's forward
+  text = jax.jit(grads).trace(x, y, phi, alpha, bias).lower(lowering_platforms=("cuda",)).as_text()
   kernels = {line.split("backend_config", 1)[1] for line in text.splitlines() if "__gpu$xla.gpu.triton" in line}
   assert len(kernels) == len(calls.KERNELS)
 
 
 def test_the_tpu_pre_forward_equals_the_gpu_kernel_pair():
-  """The TPU's pre_forward pre-mixes in the same kernel; the GPU's pre_project + pre_mix give the
+  """The TPU's pre_forward pre-mixes in the same kernel; the GPU's projection kernel + pre_mix give the
   same h, coefficient rows, logits and RMS (both in interpret mode; 37 tokens: padded blocks)."""
   x, phi, alpha, bias, _, _ = inputs(37, 4, 64, jnp.float32, seed=3)
   phi_p, affine = api.kernel_operands(x, phi, alpha, bias, 4)
@@ -234,10 +313,12 @@ def test_the_tpu_pre_forward_equals_the_gpu_kernel_pair():
 
 def test_triton_ir_is_captured_for_every_gpu_kernel():
   """bench.triton_ir (what `bench.py --static` compiles) gives each GPU kernel of the layer's
-  forward+backward as Triton IR text, from a CUDA lowering on this CPU machine."""
+  forward+backward in its two forms as Triton IR text, from a CUDA lowering on this CPU machine."""
   primal, cotangents = bench.inputs(64, 128, 4)
-  layer = bench.layer_fns(4, implementation="triton")[0]
-  modules = bench.triton_ir(bench.forward_backward(layer), *primal, *cotangents)
+  modules = {}
+  for form in bench.FORMS:
+    layer = bench.layer_fns(4, implementation="triton", form=form)[0]
+    modules.update(bench.triton_ir(bench.forward_backward(layer), *primal, *cotangents))
   assert sorted(modules) == sorted(f"mhc_{kernel}_triton" for kernel in calls.KERNELS)
   assert all("tt.func" in module for module in modules.values())
 

@@ -9,19 +9,21 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.mhc.calls import KERNELS, Backend, Tile
 
-# (block_tokens, chunk, num_warps) of each kernel: the fastest of 32 settings on an H200 at
-# 16,384 tokens x D = 2,048, bfloat16 (`kernels/mhc/bench.py --tiles`, kernels/mhc/README.md);
-# pre_backward_streams' of 18 (`--only "pre backward streams"`); pre_mix's within the noise of
-# the fastest of 24 on an H100 (`--only "pre mix"`), the same README; pre_backward_coefficients'
-# (no chunks) the fastest of 6 on an H100 (`--only "pre backward coefficients"`).
+# (block_tokens, chunk, num_warps, num_stages) of each kernel: the fastest of 32 settings on an
+# H200 at 16,384 tokens x D = 2,048, bfloat16 (`kernels/mhc/bench.py --tiles`,
+# kernels/mhc/README.md); pre_backward_streams' of 18 (`--only "pre backward streams"`);
+# pre_mix's within the noise of the fastest of 24 on an H100 (`--only "pre mix"`), the same
+# README; pre_backward_coefficients' (no chunks) the fastest of 6 on an H100 (`--only "pre
+# backward coefficients"`); merge_forward's the fastest of 34 on an H100 (`--only "merge forward"`).
 FASTEST = {
-  "pre_forward": (64, 128, 4),
-  "pre_mix": (8, 128, 8),
-  "res_post_forward": (8, 128, 8),
-  "res_post_backward": (8, 256, 8),
-  "pre_backward_reduce": (32, 64, 8),
-  "pre_backward_coefficients": (16, 128, 4),
-  "pre_backward_streams": (16, 128, 8),
+  "pre_forward": (64, 128, 4, 1),
+  "pre_mix": (8, 128, 8, 1),
+  "res_post_forward": (8, 128, 8, 1),
+  "res_post_backward": (8, 256, 8, 1),
+  "pre_backward_reduce": (32, 64, 8, 1),
+  "pre_backward_coefficients": (16, 128, 4, 1),
+  "pre_backward_streams": (16, 128, 8, 1),
+  "merge_forward": (16, 64, 4, 3),
 }
 
 
@@ -31,13 +33,13 @@ def backend(
   block_tokens: int | None = None,
   chunk: int | None = None,
   num_warps: int | None = None,
-  num_stages: int = 1,
+  num_stages: int | None = None,
 ) -> Backend:
   """Each kernel at its FASTEST tile; a setting given replaces that setting in every kernel.
   Interpret mode takes the blocks and chunks, not the compiler settings."""
   tiles = []
   for kernel in KERNELS:
-    bt, bd, warps = FASTEST[kernel]
-    params = None if interpret else plgpu.CompilerParams(num_warps=num_warps or warps, num_stages=num_stages)
+    bt, bd, warps, stages = FASTEST[kernel]
+    params = None if interpret else plgpu.CompilerParams(num_warps=num_warps or warps, num_stages=num_stages or stages)
     tiles.append(Tile(block_tokens or bt, chunk or bd, params))
   return Backend(name="triton", tiles=tuple(tiles), interpret=interpret)

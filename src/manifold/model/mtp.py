@@ -36,5 +36,5 @@ class MTPModule(nnx.Module):
     [B, T] as the main model's blocks take it."""
     x = jnp.concatenate([self.hidden_norm(hidden_btd), self.embed_norm(next_embed_btd)], axis=-1)  # [B, T, 2D]
     x = jnp.einsum("bte,ed->btd", x, self.proj[...].astype(self.dtype))  # [B, T, D]
-    x, cache, _ = self.block(x, positions_bt, cache, cache_index, segment_ids_bt=segment_ids_bt)
+    x, cache, _, _ = self.block(x, positions_bt, cache, cache_index, segment_ids_bt=segment_ids_bt)
     return x, cache

@@ -82,6 +82,12 @@ def res_post_mix(x_btnd: jax.Array, y_btd: jax.Array, mixing: Mixing) -> jax.Arr
   return mixed + mixing.post.astype(dt)[..., None] * y_btd[:, :, None, :]
 
 
+def _kernel_mixing(packed: jax.Array, streams: mhc_kernels.Streams, spec: mhc_kernels.Spec, b: int, t: int) -> Mixing:
+  """The Mixing of a connection the kernels ran: packed rows [B T, W] and the streams they read."""
+  pre, post, res = (a.reshape(b, t, *a.shape[1:]) for a in mhc_kernels.unpack(packed, spec.n))
+  return Mixing(pre, post, res, packed, streams, spec)
+
+
 def with_fixed_mappings(mixing: Mixing, learned: tuple[str, ...]) -> Mixing:
   """`mixing` with the mappings not in `learned` fixed: H_pre = 1/n, H_post = 1, H_res = I."""
   if len(learned) == len(MAPPINGS):
@@ -103,6 +109,11 @@ class Connection(nnx.Module):
 
   def runs_kernels(self) -> bool:
     """Whether `read` and `res_post_mix` run the Pallas kernels of kernels/mhc."""
+    return False
+
+  def fuses(self, previous: Mixing) -> bool:
+    """Whether this connection has a `merge`, running the previous connection's res_post and
+    this connection's read of its output as the kernels' fused pass, for `previous`."""
     return False
 
 
@@ -177,16 +188,34 @@ class ManifoldHyperConnection(Connection):
   def runs_kernels(self) -> bool:
     return mhc_kernels.resolve(self.impl) is not None
 
-  def read(self, x_btnd: jax.Array) -> tuple[jax.Array, Mixing]:
+  def _spec(self, n: int) -> mhc_kernels.Spec | None:
+    """The kernels' settings for n streams, or None where this connection takes the XLA path."""
     implementation = mhc_kernels.resolve(self.impl)
     if implementation is None:
-      return super().read(x_btnd)
+      return None
+    return mhc_kernels.Spec(n, self.sinkhorn_iters, self.sinkhorn, self.norm_eps, implementation, self.tiles)
+
+  def read(self, x_btnd: jax.Array) -> tuple[jax.Array, Mixing]:
     b, t, n, d = x_btnd.shape
-    spec = mhc_kernels.Spec(n, self.sinkhorn_iters, self.sinkhorn, self.norm_eps, implementation, self.tiles)
+    spec = self._spec(n)
+    if spec is None:
+      return super().read(x_btnd)
     fused = _per_shard(functools.partial(mhc_kernels.pre, spec=spec), token_args=1, token_outs=3)
     h, packed, streams = fused(x_btnd.reshape(b * t, n * d), self.phi[...], self.alpha[...], self.bias[...])
-    pre, post, res = (a.reshape(b, t, *a.shape[1:]) for a in mhc_kernels.unpack(packed, n))
-    return h.reshape(b, t, d), Mixing(pre, post, res, packed, streams, spec)
+    return h.reshape(b, t, d), _kernel_mixing(packed, streams, spec, b, t)
+
+  def fuses(self, previous: Mixing) -> bool:
+    return previous.kernel is not None and self.runs_kernels()
+
+  def merge(self, x_btnd: jax.Array, y_btd: jax.Array, previous: Mixing) -> tuple[jax.Array, jax.Array, Mixing]:
+    """`res_post_mix(x, y, previous)` [B, T, n, D] and this connection's `read` of it, through the
+    kernels' `merge` (where `fuses`): the new streams are projected as they are written."""
+    b, t, n, d = x_btnd.shape
+    spec = self._spec(n)
+    fused = _per_shard(functools.partial(mhc_kernels.merge, spec=spec), token_args=3, token_outs=3)
+    args = (previous.streams, y_btd.reshape(b * t, d), previous.packed, self.phi[...], self.alpha[...], self.bias[...])
+    h, packed, streams = fused(*args)
+    return streams.x.reshape(x_btnd.shape), h.reshape(b, t, d), _kernel_mixing(packed, streams, spec, b, t)
 
   def __call__(self, x_btnd: jax.Array) -> Mixing:
     b, t, n, d = x_btnd.shape

@@ -59,6 +59,22 @@ def _sub_block_input(connection, norm: RMSNorm, x_btnd, *, train: bool) -> tuple
   return _normed_recomputed(norm, h), mixing
 
 
+Pending = tuple[jax.Array, residual.Mixing]  # a sub-block's output y [B, T, D] and its mixing, not yet applied
+
+
+def _enter(connection, norm: RMSNorm, x_btnd, pending: Pending | None, *, train: bool):
+  """Applies the pending connection to the streams and reads them for the next sub-block:
+  (x [B, T, n, D], norm(sum_j H_pre[j] x[j]) [B, T, D], its mixing). Where both connections run
+  the mHC kernels, one `merge` pass: the new streams are projected as they are written, and only
+  the norm is recomputed in training (as `_sub_block_input`'s kernel path)."""
+  if pending is not None and connection.fuses(pending[1]):
+    x_btnd, h, mixing = connection.merge(x_btnd, *pending)
+    return x_btnd, (_normed_recomputed if train else _normed)(norm, h), mixing
+  if pending is not None:
+    x_btnd = residual.res_post_mix(x_btnd, *pending)
+  return x_btnd, *_sub_block_input(connection, norm, x_btnd, train=train)
+
+
 class BlockAux(NamedTuple):
   """What one block reports besides its output; None where its parts do not exist."""
 
@@ -75,9 +91,9 @@ class ModelAux(NamedTuple):
   balance_loss: jax.Array | None  # [] summed over the MoE layers; MoE only
 
 
-def _train_block(block: "Block", x: jax.Array, positions_bt, segment_ids_bt) -> tuple[jax.Array, BlockAux]:
-  x, _, aux = block(x, positions_bt, segment_ids_bt=segment_ids_bt)
-  return x, aux
+def _train_block(block: "Block", x: jax.Array, positions_bt, segment_ids_bt, pending):
+  x, _, aux, pending = block(x, positions_bt, segment_ids_bt=segment_ids_bt, pending=pending)
+  return x, aux, pending
 
 
 class Block(nnx.Module):
@@ -102,24 +118,26 @@ class Block(nnx.Module):
     return self.ffn(x_btd) if self.moe else (self.ffn(x_btd), None)
 
   def __call__(
-    self, x, positions_bt, cache=None, cache_index=0, kv_mask=None, segment_ids_bt=None
-  ) -> tuple[jax.Array, KVCache | None, BlockAux]:
-    """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux);
-    `segment_ids_bt` [B, T] (no cache): the packed document of each token, attended within."""
+    self, x, positions_bt, cache=None, cache_index=0, kv_mask=None, segment_ids_bt=None, pending: Pending | None = None
+  ) -> tuple[jax.Array, KVCache | None, BlockAux, Pending | None]:
+    """x: [B, T, D] (plain) or [B, T, n, D] (streams) -> (x in the same shape, the cache, aux,
+    pending); `segment_ids_bt` [B, T] (no cache): the packed document of each token, attended
+    within. With streams the FFN's connection is left pending (its output and mixing): the next
+    block's first read applies it, fused with that read where the kernels run, and so does the
+    model's end; `pending` in is the previous block's."""
     if not self.streams:
       attn_out, cache = self.attn(self.attn_norm(x), positions_bt, cache, cache_index, kv_mask, segment_ids_bt)
       x = x + attn_out  # [B, T, D]
       ffn_out, moe_aux = self._ffn(self.ffn_norm(x))
-      return x + ffn_out, cache, BlockAux(None, moe_aux)
+      return x + ffn_out, cache, BlockAux(None, moe_aux), None
 
     train = cache is None
-    attn_in, attn_mixing = _sub_block_input(self.attn_connection, self.attn_norm, x, train=train)  # [B, T, D]
+    x, attn_in, attn_mixing = _enter(self.attn_connection, self.attn_norm, x, pending, train=train)  # [B, T, D]
     attn_out, cache = self.attn(attn_in, positions_bt, cache, cache_index, kv_mask, segment_ids_bt)
-    x = residual.res_post_mix(x, attn_out, attn_mixing)  # [B, T, n, D]
-    ffn_in, ffn_mixing = _sub_block_input(self.ffn_connection, self.ffn_norm, x, train=train)
+    x, ffn_in, ffn_mixing = _enter(self.ffn_connection, self.ffn_norm, x, (attn_out, attn_mixing), train=train)
     ffn_out, moe_aux = self._ffn(ffn_in)  # [B, T, D]
-    x = residual.res_post_mix(x, ffn_out, ffn_mixing)  # [B, T, n, D]
-    return x, cache, BlockAux(jnp.stack([attn_mixing.res, ffn_mixing.res]), moe_aux)
+    aux = BlockAux(jnp.stack([attn_mixing.res, ffn_mixing.res]), moe_aux)
+    return x, cache, aux, (ffn_out, ffn_mixing)
 
 
 class Transformer(nnx.Module):
@@ -194,15 +212,17 @@ class Transformer(nnx.Module):
     train_block = _train_block
     if cfg.remat != "none":
       train_block = nnx.remat(_train_block, policy=REMAT_POLICIES[cfg.remat])
+    pending = None
     for i, block in enumerate(self.blocks):
       if cache is None:
-        x, aux = train_block(block, x, positions_bt, segment_ids_bt)
+        x, aux, pending = train_block(block, x, positions_bt, segment_ids_bt, pending)
       else:
-        x, layer_cache, aux = block(x, positions_bt, cache[i], cache_index, kv_mask)
+        x, layer_cache, aux, pending = block(x, positions_bt, cache[i], cache_index, kv_mask, pending=pending)
         new_cache.append(layer_cache)
       x = shard_batch(x)
       block_aux.append(aux)
     if cfg.residual != "plain":
+      x = residual.res_post_mix(x, *pending)  # the last FFN's connection
       x = residual.collapse(x, self.stream_head)  # [B, T, D], once
     logits = jnp.einsum("btd,dv->btv", self.final_norm(x), self.head[...].astype(dt))  # [B, T, V]
     moe_aux = [a.moe for a in block_aux if a.moe is not None]
