@@ -485,21 +485,8 @@ def main() -> None:
           raise
         t_ref, err = float("nan"), float("nan")
       share = units * unit / t_kernel / bandwidth
-      rows.append(
-        (
-          form,
-          tokens,
-          d,
-          name,
-          t_ref * 1e3,
-          t_kernel * 1e3,
-          share,
-          units,
-          row_units,
-          units / minimum_units(n)[name],
-          err,
-        )
-      )
+      row = (form, tokens, d, name, t_ref * 1e3, t_kernel * 1e3, share, units, row_units)
+      rows.append((*row, units / minimum_units(n)[name], err))
       print(rows[-1], flush=True)
   print(
     "\n| form | tokens | D | pass | reference ms | kernels ms | speed-up | HBM bandwidth (of baseline) "
