@@ -119,8 +119,7 @@ def chain_loss(pre_fn, merge_fn, res_post_fn, unpack_fn, x, first, second, weigh
 )
 def test_merge_equals_res_post_then_pre_values_and_gradients(tokens, n, d, dtype, kind):
   """`merge` (res_post's mix and pre's projection in one kernel, out projected as it is written)
-  equals res_post then pre: h, out and the
-  coefficients against the reference; the gradients of a loss through pre, merge and res_post
+  equals res_post then pre: h, out and the coefficients against the reference; the gradients of a loss through pre, merge and res_post
   in x and both connections' phi, alpha and bias against the same chain with `res_post` then
   `pre` kernels (1e-5; bfloat16 1e-2) and, in float32, against the reference: through two
   connections the float32 kernels, merged or not, differ from it by up to 2e-5, so that check is
@@ -264,7 +263,7 @@ def test_traffic_counts_each_stream_array_the_layer_reads_and_writes(n):
   w = calls.width(n)
   rows_and_weights = (
     3 * tokens * w * 4 + tokens * 4 + n * d * w * 2 + 2 * w * 4
-  )  # coeff in, coeff / logits / rms out; phi, affine
+  )  # coeff, coeff / logits / rms, phi, affine
   assert per_kernel["mhc_merge_forward_triton"] == (2 * n + 1) * unit + rows_and_weights  # x, y, out
 
 
@@ -284,7 +283,7 @@ def test_triton_kernels_lower_for_a_cuda_device(dtype):
   no power of two: a shape or an op the Triton lowering rejects fails here, not on a lent GPU.
   Four connections as the model runs them (pre, two merges, res_post) lower to one kernel each
   (XLA compiles each distinct one once)."""
-  x, phi, alpha, bias, y, (k1, _) = inputs(64, 4, 320, dtype)
+  x, phi, alpha, bias, y, _ = inputs(64, 4, 320, dtype)
   spec = api.Spec(n=4, iters=20, kind="exp", eps=1e-6, implementation="triton")
 
   def connections(x, y, phi, alpha, bias):
@@ -309,6 +308,16 @@ def test_the_tpu_pre_forward_equals_the_gpu_kernel_pair():
   two = calls.pre_forward(triton.backend(interpret=True), x, phi_p, affine, **settings)
   for got, want, name in zip(one, two, ("h", "coeff", "logits", "rms")):
     close(got, want, 1e-5, name)
+
+
+@pytest.mark.parametrize("form", bench.FORMS)
+def test_the_benchs_op_equals_its_reference(form):
+  """bench.layer_fns' kernels and reference (what `bench.py`'s error column compares) agree in
+  both forms, outputs and the vjp of both cotangents (interpret mode, bfloat16: 2e-2); in the
+  merged form the reference takes the kernels' `Streams` convention for x's and out's cotangents."""
+  primal, cotangents = bench.inputs(40, 64, 4)
+  kernel, ref = bench.layer_fns(4, implementation="interpret", form=form)
+  assert bench.max_relative_error(*(bench.forward_backward(f)(*primal, *cotangents) for f in (kernel, ref))) < 2e-2
 
 
 def test_triton_ir_is_captured_for_every_gpu_kernel():
