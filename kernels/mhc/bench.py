@@ -293,6 +293,15 @@ def triton_ir(fn, *args) -> dict[str, str]:
   return modules
 
 
+def layer_triton_ir(n: int, primal, cotangents) -> dict[str, str]:
+  """`triton_ir` of the layer's forward+backward in every form: between them, every GPU kernel."""
+  modules = {}
+  for form in FORMS:
+    layer = layer_fns(n, implementation="triton", form=form)[0]
+    modules.update(triton_ir(forward_backward(layer), *primal, *cotangents))
+  return modules
+
+
 def compile_sm90(module: str, num_warps: int, num_stages: int) -> dict[str, int]:
   """Compiles Triton IR text for sm_90 with the `triton` package (its passes, its ptxas), with no
   GPU: registers a thread, layout conversions in the GPU IR (each a round trip through shared
@@ -342,11 +351,7 @@ def print_static(tokens: int, d: int) -> None:
   n = N_STREAMS
   primal, cotangents = inputs(tokens, d, n)
   backend = api._backend(api.Spec(**SETTINGS, implementation="triton"))
-  modules = {}
-  for form in FORMS:  # between them every kernel
-    modules.update(
-      triton_ir(forward_backward(layer_fns(n, implementation="triton", form=form)[0]), *primal, *cotangents)
-    )
+  modules = layer_triton_ir(n, primal, cotangents)
   print("| kernel | warps | registers | programs / SM | layout conversions | barriers | SASS instructions |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for kernel in calls.KERNELS:

@@ -148,8 +148,7 @@ def res_post_forward(x_ref, y_ref, coeff_ref, out_ref, *, n, d, bd):
   post, res = _post_res(coeff_ref[...], n)
 
   def mix(c, _):
-    xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
-    y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
+    xs, y = _stream_tiles(x_ref, y_ref, c, n=n, d=d, bd=bd)
     for k in range(n):
       out_ref[:, pl_ds(k * d + c * bd, bd)] = _new_stream(xs, y, post, res, k).astype(out_ref.dtype)
     return 0
@@ -166,8 +165,7 @@ def merge_forward(x_ref, y_ref, coeff_ref, phi_ref, affine_ref, out_ref, *out_re
   post, res = _post_res(coeff_ref[...], n)
 
   def step(c, carry):
-    xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
-    y = y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
+    xs, y = _stream_tiles(x_ref, y_ref, c, n=n, d=d, bd=bd)
     for k in range(n):
       out = _new_stream(xs, y, post, res, k).astype(out_ref.dtype)
       out_ref[:, pl_ds(k * d + c * bd, bd)] = out
@@ -179,6 +177,12 @@ def merge_forward(x_ref, y_ref, coeff_ref, phi_ref, affine_ref, out_ref, *out_re
   coeff = _finish_coefficients(z, ss, affine_ref, coeff_next_ref, logits_ref, rms_ref, **settings)
   if h_ref:
     _mix(out_ref, coeff, h_ref[0], n=n, d=d, bd=bd)
+
+
+def _stream_tiles(x_ref, y_ref, c, *, n, d, bd):
+  """Chunk c of the n streams and of y: float32 tiles [bt, bd]."""
+  xs = [_tile(x_ref, j, d, c, bd).astype(jnp.float32) for j in range(n)]
+  return xs, y_ref[:, pl_ds(c * bd, bd)].astype(jnp.float32)
 
 
 def _post_res(coeff, n: int):

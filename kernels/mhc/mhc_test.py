@@ -323,11 +323,7 @@ def test_the_benchs_op_equals_its_reference(form):
 def test_triton_ir_is_captured_for_every_gpu_kernel():
   """bench.triton_ir (what `bench.py --static` compiles) gives each GPU kernel of the layer's
   forward+backward in its two forms as Triton IR text, from a CUDA lowering on this CPU machine."""
-  primal, cotangents = bench.inputs(64, 128, 4)
-  modules = {}
-  for form in bench.FORMS:
-    layer = bench.layer_fns(4, implementation="triton", form=form)[0]
-    modules.update(bench.triton_ir(bench.forward_backward(layer), *primal, *cotangents))
+  modules = bench.layer_triton_ir(4, *bench.inputs(64, 128, 4))
   assert sorted(modules) == sorted(f"mhc_{kernel}_triton" for kernel in calls.KERNELS)
   assert all("tt.func" in module for module in modules.values())
 

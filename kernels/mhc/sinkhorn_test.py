@@ -52,8 +52,9 @@ def test_iterate_entry_by_entry_equals_the_definition_to_1e_5(kind):
 @pytest.mark.parametrize("scale", [1.0, 50.0])
 @pytest.mark.parametrize("iters", [20, 3])
 def test_iterate_backward_equals_the_definitions_gradient_to_1e_5(kind, n, scale, iters):
-  """float32, 37 tokens, t_max 20 (4 checkpointed segments of 5) and 3; at scale 50 entries are clamped at e^-40 of their row's max. In the first
-  token's rows the first n - 1 entries tie at the max and the last is clamped, so the max's
+  """float32, 37 tokens, t_max 20 (4 checkpointed segments of 5) and 3; at scale 50 entries are
+  clamped at e^-40 of their row's max. In the first token's rows the first n - 1 entries tie at
+  the max and the last is clamped, so the max's
   gradient is not zero and is shared three ways at n = 4 (autodiff of `iterate`'s pairwise
   maximum would give 1/2, 1/4, 1/4)."""
   k1, k2 = jax.random.split(jax.random.key(n + 7))
